@@ -1,3 +1,14 @@
-"""slimlm: make large language models smaller and faster, and measure what it cost."""
+"""slimlm: make large language models smaller and faster, and measure what it cost.
+
+    import slimlm
+    lm = slimlm.load_model("smollm2-135m")
+    rows = slimlm.evaluate(lm.model, lm.tokenizer, "pydoc,piqa", slimlm.EvalSettings(seqlen=512, limit=100))
+"""
 
 __version__ = "0.1.0"
+
+from slimlm.errors import SlimlmError  # noqa: E402
+from slimlm.eval import EvalSettings, evaluate, kl_divergence, perplexity  # noqa: E402
+from slimlm.models import ModelAdapter, load_model  # noqa: E402
+
+__all__ = ["EvalSettings", "ModelAdapter", "SlimlmError", "evaluate", "kl_divergence", "load_model", "perplexity"]

@@ -7,7 +7,7 @@ Each corpus has an evaluation split and a calibration split that share no text:
 | `wikitext2` | `wikitext2/wiki.test.raw` (test, raw)     | `wikitext2/wiki.valid.tokens` (validation) |
 | `ptb`       | `ptb/ptb.test.txt` (test)                 | `ptb/ptb.valid.txt` (validation)         |
 | `c4`        | `c4/c4_validation_2k.jsonl` docs 1000-1999 | the same file, docs 0-999               |
-| `pydoc`     | odd-numbered topics of `pydoc_data.topics` | even-numbered topics                    |
+| `pydoc`     | odd-numbered distinct topics of `pydoc_data.topics` (sorted by key) | even-numbered ones |
 
 WikiText-2's raw train split is not in the data directory, so calibration on `wikitext2` uses the
 validation split (tokenized `<unk>` version). `pydoc` is the embedded default: the Python
@@ -119,9 +119,10 @@ def _from_data_dir(name: str, split: str, directory: Path) -> Corpus:
 def _pydoc(split: str) -> Corpus:
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
+    # Some topics share one text ("if" and "else"): deduplicate so the two splits never overlap.
+    unique = list(dict.fromkeys(topics[key] for key in sorted(topics)))
     parity = 1 if split == "eval" else 0
-    documents = tuple(topics[key] for i, key in enumerate(keys) if i % 2 == parity)
+    documents = tuple(text for i, text in enumerate(unique) if i % 2 == parity)
     which = "odd" if parity else "even"
     return Corpus(name="pydoc", split=split, documents=documents, source=f"pydoc_data.topics ({which}-numbered topics)")
 
