@@ -61,6 +61,22 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
     return path
 
 
+def required_data_dir(data_dir: str | os.PathLike[str] | None, what: str) -> Path:
+    """The data directory, or an error that says `what` needs one and how to give it."""
+    directory = resolve_data_dir(data_dir)
+    if directory is None:
+        raise SlimlmError(f"{what} needs a data directory: pass --data-dir DIR or set SLIMLM_DATA")
+    return directory
+
+
+def data_file(directory: Path, relative: str) -> Path:
+    """`directory / relative`, or an error naming the file the data directory lacks."""
+    path = directory / relative
+    if not path.is_file():
+        raise SlimlmError(f"data file missing: {path} (the data directory must hold {relative})")
+    return path
+
+
 def is_user_corpus(name: str) -> bool:
     return name.endswith((".txt", ".jsonl")) and Path(name).expanduser().is_file()
 
@@ -84,10 +100,7 @@ def load_corpus(name: str, split: str = "eval", data_dir: str | os.PathLike[str]
 
 
 def _read(directory: Path, relative: str) -> str:
-    path = directory / relative
-    if not path.is_file():
-        raise SlimlmError(f"data file missing: {path} (the data directory must hold {relative})")
-    return path.read_text(encoding="utf-8")
+    return data_file(directory, relative).read_text(encoding="utf-8")
 
 
 def wikitext_rows(raw: str) -> list[str]:
