@@ -22,7 +22,6 @@ import torch
 from slimlm.data.tasks import ZERO_SHOT_TASKS
 from slimlm.eval.efficiency import (
     count_parameters,
-    directory_bytes,
     disk_bytes,
     flops_per_token,
     measure_latency,
@@ -114,7 +113,7 @@ def _size(model, source: str) -> dict:
         "parameters": count_parameters(model),
         "memory_bytes": memory_bytes(model),
         "disk_bytes_safetensors": disk_bytes(model),
-        "disk_bytes_source_gguf": directory_bytes(Path(source).parent) if source.endswith(".gguf") else None,
+        "disk_bytes_source_gguf": Path(source).stat().st_size if source.endswith(".gguf") else None,
         "flops_per_token": flops,
     }
 
