@@ -1,4 +1,4 @@
-"""Command line: `slimlm eval`, `slimlm info`, `slimlm bench`.
+"""Command line: `slimlm eval`, `slimlm info`, `slimlm bench`, `slimlm compress`.
 
 Every command loads a model (`--model`: an embedded name, a directory, a .gguf file or a hub id),
 prints a table, and with `--json FILE` writes the full record (model, protocol, machine, library
@@ -70,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=_int_list, default=[1], help="comma-separated batch sizes, e.g. 1,8")
     bench.add_argument("--repeats", type=_positive_int, default=3)
     bench.add_argument("--peak-flops", type=float, help="peak FLOP/s for MFU (default: measured by a matmul)")
+    squeeze = commands.add_parser("compress", parents=[common], help="compress a model with a recipe and save it")
+    squeeze.add_argument("--recipe", required=True, help="a preset name (e.g. gptq-w4g64) or a YAML recipe file")
+    squeeze.add_argument("--out", required=True, help="directory to save the compressed model to")
+    squeeze.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    squeeze.add_argument("--data-dir", help="data directory (default: $SLIMLM_DATA)")
+    squeeze.add_argument("--calib-corpus", help="calibration corpus (overrides the recipe; e.g. c4, wikitext2, pydoc)")
+    squeeze.add_argument("--calib-samples", type=_positive_int, help="calibration segments (overrides the recipe)")
+    squeeze.add_argument("--calib-seqlen", type=_positive_int, help="tokens per segment (overrides the recipe)")
+    squeeze.add_argument("--seed", type=int, help="calibration sampling seed (overrides the recipe)")
+    squeeze.add_argument("--eval", dest="eval_tasks", help="evaluate these tasks before and after, in one table")
+    squeeze.add_argument("--kl", action="store_true", help="with --eval: also KL divergence from the original model")
+    squeeze.add_argument("--seqlen", type=_positive_int, default=2048, help="perplexity window length for --eval")
+    squeeze.add_argument("--max-windows", type=_positive_int, help="first N perplexity windows for --eval")
+    squeeze.add_argument("--limit", type=_positive_int, help="first N examples of zero-shot tasks for --eval")
+    squeeze.add_argument("--batch-size", type=_positive_int, default=16, help="zero-shot batch size for --eval")
     return parser
 
 
@@ -167,7 +182,75 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, str]:
     return record, header + markdown_table(rows, columns)
 
 
-COMMANDS = {"eval": run_eval, "info": run_info, "bench": run_bench}
+def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
+    import copy
+
+    from slimlm.compress import compress
+    from slimlm.compress.engine import validate_recipe_for_model
+    from slimlm.compress.recipe import load_recipe
+    from slimlm.data.calibration import calibration_samples
+    from slimlm.eval.efficiency import count_parameters, disk_bytes, memory_bytes
+    from slimlm.eval.runner import EvalSettings, evaluate, parse_tasks
+    from slimlm.export.native import model_bytes, save
+
+    recipe = load_recipe(args.recipe)
+    overrides = {"corpus": args.calib_corpus, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                 "seed": args.seed}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(recipe.calibration, key, value)
+    tasks = parse_tasks(args.eval_tasks) if args.eval_tasks else []
+    settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir)
+    _refuse_existing_output(args.out, args.overwrite)
+    loaded = _load(args.model, args)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    validate_recipe_for_model(model, recipe)  # bad targets or group sizes fail before any work
+    calibration = None
+    if recipe.needs_calibration:
+        c = recipe.calibration
+        calibration = calibration_samples(tokenizer, c.corpus, c.samples, c.seqlen, c.seed, args.data_dir)
+    before = evaluate(model, tokenizer, tasks, settings) if tasks else []
+    original_bytes = {"memory": memory_bytes(model), "disk": disk_bytes(model)}
+    reference = copy.deepcopy(model) if tasks and args.kl else None
+    report = compress(model, recipe, calibration, device=args.device)
+    save(model, args.out, tokenizer, recipe=recipe.model_dump(mode="json"), overwrite=args.overwrite)
+    after = evaluate(model, tokenizer, tasks, settings, reference) if tasks else []
+    sizes = {
+        "parameters": count_parameters(model),
+        "memory_bytes_before": original_bytes["memory"], "memory_bytes_after": memory_bytes(model),
+        "disk_bytes_before": original_bytes["disk"], "disk_bytes_after": model_bytes(args.out),
+    }
+    sizes["compression_ratio_disk"] = sizes["disk_bytes_before"] / sizes["disk_bytes_after"]
+    protocol = {"recipe": recipe.model_dump(mode="json"), "eval": {**vars(settings), "data_dir": str(args.data_dir)}}
+    metrics = {"before": before, "after": after, "sizes": sizes, "compression": report.to_dict(), "out": args.out}
+    record = make_record(args.model, str(args.recipe), protocol, metrics)
+    return record, _compress_table(args, before, after, sizes, report)
+
+
+def _refuse_existing_output(out: str, overwrite: bool) -> None:
+    from pathlib import Path
+
+    path = Path(out).expanduser()
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise SlimlmError(f"{path} exists and is not empty: choose another --out or pass --overwrite")
+
+
+def _compress_table(args, before: list[dict], after: list[dict], sizes: dict, report) -> str:
+    rows = []
+    previous = {(r["task"], r["metric"]): r["value"] for r in before}
+    for row in after:
+        old = previous.get((row["task"], row["metric"]))
+        rows.append({"task": row["task"], "metric": row["metric"], "before": old, "after": row["value"],
+                     "delta": None if old is None else row["value"] - old, "n": row["n"], "protocol": row["protocol"]})
+    size_rows = [{"quantity": key, "value": value} for key, value in sizes.items()]
+    size_rows.append({"quantity": "compression_seconds", "value": report.seconds})
+    size_rows.append({"quantity": "peak_rss_bytes", "value": report.peak_rss_bytes})
+    header = f"model: {args.model}, recipe: {args.recipe}, saved to {args.out}\n\n"
+    quality = markdown_table(rows, ("task", "metric", "before", "after", "delta", "n", "protocol")) + "\n" if rows else ""
+    return header + quality + markdown_table(size_rows)
+
+
+COMMANDS = {"eval": run_eval, "info": run_info, "bench": run_bench, "compress": run_compress}
 
 if __name__ == "__main__":
     sys.exit(main())

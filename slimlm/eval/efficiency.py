@@ -3,7 +3,8 @@
 - Parameter count: unique parameters (tied embedding and head counted once). Modules that store
   compressed weights report their logical count through a `num_logical_params()` method.
 - Size in bytes by actual storage: in memory (every unique tensor storage of parameters and
-  buffers) and on disk (the files `save_pretrained` writes: weights, safetensors headers, config).
+  buffers) and on disk (the checkpoint `slimlm.save` writes: weights, safetensors header, configs;
+  tokenizer files left out).
 - Compression ratio: original size / compressed size.
 - FLOPs per token from the architecture (a multiply-add counts 2 FLOPs): every linear layer of the
   blocks and the LM head, plus attention scores and the weighted sum of values (4 * heads *
@@ -63,10 +64,11 @@ def directory_bytes(directory: str | Path) -> int:
 
 
 def disk_bytes(model: PreTrainedModel) -> int:
-    """Bytes on disk of the model saved with `save_pretrained` (weights, headers and config)."""
+    """Bytes on disk of the model saved as a slimlm checkpoint (weights, safetensors header, configs)."""
+    from slimlm.export.native import model_bytes, save
+
     with tempfile.TemporaryDirectory(prefix="slimlm-size-") as directory:
-        model.save_pretrained(directory)
-        return directory_bytes(directory)
+        return model_bytes(save(model, Path(directory) / "model"))
 
 
 def compression_ratio(original_bytes: int, compressed_bytes: int) -> float:

@@ -59,6 +59,11 @@ FAMILY_OVERRIDES: dict[str, dict[str, str]] = {
 }
 
 
+# Families whose norms scale by (1 + weight) rather than by weight: folding a scale s into such a
+# norm must give (1 + w') = (1 + w) / s.
+NORM_WEIGHT_OFFSET: dict[str, float] = {"gemma": 1.0, "gemma2": 1.0, "gemma3": 1.0, "gemma3_text": 1.0}
+
+
 def is_linear(module: nn.Module) -> bool:
     """A weight matrix applied to the hidden state: nn.Linear, or GPT-2's transposed Conv1D."""
     return isinstance(module, (nn.Linear, Conv1D))
@@ -99,6 +104,7 @@ class ModelAdapter:
     def __init__(self, model: PreTrainedModel):
         self.model = model
         self.family = getattr(model.config, "model_type", "unknown")
+        self.norm_weight_offset = NORM_WEIGHT_OFFSET.get(self.family, 0.0)
         self.blocks_name, self.blocks = self._find_blocks()
         self.embedding = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()

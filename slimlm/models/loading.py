@@ -123,6 +123,15 @@ def load_model(
 
 
 def _from_directory(directory: Path, dtype: torch.dtype, trust_remote_code: bool):
+    from slimlm.export.native import is_slimlm_checkpoint, load
+
+    if is_slimlm_checkpoint(directory):  # compressed by slimlm: rebuild its compressed modules
+        model, tokenizer = load(directory, trust_remote_code=trust_remote_code)
+        if tokenizer is None:
+            raise SlimlmError(f"{directory} has no tokenizer files: save the checkpoint with its tokenizer")
+        if dtype != torch.float32 and next(model.parameters()).dtype != dtype:
+            model.to(dtype)
+        return model, tokenizer
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
     )

@@ -1,0 +1,264 @@
+"""The compression engine: one sequential, block-by-block pass that every method runs in.
+
+1. The calibration segments run through the model up to the first decoder block, whose inputs
+   (hidden states and the keyword arguments the model passes to its blocks: attention mask,
+   rotary position embeddings, ...) are captured and kept.
+2. For each block in order, each stage of the recipe processes it: a method attaches hooks to the
+   block's linears to gather what it needs (the input Hessian X^T X for GPTQ, activation
+   statistics and inputs for AWQ), runs the block on the cached inputs, and replaces or rewrites
+   the linears.
+3. The compressed block then runs once more on the cached inputs, and its outputs become the next
+   block's inputs. Each block is therefore calibrated on the activations of the already-compressed
+   model, so the error of earlier blocks is accounted for, as in the GPTQ reference code.
+
+Memory: only the block being processed needs to sit on the compute device (`device`); the rest of
+the model stays where it is (CPU RAM). Working memory is about
+
+    2 * N * L * d * 4 bytes            (block inputs and outputs, float32, N segments of L tokens, width d)
+  + one block's weights
+  + sum over the block's linears of in_features^2 * 4 bytes   (Hessians; GPTQ, one sequential group at a time)
+  + the activations of one forward pass of `calibration.batch_size` segments through one block.
+
+For a 70B Llama (d = 8192, MLP width 28672, 80 blocks of about 1.7 GB in bfloat16) with 128 x 2048
+calibration tokens: 2 * 128 * 2048 * 8192 * 4 B = 17 GB of cached activations, 1.7 GB of block
+weights, and at most 28672^2 * 4 B = 3.3 GB for the largest Hessian: about 24 GB of GPU memory,
+with the other 79 blocks in CPU RAM. Halve the first term by calibrating on fewer or shorter
+segments, or keep the cache in bfloat16.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from slimlm.compress.recipe import Recipe, StageBase, select_targets
+from slimlm.errors import SlimlmError
+from slimlm.models.adapter import ModelAdapter, is_linear, linear_shape
+from slimlm.progress import progress
+
+
+class _InputsCaptured(Exception):
+    """Raised by the hook on the first block once its inputs are stored: the rest of the model is not needed."""
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering a block, one entry per batch of segments."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of the block it processes."""
+
+    model: PreTrainedModel
+    adapter: ModelAdapter
+    index: int
+    block: nn.Module
+    targets: dict[str, str]  # full module name -> role, the stage's targets in this block
+    inputs: BlockInputs | None  # None when no stage of the recipe calibrates
+    device: torch.device
+    # A method may set the next block's inputs itself (AWQ propagates float outputs); by default the
+    # engine runs the compressed block to get them.
+    next_inputs: list[torch.Tensor] | None = None
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def replace(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), child, new)
+
+    def run(self) -> list[torch.Tensor]:
+        """The block's outputs on every cached input batch (hooks attached by the caller fire)."""
+        if self.inputs is None:
+            raise SlimlmError("this method needs calibration data, but the run has none")
+        return run_block(self.block, self.inputs)
+
+    def names_with_roles(self, roles: tuple[str, ...]) -> list[str]:
+        return [name for name, role in self.targets.items() if role in roles]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    method: str
+    seconds: float
+    error: float | None = None  # the method's own error measure (GPTQ: sum of the OBS losses)
+
+
+@dataclass
+class CompressionReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_device_bytes: int | None = None
+    calibration_tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "seconds": self.seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_device_bytes": self.peak_device_bytes,
+            "calibration_tokens": self.calibration_tokens,
+            "layers": [vars(layer) for layer in self.layers],
+        }
+
+
+BlockMethod = Callable[[BlockContext, StageBase, CompressionReport], None]
+
+
+def block_output(output) -> torch.Tensor:
+    """Decoder blocks return a tensor (transformers >= 5) or a tuple whose first item is the hidden state."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    return [block_output(block(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int, device: torch.device
+) -> BlockInputs:
+    """Run the calibration segments up to the first block and keep what enters it."""
+    captured = BlockInputs([], [], [])
+
+    def hook(_module, args, kwargs):
+        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        captured.args.append(tuple(args[1:]))
+        captured.kwargs.append(dict(kwargs))
+        raise _InputsCaptured
+
+    handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with _on_device(_non_block_modules(model, adapter), device):
+            for start in progress(range(0, len(calibration), batch_size), desc="capture inputs"):
+                try:
+                    model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
+                except _InputsCaptured:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _non_block_modules(model: PreTrainedModel, adapter: ModelAdapter) -> list[nn.Module]:
+    """Modules the forward pass needs before the first block: the blocks' siblings, the embeddings."""
+    parent_name = adapter.blocks_name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return [m for m in parent.children() if m is not adapter.blocks] + [adapter.embedding]
+
+
+@contextmanager
+def _on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Move modules to `device` for the duration, then back where their parameters were."""
+    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(modules, homes):
+            module.to(home)
+
+
+def _block_targets(adapter: ModelAdapter, index: int, stage: StageBase, selected: set[str]) -> dict[str, str]:
+    block = adapter[index]
+    prefix = f"{adapter.blocks_name}.{index}."
+    return {prefix + block.linear_names[role]: role for role in block.linears if prefix + block.linear_names[role] in selected}
+
+
+def validate_recipe_for_model(model: PreTrainedModel, recipe: Recipe) -> tuple[ModelAdapter, list[set[str]]]:
+    """Check every stage against the model before any work; returns the adapter and each stage's targets."""
+    adapter = ModelAdapter(model)
+    linears = adapter.linear_layers()
+    names = list(linears)
+    selections = []
+    for stage in recipe.stages:
+        chosen = select_targets(names, stage)
+        for name in chosen:
+            if hasattr(stage, "check_layer"):
+                stage.check_layer(name, linear_shape(linears[name])[0])
+        selections.append(set(chosen))
+    return adapter, selections
+
+
+def compress(
+    model: PreTrainedModel,
+    recipe: Recipe,
+    calibration: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+) -> CompressionReport:
+    """Apply `recipe` to `model` in place, block by block (see the module docstring)."""
+    from slimlm.compress.methods import METHOD_FUNCTIONS
+
+    start = time.perf_counter()
+    adapter, selections = validate_recipe_for_model(model, recipe)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if recipe.needs_calibration and calibration is None:
+        raise SlimlmError("this recipe needs calibration data: pass calibration=token ids of shape (samples, seqlen)")
+    if calibration is not None and (calibration.dim() != 2 or calibration.dtype != torch.long):
+        raise SlimlmError(f"calibration must be a 2-D tensor of token ids (got {tuple(calibration.shape)}, {calibration.dtype})")
+    report = CompressionReport()
+    was_training = model.training
+    model.eval()
+    inputs = None
+    if recipe.needs_calibration:
+        inputs = capture_block_inputs(model, adapter, calibration, recipe.calibration.batch_size, device)
+        report.calibration_tokens = inputs.tokens
+    for index in progress(range(len(adapter)), desc="compress blocks", total=len(adapter)):
+        block = adapter.blocks[index]
+        with _on_device([block], device):
+            next_hidden = None
+            for stage, selected in zip(recipe.stages, selections):
+                targets = _block_targets(adapter, index, stage, selected)
+                if targets:
+                    context = BlockContext(model, adapter, index, block, targets, inputs, device)
+                    METHOD_FUNCTIONS[stage.method](context, stage, report)
+                    next_hidden = context.next_inputs  # a later stage's changes invalidate earlier outputs
+            if inputs is not None and index + 1 < len(adapter):
+                next_hidden = next_hidden if next_hidden is not None else run_block(block, inputs)
+                inputs = BlockInputs(next_hidden, inputs.args, inputs.kwargs)
+    model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if device.type == "cuda":
+        report.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    return report
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a linear, whichever way it is stored (GPT-2's Conv1D keeps (in, out))."""
+    if not is_linear(module):
+        raise SlimlmError(f"{type(module).__name__} is not a linear layer (already compressed by an earlier stage?)")
+    return module.weight.T if not isinstance(module, nn.Linear) else module.weight
+
+
+@contextmanager
+def collect_inputs(modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While active, every forward of these modules passes (name, input) to `sink`."""
+    handles = [
+        module.register_forward_hook(lambda _m, args, _out, name=name: sink(name, args[0]))
+        for name, module in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

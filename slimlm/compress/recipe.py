@@ -1,0 +1,244 @@
+"""Recipes: typed, validated descriptions of a compression run, in Python or YAML.
+
+A recipe is a list of stages and a calibration set. Each stage names a method, its settings and
+its targets (module-name patterns; `re:` prefix for a regular expression, else a glob) and an
+ignore list. Every model rejects unknown keys, and the error lists the valid ones, so a typo in
+a recipe fails before any work:
+
+```yaml
+calibration: {corpus: c4, samples: 128, seqlen: 512, seed: 0}
+stages:
+  - method: gptq
+    bits: 4
+    group_size: 64
+    act_order: true
+    ignore: [lm_head]
+```
+
+Stages run in order; methods that calibrate run inside the same sequential block-by-block pass
+(see `slimlm.compress.engine`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from slimlm.errors import SlimlmError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CalibrationConfig(StrictModel):
+    corpus: str = "c4"  # a corpus name (its calibration split) or a .txt/.jsonl path
+    samples: int = Field(128, ge=1)
+    seqlen: int = Field(512, ge=2)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="calibration segments per forward pass")
+
+
+class StageBase(StrictModel):
+    targets: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+
+GroupSize = Union[int, Literal["channel", "tensor"]]
+
+
+class WeightQuantFields(StrictModel):
+    bits: int = Field(4, description="weight bits, 2 to 8")
+    group_size: GroupSize = Field(128, description='input columns per scale, or "channel" / "tensor"')
+    symmetric: bool = False
+    partial_last_group: bool = Field(
+        True, description="allow a group size that does not divide in_features (shorter last group)"
+    )
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, bits: int) -> int:
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8 (got {bits})")
+        return bits
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, group_size: GroupSize) -> GroupSize:
+        if isinstance(group_size, int) and group_size < 1:
+            raise ValueError(f'group_size must be a positive integer, "channel" or "tensor" (got {group_size})')
+        return group_size
+
+    @property
+    def granularity(self) -> str:
+        return "group" if isinstance(self.group_size, int) else self.group_size
+
+    @property
+    def group_columns(self) -> int | None:
+        """Columns per group, or None for per-channel and per-tensor scales."""
+        return self.group_size if isinstance(self.group_size, int) else None
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        """Fail before any work if this layer's width does not fit the grouping."""
+        size = self.group_columns
+        if size is None:
+            return
+        if size > in_features:
+            raise SlimlmError(f"group_size {size} is larger than {name}'s {in_features} input features")
+        if in_features % size and not self.partial_last_group:
+            raise SlimlmError(
+                f"group_size {size} does not divide {name}'s {in_features} input features; pick a divisor "
+                f"(e.g. {_largest_divisor(in_features, size)}) or set partial_last_group: true"
+            )
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, at_most + 1) if n % d == 0)
+
+
+class RTNStage(StageBase, WeightQuantFields):
+    """Round-to-nearest weight quantization (data-free baseline)."""
+
+    method: Literal["rtn"] = "rtn"
+    clip: Literal["minmax", "mse"] = "minmax"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return False
+
+
+class GPTQStage(StageBase, WeightQuantFields):
+    """GPTQ (Frantar et al., 2023)."""
+
+    method: Literal["gptq"] = "gptq"
+    dampening: float = Field(0.01, gt=0, lt=1, description="fraction of the mean Hessian diagonal added")
+    block_size: int = Field(128, ge=1, description="columns per lazy batch update")
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    clip: Literal["minmax", "mse"] = "minmax"
+
+
+class AWQStage(StageBase, WeightQuantFields):
+    """AWQ (Lin et al., 2024)."""
+
+    method: Literal["awq"] = "awq"
+    grid: int = Field(20, ge=2, description="alpha grid points in [0, 1]")
+    clip_search: bool = True
+    clip_grid: int = Field(20, ge=2)
+    max_shrink: float = Field(0.5, gt=0, lt=1)
+    clip_tokens: int = Field(512, ge=16, description="input tokens sampled for the clipping search")
+
+    @field_validator("group_size")
+    @classmethod
+    def _not_per_tensor(cls, group_size: GroupSize) -> GroupSize:
+        if group_size == "tensor":
+            raise ValueError('AWQ scales per group or per channel: use an integer group_size or "channel"')
+        return group_size
+
+
+Stage = Annotated[Union[RTNStage, GPTQStage, AWQStage], Field(discriminator="method")]
+METHODS = ("rtn", "gptq", "awq")
+
+
+class Recipe(StrictModel):
+    stages: list[Stage] = Field(min_length=1)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(stage.needs_calibration for stage in self.stages)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_recipe(data: dict) -> Recipe:
+    """Validate a recipe dict; errors name each bad field and list the valid keys."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise SlimlmError("invalid recipe:\n" + _explain(error, data)) from None
+
+
+def _explain(error: ValidationError, data: dict) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            valid = _valid_keys(item["loc"], data)
+            message = f"unknown key {item['loc'][-1]!r}" + (f"; valid keys: {', '.join(valid)}" if valid else "")
+        elif item["type"] == "union_tag_invalid":
+            message = f"unknown method {item['input'].get('method') if isinstance(item['input'], dict) else item['input']!r}; choose one of {', '.join(METHODS)}"
+        elif item["type"] == "union_tag_not_found":
+            message = f"a stage needs a `method` ({', '.join(METHODS)})"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def _valid_keys(loc: tuple, data: dict) -> list[str]:
+    """Field names of the model at `loc` (without its last element, the bad key)."""
+    if loc[0] == "stages" and len(loc) >= 4:
+        method = loc[2]
+        model = {"rtn": RTNStage, "gptq": GPTQStage, "awq": AWQStage}.get(str(method))
+        return sorted(model.model_fields) if model else []
+    if loc[0] == "calibration":
+        return sorted(CalibrationConfig.model_fields)
+    return sorted(Recipe.model_fields)
+
+
+def load_recipe(spec: str | Path | dict | Recipe) -> Recipe:
+    """A Recipe from a preset name, a YAML file, a dict or a Recipe."""
+    if isinstance(spec, Recipe):
+        return spec
+    if isinstance(spec, dict):
+        return parse_recipe(spec)
+    text = str(spec)
+    from slimlm.compress.presets import PRESETS
+
+    if text in PRESETS:
+        return parse_recipe(PRESETS[text])
+    path = Path(text).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SlimlmError(f"recipe file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise SlimlmError(f"recipe file {path} is not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise SlimlmError(f"recipe file {path} must hold a mapping with `stages`")
+        return parse_recipe(data)
+    raise SlimlmError(f"unknown recipe {text!r}: give a YAML file or a preset ({', '.join(PRESETS)})")
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """True if a module name matches any pattern (`re:` regex with full match, else a glob)."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pattern):
+            return True
+    return False
+
+
+def select_targets(names: list[str], stage: StageBase) -> list[str]:
+    """The module names a stage applies to; an empty selection is an error."""
+    chosen = [n for n in names if matches(n, stage.targets) and not matches(n, stage.ignore)]
+    if not chosen:
+        raise SlimlmError(
+            f"stage {getattr(stage, 'method', '?')}: targets {stage.targets} minus ignore {stage.ignore} select no "
+            f"linear layer; names look like {names[0]!r}"
+        )
+    return chosen

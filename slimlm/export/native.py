@@ -1,0 +1,126 @@
+"""slimlm's own checkpoint format: safetensors weights plus a config with a quantization section.
+
+A saved directory holds
+
+- `config.json` and the tokenizer files: the model's ordinary Hugging Face config;
+- `model.safetensors`: every tensor of the model's state dict: float weights, and for each
+  compressed linear its packed codes, scales, zero points and group index;
+- `slimlm.json`: the quantization section, i.e. which modules are compressed and the metadata to
+  rebuild each one (bits, group size, format, shapes), plus the recipe and the slimlm version.
+
+Loading rebuilds the architecture from the config, swaps in the compressed modules, and loads the
+tensors strictly: a reloaded model computes bitwise the same outputs as the model that was saved.
+Directories are written to a temporary sibling first and renamed into place, so an interrupted
+save never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_model as save_safetensors_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+import slimlm
+from slimlm.errors import SlimlmError
+from slimlm.quant.qlinear import QuantizedLinear
+
+SLIMLM_CONFIG = "slimlm.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def model_bytes(directory: str | os.PathLike[str]) -> int:
+    """Bytes on disk of a checkpoint's weights and configs (tokenizer files left out)."""
+    names = (WEIGHTS, SLIMLM_CONFIG, "config.json", "generation_config.json")
+    return sum((Path(directory) / name).stat().st_size for name in names if (Path(directory) / name).is_file())
+
+
+def is_slimlm_checkpoint(directory: str | os.PathLike[str]) -> bool:
+    return (Path(directory) / SLIMLM_CONFIG).is_file()
+
+
+def save(
+    model: PreTrainedModel,
+    directory: str | os.PathLike[str],
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    recipe: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a (compressed) model as a slimlm checkpoint directory; returns the directory."""
+    target = Path(directory).expanduser()
+    if target.exists() and not overwrite:
+        if any(target.iterdir()):
+            raise SlimlmError(f"{target} exists and is not empty: choose another --out or pass overwrite")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.config.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        save_safetensors_model(model, str(staging / WEIGHTS), metadata={"format": "pt", "producer": "slimlm"})
+        section = {
+            "format_version": FORMAT_VERSION,
+            "slimlm_version": slimlm.__version__,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "compressed_modules": {
+                name: module.meta() for name, module in model.named_modules() if isinstance(module, QuantizedLinear)
+            },
+            "recipe": recipe,
+        }
+        (staging / SLIMLM_CONFIG).write_text(json.dumps(section, indent=2) + "\n")
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+        os.rename(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+
+
+def load(
+    directory: str | os.PathLike[str], device: str | torch.device = "cpu", trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load a slimlm checkpoint: the model (in eval mode) and its tokenizer if one was saved."""
+    directory = Path(directory).expanduser()
+    if not is_slimlm_checkpoint(directory):
+        raise SlimlmError(f"{directory} is not a slimlm checkpoint (no {SLIMLM_CONFIG})")
+    section = json.loads((directory / SLIMLM_CONFIG).read_text())
+    if section.get("format_version") != FORMAT_VERSION:
+        raise SlimlmError(f"{directory}: checkpoint format {section.get('format_version')} is not supported "
+                          f"by slimlm {slimlm.__version__} (expects {FORMAT_VERSION})")
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    dtype = getattr(torch, section.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, meta in section["compressed_modules"].items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, QuantizedLinear.empty(meta).to(dtype))
+    missing, unexpected = load_safetensors_model(model, str(directory / WEIGHTS), strict=False)
+    # Non-persistent buffers (rotary tables) are rebuilt by the constructor; anything else is an error.
+    persistent = set(model.state_dict())
+    missing = [key for key in missing if key in persistent]
+    if missing or unexpected:
+        raise SlimlmError(f"{directory / WEIGHTS} does not match its config: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    model.tie_weights()
+    model.to(device).eval()
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    return model, tokenizer

@@ -1,0 +1,546 @@
+"""The quantizer grid shared by every quantization method (RTN, GPTQ, AWQ, ...).
+
+Integer grids follow the reference quantizer of GPTQ (Frantar et al., 2022; IST-DASLab `gptq`,
+`quant.py`): every value is stored as an unsigned code q in [0, 2^bits - 1] and dequantizes as
+
+    w = scale * (q - zero)
+
+- asymmetric: xmin = min(min(w), 0), xmax = max(max(w), 0) (so 0.0 is exactly representable),
+  scale = (xmax - xmin) / (2^bits - 1), zero = round(-xmin / scale); an all-zero row uses
+  xmin = -1, xmax = +1 as the reference does;
+- symmetric: scale = 2 * absmax / (2^bits - 1), zero = 2^(bits-1) (the GPTQ / compressed-tensors
+  symmetric grid: signed codes q - 2^(bits-1) in [-2^(bits-1), 2^(bits-1) - 1]);
+- clipping "mse": the reference `mse=True` search: shrink the range by p = 1 - i/100 for
+  i < 80 and keep, per row, the p with the lowest sum |fake_quantize(w) - w|^2.4.
+
+Floating-point grids (zero is 0, codes are the element's bit pattern):
+- "fp8_e4m3" / "fp8_e5m2" (OCP FP8, Micikevicius et al., 2022): scale = absmax / max finite value,
+  rounding is torch's float8 cast (round to nearest even) of w / scale;
+- "fp4_e2m1" (OCP Microscaling E2M1): values {0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6}, scale =
+  absmax / 6, round to nearest (ties to the even mantissa, as the OCP conversion rule says);
+  codes are 4-bit patterns sign << 3 | magnitude index.
+
+Non-uniform "codebook" grids (in the spirit of SqueezeLLM, without its sensitivity weighting):
+per row or per group, a table of 2^bits values fitted by 1-D k-means (Lloyd's algorithm, a fixed
+number of iterations, deterministic) from two starts, the quantiles and the levels of the
+asymmetric integer grid, keeping the better; codes index the table.
+
+Deviations from the reference: the symmetric scale is always 2 * absmax / (2^bits - 1) (the
+reference uses absmax / (2^bits - 1) for a row without negative values, which then clips its upper
+half); the MSE search also applies to the FP grids (shrinking absmax); scale and zero are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from slimlm.errors import SlimlmError
+
+FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "codebook")
+CLIPS = ("minmax", "mse")
+GRANULARITIES = ("group", "channel", "tensor")
+
+# The GPTQ reference MSE search: grid=100, maxshrink=0.8, norm=2.4.
+MSE_GRID = 100
+MSE_MAX_SHRINK = 0.8
+MSE_NORM = 2.4
+
+KMEANS_ITERATIONS = 25
+
+_FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# E2M1 magnitudes, indexed by the 3 low bits of the code (exponent and mantissa bits).
+FP4_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_FP4_SIGN_BIT = 8
+
+
+def fp_max(fmt: str) -> float:
+    """Largest finite value of a floating-point grid."""
+    if fmt in _FP8_DTYPES:
+        return float(torch.finfo(_FP8_DTYPES[fmt]).max)
+    if fmt == "fp4_e2m1":
+        return FP4_E2M1_MAGNITUDES[-1]
+    raise SlimlmError(f"'{fmt}' is not a floating-point grid; use one of fp8_e4m3, fp8_e5m2, fp4_e2m1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def check_format(bits: int, fmt: str) -> None:
+    """Raise SlimlmError unless `bits` is valid for `fmt`."""
+    if fmt not in FORMATS:
+        raise SlimlmError(f"unknown quantization format '{fmt}'; use one of {', '.join(FORMATS)}")
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise SlimlmError(f"bits must be an integer (got {bits!r})")
+    if fmt in _FP8_DTYPES and bits != 8:
+        raise SlimlmError(f"{fmt} stores 8 bits per weight (got bits={bits}); set bits: 8")
+    if fmt == "fp4_e2m1" and bits != 4:
+        raise SlimlmError(f"fp4_e2m1 stores 4 bits per weight (got bits={bits}); set bits: 4")
+    if fmt in ("int", "codebook") and not 2 <= bits <= 8:
+        raise SlimlmError(f"{fmt} quantization supports 2 to 8 bits (got bits={bits}); choose bits in 2..8")
+
+
+def _check_clip(clip: str) -> None:
+    if clip not in CLIPS:
+        raise SlimlmError(f"unknown clipping '{clip}'; use one of {', '.join(CLIPS)}")
+
+
+def _check_matrix(w: Tensor) -> None:
+    if w.dim() != 2 or w.numel() == 0:
+        raise SlimlmError(f"expected a non-empty (rows, columns) weight matrix, got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise SlimlmError(f"expected a floating-point weight, got {w.dtype}")
+    if not bool(torch.isfinite(w).all()):
+        raise SlimlmError("the weight holds NaN or infinite values; check the checkpoint before quantizing it")
+
+
+def group_bounds(in_features: int, group_size: int | None) -> list[tuple[int, int]]:
+    """Column ranges [start, end) of the groups; None is one group (per channel).
+
+    A group size that does not divide in_features gives a shorter last group (576 with 128:
+    four groups of 128 and one of 64).
+    """
+    if in_features < 1:
+        raise SlimlmError(f"in_features must be at least 1 (got {in_features})")
+    if group_size is None:
+        return [(0, in_features)]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise SlimlmError(f"group_size must be a positive integer or None for per-channel (got {group_size!r})")
+    return [(start, min(start + group_size, in_features)) for start in range(0, in_features, group_size)]
+
+
+def column_groups(in_features: int, group_size: int | None, g_idx: Tensor | None = None) -> Tensor:
+    """(in_features,) int64 group index of every input column (g_idx when act-order stored one)."""
+    if g_idx is not None:
+        return g_idx.long()
+    if group_size is None:
+        return torch.zeros(in_features, dtype=torch.long)
+    return torch.arange(in_features) // group_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Integer grid
+# ----------------------------------------------------------------------------------------------
+
+
+def _max_code(bits: int) -> int:
+    return 2**bits - 1
+
+
+def _as_rows(t: Tensor | float, like: Tensor) -> Tensor | float:
+    """Broadcast per-row parameters (rows,) against a (rows, cols) tensor."""
+    if isinstance(t, Tensor) and like.dim() == 2 and t.dim() == 1:
+        return t.unsqueeze(1)
+    return t
+
+
+def _range_to_params(xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    scale = (xmax - xmin) / _max_code(bits)
+    if symmetric:
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def _minmax_range(w: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:
+    zeros = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+    xmin = torch.minimum(w.min(dim=1).values, zeros)
+    xmax = torch.maximum(w.max(dim=1).values, zeros)
+    if symmetric:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    # An all-zero row would give scale 0; the reference widens it to [-1, 1].
+    degenerate = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(degenerate, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
+    return xmin, xmax
+
+
+def _lp_error(w: Tensor, approx: Tensor) -> Tensor:
+    """Per-row sum |approx - w|^2.4, the criterion of the reference MSE search."""
+    return (approx - w).abs_().pow_(MSE_NORM).sum(dim=1)
+
+
+def find_params(w: Tensor, bits: int, symmetric: bool, clip: str = "minmax") -> tuple[Tensor, Tensor]:
+    """Integer-grid scale (rows,) and zero (rows,) for a (rows, cols) slice: one group per row.
+
+    zero is a float tensor holding integers in [0, 2^bits - 1].
+    """
+    check_format(bits, "int")
+    _check_clip(clip)
+    _check_matrix(w)
+    w = w.float()
+    xmin, xmax = _minmax_range(w, symmetric)
+    scale, zero = _range_to_params(xmin, xmax, bits, symmetric)
+    if clip == "mse":
+        scale, zero = _mse_search_int(w, xmin, xmax, bits, symmetric, scale, zero)
+    return scale, zero
+
+
+def _mse_search_int(
+    w: Tensor, xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool, scale: Tensor, zero: Tensor
+) -> tuple[Tensor, Tensor]:
+    best = torch.full_like(scale, math.inf)
+    scale, zero = scale.clone(), zero.clone()
+    for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+        shrink = 1 - i / MSE_GRID
+        scale_p, zero_p = _range_to_params(shrink * xmin, shrink * xmax, bits, symmetric)
+        error = _lp_error(w, fake_quantize(w, scale_p, zero_p, bits))
+        better = error < best  # strict: p = 1 (min-max) wins ties, so MSE is never worse
+        best = torch.where(better, error, best)
+        scale = torch.where(better, scale_p, scale)
+        zero = torch.where(better, zero_p, zero)
+    return scale, zero
+
+
+def quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """uint8 codes clamp(round(w / scale) + zero, 0, 2^bits - 1); (rows,) parameters broadcast as (rows, 1)."""
+    scale, zero = _as_rows(scale, w), _as_rows(zero, w)
+    q = torch.clamp(torch.round(w.float() / scale) + zero, 0, _max_code(bits))
+    return q.to(torch.uint8)
+
+
+def dequantize(q: Tensor, scale: Tensor, zero: Tensor | float) -> Tensor:
+    """float32 scale * (q - zero); (rows,) parameters broadcast as (rows, 1)."""
+    scale, zero = _as_rows(scale, q), _as_rows(zero, q)
+    return (q.float() - zero) * scale
+
+
+def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """dequantize(quantize(w)) without the uint8 round trip (same values), in w's dtype."""
+    scale, zero = _as_rows(scale, w), _as_rows(zero, w)
+    q = torch.clamp(torch.round(w.float() / scale) + zero, 0, _max_code(bits))
+    return ((q - zero) * scale).to(w.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Floating-point grids
+# ----------------------------------------------------------------------------------------------
+
+
+def _fp_scale(absmax: Tensor, fmt: str) -> Tensor:
+    absmax = torch.where(absmax == 0, torch.ones_like(absmax), absmax)  # all-zero rows: any scale works
+    return absmax / fp_max(fmt)
+
+
+def _fp4_encode(x: Tensor) -> Tensor:
+    magnitudes = torch.tensor(FP4_E2M1_MAGNITUDES, device=x.device)
+    midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
+    a = x.abs().clamp(max=FP4_E2M1_MAGNITUDES[-1])
+    index = torch.bucketize(a, midpoints)  # a tie at a midpoint goes to the lower magnitude...
+    tie = a == midpoints[index.clamp(max=len(midpoints) - 1)]
+    index = torch.where(tie & (index % 2 == 1), index + 1, index)  # ...unless that one's mantissa is odd
+    sign = (x < 0) & (index > 0)
+    return (index + sign.long() * _FP4_SIGN_BIT).to(torch.uint8)
+
+
+def _fp4_decode(codes: Tensor) -> Tensor:
+    values = torch.tensor(FP4_E2M1_MAGNITUDES + tuple(-m for m in FP4_E2M1_MAGNITUDES), device=codes.device)
+    return values[codes.long()]
+
+
+def fp_encode(x: Tensor, fmt: str) -> Tensor:
+    """uint8 codes (bit patterns) of x, already divided by its scale."""
+    x = x.float().clamp(-fp_max(fmt), fp_max(fmt))
+    if fmt == "fp4_e2m1":
+        return _fp4_encode(x)
+    return x.to(_FP8_DTYPES[fmt]).view(torch.uint8)
+
+
+def fp_decode(codes: Tensor, fmt: str) -> Tensor:
+    """float32 values of FP codes (before scaling)."""
+    if fmt == "fp4_e2m1":
+        return _fp4_decode(codes)
+    return codes.view(_FP8_DTYPES[fmt]).float()
+
+
+def find_fp_scale(w: Tensor, fmt: str, clip: str = "minmax") -> Tensor:
+    """Per-row scale (rows,) of an FP grid: absmax / max finite value (shrunk by the MSE search)."""
+    _check_clip(clip)
+    _check_matrix(w)
+    w = w.float()
+    absmax = w.abs().amax(dim=1)
+    scale = _fp_scale(absmax, fmt)
+    if clip == "mse":
+        best = torch.full_like(scale, math.inf)
+        candidate_scale = scale
+        for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
+            candidate = _fp_scale(absmax * (1 - i / MSE_GRID), fmt)
+            approx = fp_decode(fp_encode(w / candidate[:, None], fmt), fmt) * candidate[:, None]
+            error = _lp_error(w, approx)
+            better = error < best
+            best = torch.where(better, error, best)
+            candidate_scale = torch.where(better, candidate, candidate_scale)
+        scale = candidate_scale
+    return scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Codebook (non-uniform) grid
+# ----------------------------------------------------------------------------------------------
+
+
+def _nearest_entry(values: Tensor, table: Tensor) -> Tensor:
+    """Index of the nearest entry of each row's sorted table (rows, k) for values (rows, n)."""
+    midpoints = (table[:, 1:] + table[:, :-1]) / 2
+    return torch.searchsorted(midpoints.contiguous(), values.contiguous())
+
+
+def _lloyd(w: Tensor, table: Tensor, iterations: int) -> Tensor:
+    """Lloyd's iterations from a sorted (rows, k) table; never increases the squared error."""
+    rows, entries = table.shape
+    for _ in range(iterations):
+        index = _nearest_entry(w, table)
+        sums = torch.zeros(rows, entries, device=w.device).scatter_add_(1, index, w)
+        counts = torch.zeros(rows, entries, device=w.device).scatter_add_(1, index, torch.ones_like(w))
+        # An empty cluster keeps its entry; sorting keeps the midpoints of the next step valid.
+        table = torch.where(counts > 0, sums / counts.clamp_min(1), table).sort(dim=1).values
+    return table
+
+
+def _squared_error(w: Tensor, table: Tensor) -> Tensor:
+    return (table.gather(1, _nearest_entry(w, table)) - w).pow(2).sum(dim=1)
+
+
+def fit_codebook(w: Tensor, bits: int, iterations: int = KMEANS_ITERATIONS) -> tuple[Tensor, Tensor]:
+    """1-D k-means per row of (rows, n): sorted tables (rows, 2^bits) and uint8 codes (rows, n).
+
+    Two deterministic starts, keeping the better per row: the quantiles (i + 0.5) / k (dense where
+    the weights are) and the levels of the asymmetric min-max integer grid of the same bits. From
+    the quantiles alone Lloyd often stops in a worse optimum than the uniform grid on Gaussian
+    weights (the tails share one entry); the grid start makes the codebook never worse than it.
+    """
+    w = w.float()
+    entries = 2**bits
+    n = w.shape[1]
+    ordered = w.sort(dim=1).values
+    positions = ((torch.arange(entries, dtype=torch.float64) + 0.5) / entries * n).long().clamp(max=n - 1)
+    from_quantiles = _lloyd(w, ordered[:, positions.to(w.device)], iterations)
+    scale, zero = find_params(w, bits, symmetric=False)
+    levels = (torch.arange(entries, device=w.device, dtype=torch.float32)[None, :] - zero[:, None]) * scale[:, None]
+    from_grid = _lloyd(w, levels, iterations)
+    use_grid = _squared_error(w, from_grid) < _squared_error(w, from_quantiles)
+    table = torch.where(use_grid[:, None], from_grid, from_quantiles)
+    return table, _nearest_entry(w, table).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-weight quantization
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized (out, in) weight: codes and the parameters needed to dequantize it.
+
+    scale and zero are (out, n_groups) float32; zero is 0 for FP grids and codebooks, scale is 1 for
+    codebooks. g_idx (in,) int32 maps each input column to its group when act-order reordered the
+    groups (None when column j is in group j // group_size). codebook is (out, n_groups, 2^bits).
+    """
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    fmt: str = "int"
+    g_idx: Tensor | None = None
+    codebook: Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale.shape[1]
+
+    def dequantize(self) -> Tensor:
+        """(out, in) float32 weight."""
+        return dequantize_codes(
+            self.codes, self.scale, self.zero, self.bits, self.fmt, self.group_size, self.g_idx, self.codebook
+        )
+
+
+def _per_column(params: Tensor, in_features: int, group_size: int | None, g_idx: Tensor | None) -> Tensor:
+    """(out, n_groups) parameters expanded to (out, in)."""
+    return params[:, column_groups(in_features, group_size, g_idx).to(params.device)]
+
+
+def _equal_groups(in_features: int, group_size: int | None, g_idx: Tensor | None) -> bool:
+    return g_idx is None and (group_size is None or in_features % group_size == 0)
+
+
+def dequantize_codes(
+    codes: Tensor,
+    scale: Tensor | None,
+    zero: Tensor | float,
+    bits: int,
+    fmt: str,
+    group_size: int | None,
+    g_idx: Tensor | None = None,
+    codebook: Tensor | None = None,
+) -> Tensor:
+    """(out, in) float32 weight from uint8 codes; the one dequantization every path uses.
+
+    scale/zero are (out, n_groups) (zero may be a number, e.g. 2^(bits-1) of a symmetric grid);
+    scale may be None for codebooks.
+    """
+    out_features, in_features = codes.shape
+    if fmt == "codebook":
+        groups = column_groups(in_features, group_size, g_idx).to(codes.device)
+        entries = codebook.shape[2]
+        flat_index = groups[None, :] * entries + codes.long()
+        return codebook.float().reshape(out_features, -1).gather(1, flat_index)
+    if fmt == "int":
+        w = codes.float()
+        if isinstance(zero, Tensor):
+            zero = zero.float()
+    else:
+        w = fp_decode(codes, fmt)
+        zero = 0.0
+    scale = scale.float()
+    if _equal_groups(in_features, group_size, g_idx):
+        # (out, n_groups, group) view: broadcasting is much cheaper than gathering per column.
+        grouped = w.view(out_features, scale.shape[1], -1)
+        if isinstance(zero, Tensor):
+            grouped.sub_(zero[..., None])
+        elif zero != 0:
+            grouped.sub_(zero)
+        grouped.mul_(scale[..., None])
+        return w
+    if isinstance(zero, Tensor):
+        w.sub_(_per_column(zero, in_features, group_size, g_idx))
+    elif zero != 0:
+        w.sub_(zero)
+    return w.mul_(_per_column(scale, in_features, group_size, g_idx))
+
+
+def _check_granularity(granularity: str, group_size: int | None) -> None:
+    if granularity not in GRANULARITIES:
+        raise SlimlmError(f"unknown granularity '{granularity}'; use one of {', '.join(GRANULARITIES)}")
+    if granularity != "group" and group_size is not None:
+        raise SlimlmError(
+            f"granularity '{granularity}' has no groups but group_size={group_size} was given; "
+            "set group_size to None, or use granularity 'group'"
+        )
+
+
+def _slices(w: Tensor, bounds: list[tuple[int, int]]) -> list[tuple[list[int], Tensor]]:
+    """Groups of equal width stacked as (rows * n, width) so one call handles them all."""
+    by_width: dict[int, list[int]] = {}
+    for index, (start, end) in enumerate(bounds):
+        by_width.setdefault(end - start, []).append(index)
+    stacked = []
+    for width, indices in by_width.items():
+        parts = [w[:, bounds[i][0] : bounds[i][1]] for i in indices]
+        # (rows, n, width) -> (n * rows, width) group-major: row r of group i is at i * rows + r.
+        stacked.append((indices, torch.stack(parts, dim=0).reshape(-1, width)))
+    return stacked
+
+
+def _per_slice(
+    w: Tensor, bounds: list[tuple[int, int]], fit: Callable[[Tensor], tuple[Tensor, ...]]
+) -> list[Tensor]:
+    """Apply fit ((n, width) -> tensors with n leading rows) to every group: (out, n_groups, ...) results."""
+    rows = w.shape[0]
+    results: list[Tensor] | None = None
+    for indices, stacked in _slices(w, bounds):
+        outputs = fit(stacked)
+        if results is None:
+            results = [torch.empty((rows, len(bounds), *o.shape[1:]), dtype=o.dtype, device=o.device) for o in outputs]
+        for result, output in zip(results, outputs):
+            result[:, indices] = output.reshape(len(indices), rows, *output.shape[1:]).transpose(0, 1)
+    return results
+
+
+def quantize_weight(
+    w: Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    clip: str = "minmax",
+    granularity: str = "group",
+    fmt: str = "int",
+) -> QuantizedWeight:
+    """Round-to-nearest of a whole (out, in) weight.
+
+    granularity "group" uses group_size (None: one group per row, i.e. per channel); "channel" is
+    one group per row; "tensor" is one scale for the whole matrix, stored broadcast per row.
+    """
+    check_format(bits, fmt)
+    _check_clip(clip)
+    _check_matrix(w)
+    _check_granularity(granularity, group_size)
+    if fmt.startswith("fp") and not symmetric:
+        raise SlimlmError(f"{fmt} is a symmetric grid (zero point 0); set symmetric: true")
+    if fmt == "codebook" and clip != "minmax":
+        raise SlimlmError(
+            "clipping does not apply to codebooks (k-means already minimises the error); use clip: minmax"
+        )
+    w = w.detach().float()
+    rows, columns = w.shape
+    bounds = group_bounds(columns, group_size)
+    source = w.reshape(1, -1) if granularity == "tensor" else w
+    source_bounds = [(0, source.shape[1])] if granularity == "tensor" else bounds
+    params = _fit_params(source, source_bounds, bits, symmetric, clip, fmt)
+    if granularity == "tensor":
+        params = [p.expand(rows, *p.shape[1:]).contiguous() for p in params]
+    return _encode(w, bounds, params, bits, group_size, symmetric, fmt)
+
+
+def _fit_params(
+    w: Tensor, bounds: list[tuple[int, int]], bits: int, symmetric: bool, clip: str, fmt: str
+) -> list[Tensor]:
+    if fmt == "int":
+        return _per_slice(w, bounds, lambda s: find_params(s, bits, symmetric, clip))
+    if fmt == "codebook":
+        return _per_slice(w, bounds, lambda s: (fit_codebook(s, bits)[0],))
+    return _per_slice(w, bounds, lambda s: (find_fp_scale(s, fmt, clip),))
+
+
+def _encode(
+    w: Tensor,
+    bounds: list[tuple[int, int]],
+    params: list[Tensor],
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    fmt: str,
+) -> QuantizedWeight:
+    rows, columns = w.shape
+    codes = torch.empty(rows, columns, dtype=torch.uint8, device=w.device)
+    ones = torch.ones(rows, len(bounds), device=w.device)
+    codebook = None
+    if fmt == "int":
+        scale, zero = params
+    elif fmt == "codebook":
+        (codebook,) = params
+        scale, zero = ones, torch.zeros_like(ones)
+    else:
+        (scale,) = params
+        zero = torch.zeros_like(ones)
+    for group, (start, end) in enumerate(bounds):
+        block = w[:, start:end]
+        if fmt == "int":
+            codes[:, start:end] = quantize(block, scale[:, group], zero[:, group], bits)
+        elif fmt == "codebook":
+            codes[:, start:end] = _nearest_entry(block, codebook[:, group]).to(torch.uint8)
+        else:
+            codes[:, start:end] = fp_encode(block / scale[:, group, None], fmt)
+    return QuantizedWeight(
+        codes=codes, scale=scale, zero=zero, bits=bits, group_size=group_size,
+        symmetric=symmetric if fmt == "int" else fmt != "codebook", fmt=fmt, codebook=codebook,
+    )

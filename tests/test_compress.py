@@ -1,0 +1,158 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from slimlm.cli import main
+from slimlm.compress import compress, load_recipe
+from slimlm.compress.hessian import HessianAccumulator
+from slimlm.compress.presets import PRESETS
+from slimlm.errors import SlimlmError
+from slimlm.export.native import load, save
+from slimlm.models.loading import load_model
+from slimlm.models.tiny import TINY_FAMILIES, tiny_model
+from slimlm.quant.qlinear import QuantizedLinear
+
+CALIBRATION = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def recipe(method, **settings):
+    return {"stages": [{"method": method, "bits": 4, "group_size": 32, **settings}], "calibration": {"batch_size": 4}}
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_every_method_runs_on_every_family(family, method):
+    model, reference = tiny_model(family), tiny_model(family)
+    report = compress(model, recipe(method), calibration=CALIBRATION)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == len(report.layers) == 2 * (4 if family == "gpt2" else 6 if family == "opt" else 7)
+    with torch.no_grad():
+        error = (model(PROBE).logits - reference(PROBE).logits).abs().mean()
+        scale = reference(PROBE).logits.abs().mean()
+    assert 0 < error < 0.5 * scale
+
+
+def test_awq_keeps_the_float_function_before_rounding():
+    """The scales AWQ folds into norms and linears are an exact rewrite at 8 bits (tiny rounding only)."""
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    compress(model, recipe("awq", bits=8, clip_search=False), calibration=CALIBRATION)
+    with torch.no_grad():
+        assert torch.allclose(model(PROBE).logits, reference(PROBE).logits, atol=2e-2)
+
+
+def test_gptq_beats_rtn_on_a_tiny_model_output():
+    reference = tiny_model("llama")
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = tiny_model("llama")
+        compress(model, recipe(method, bits=3, group_size="channel"), calibration=CALIBRATION)
+        with torch.no_grad():
+            errors[method] = (model(CALIBRATION).logits - reference(CALIBRATION).logits).pow(2).mean()
+    assert errors["gptq"] < errors["rtn"]
+
+
+def test_hessian_is_the_running_average_of_2_x_xt():
+    acc = HessianAccumulator(4)
+    x1, x2 = torch.randn(3, 5, 4), torch.randn(2, 5, 4)
+    acc.add_batch(x1)
+    acc.add_batch(x2)
+    X = torch.cat([x1.reshape(-1, 4), x2.reshape(-1, 4)])
+    assert torch.allclose(acc.result(), 2 * X.T @ X / X.shape[0], atol=1e-5)
+    nan = HessianAccumulator(2)
+    nan.add_batch(torch.tensor([[float("nan"), 1.0]]))
+    with pytest.raises(SlimlmError, match="NaN"):
+        nan.result()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"stages": [{"method": "gptq", "bitz": 4}]}, "unknown key 'bitz'; valid keys: .*bits"),
+        ({"stages": [{"method": "gptq", "bits": 0}]}, "bits must be between 2 and 8"),
+        ({"stages": [{"method": "gptq", "bits": 9}]}, "bits must be between 2 and 8"),
+        ({"stages": [{"method": "zip"}]}, "unknown method 'zip'"),
+        ({"stages": []}, "stages"),
+        ({"stages": [{"method": "awq", "group_size": "tensor"}]}, "AWQ scales per group"),
+        ({"stages": [{"method": "rtn"}], "calibration": {"samples": 0}}, "calibration.samples"),
+    ],
+)
+def test_invalid_recipes_are_rejected_with_a_clear_message(data, message):
+    with pytest.raises(SlimlmError, match=message):
+        load_recipe(data)
+
+
+def test_recipe_checks_against_the_model_happen_before_any_work():
+    model = tiny_model("llama")  # hidden 64, MLP 128
+    with pytest.raises(SlimlmError, match="does not divide"):
+        compress(model, recipe("rtn", group_size=48, partial_last_group=False))
+    with pytest.raises(SlimlmError, match="select no linear layer"):
+        compress(model, recipe("rtn", targets=["*nothing*"]))
+    with pytest.raises(SlimlmError, match="needs calibration"):
+        compress(model, recipe("gptq"))
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def test_partial_last_group_is_the_default():
+    model = tiny_model("llama")
+    compress(model, recipe("rtn", group_size=48))
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, QuantizedLinear) and q.scale.shape[1] == 2  # 48 + 16 columns
+
+
+def test_yaml_and_presets_round_trip(tmp_path):
+    preset = load_recipe("gptq-w4g64-actorder")
+    assert preset.stages[0].act_order and preset.stages[0].group_size == 64
+    path = tmp_path / "recipe.yaml"
+    path.write_text(preset.to_yaml())
+    assert load_recipe(path) == preset
+    assert {"rtn-w4g64", "gptq-w4g64", "gptq-w3g64", "awq-w4g64", "rtn-w4g128", "gptq-w4g128", "gptq-w3g128",
+            "awq-w4g128"} <= set(PRESETS)
+    path.write_text(yaml.safe_dump({"stages": [{"method": "gptq", "group": 64}]}))
+    with pytest.raises(SlimlmError, match="unknown key 'group'"):
+        load_recipe(path)
+    with pytest.raises(SlimlmError, match="unknown recipe"):
+        load_recipe("gptq-w5g7")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_saved_model_reloads_bitwise_identical(family, tmp_path, tokenizer):
+    model = tiny_model(family, vocab_size=len(tokenizer))
+    calibration = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    compress(model, recipe("gptq", act_order=True), calibration=calibration)
+    save(model, tmp_path / "q", tokenizer)
+    reloaded, reloaded_tokenizer = load(tmp_path / "q")
+    probe = torch.randint(0, len(tokenizer), (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(probe).logits, reloaded(probe).logits)
+    assert reloaded_tokenizer is not None
+    assert torch.equal(load_model(tmp_path / "q").model(probe).logits, reloaded(probe).logits)
+    with pytest.raises(SlimlmError, match="not empty"):
+        save(model, tmp_path / "q", tokenizer)
+
+
+def test_cli_compress_with_eval_before_and_after(tmp_path, tokenizer, capsys):
+    source = tmp_path / "float"
+    tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out, record = tmp_path / "w4", tmp_path / "record.json"
+    code = main(["compress", "--model", str(source), "--recipe", "gptq-w4g32", "--out", str(out),
+                 "--calib-corpus", "pydoc", "--calib-samples", "4", "--calib-seqlen", "32",
+                 "--eval", "pydoc", "--kl", "--seqlen", "64", "--max-windows", "2", "--json", str(record)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| pydoc | ppl |" in printed and "| pydoc | kl_mean |" in printed and "compression_seconds" in printed
+    data = json.loads(record.read_text())
+    assert data["metrics"]["sizes"]["disk_bytes_after"] < data["metrics"]["sizes"]["disk_bytes_before"]
+    assert data["protocol"]["recipe"]["calibration"]["samples"] == 4
+    assert (out / "slimlm.json").is_file()
+    assert main(["eval", "--model", str(out), "--tasks", "pydoc", "--seqlen", "64", "--max-windows", "2"]) == 0
+
+
+def test_cli_compress_rejects_a_bad_recipe_before_loading(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages:\n  - method: gptq\n    bits: 1\n")
+    assert main(["compress", "--model", "nowhere", "--recipe", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bits must be between 2 and 8" in capsys.readouterr().err
