@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--recipe", required=True, help="a preset name (e.g. gptq-w4g64) or a YAML recipe file")
     squeeze.add_argument("--out", required=True, help="directory to save the compressed model to")
     squeeze.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    squeeze.add_argument("--export-ct", metavar="DIR",
+                         help="also write a compressed-tensors (pack-quantized) checkpoint that transformers loads")
     squeeze.add_argument("--data-dir", help="data directory (default: $SLIMLM_DATA)")
     squeeze.add_argument("--calib-corpus", help="calibration corpus (overrides the recipe; e.g. c4, wikitext2, pydoc)")
     squeeze.add_argument("--calib-samples", type=_positive_int, help="calibration segments (overrides the recipe)")
@@ -204,7 +206,14 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     _refuse_existing_output(args.out, args.overwrite)
     loaded = _load(args.model, args)
     model, tokenizer = loaded.model, loaded.tokenizer
-    validate_recipe_for_model(model, recipe)  # bad targets or group sizes fail before any work
+    adapter, selections = validate_recipe_for_model(model, recipe)  # bad targets or groups fail before any work
+    if args.export_ct:
+        from slimlm.export.compressed_tensors import check_recipe_exportable
+        from slimlm.models.adapter import linear_shape
+
+        widths = {name: linear_shape(m)[0] for name, m in adapter.linear_layers().items()}
+        check_recipe_exportable(recipe, widths, selections)
+        _refuse_existing_output(args.export_ct, False)
     calibration = None
     if recipe.needs_calibration:
         c = recipe.calibration
@@ -214,6 +223,10 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     reference = copy.deepcopy(model) if tasks and args.kl else None
     report = compress(model, recipe, calibration, device=args.device)
     save(model, args.out, tokenizer, recipe=recipe.model_dump(mode="json"), overwrite=args.overwrite)
+    if args.export_ct:
+        from slimlm.export.compressed_tensors import export_compressed_tensors
+
+        export_compressed_tensors(model, args.export_ct, tokenizer)
     after = evaluate(model, tokenizer, tasks, settings, reference) if tasks else []
     sizes = {
         "parameters": count_parameters(model),
@@ -222,7 +235,8 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     }
     sizes["compression_ratio_disk"] = sizes["disk_bytes_before"] / sizes["disk_bytes_after"]
     protocol = {"recipe": recipe.model_dump(mode="json"), "eval": {**vars(settings), "data_dir": str(args.data_dir)}}
-    metrics = {"before": before, "after": after, "sizes": sizes, "compression": report.to_dict(), "out": args.out}
+    metrics = {"before": before, "after": after, "sizes": sizes, "compression": report.to_dict(), "out": args.out,
+               "export_ct": args.export_ct}
     record = make_record(args.model, str(args.recipe), protocol, metrics)
     return record, _compress_table(args, before, after, sizes, report)
 

@@ -94,46 +94,45 @@ def gptq_quantize(
     Hinv = inverse_cholesky_upper(H)
 
     device = W.device
-    codes = torch.zeros(rows, columns, dtype=torch.uint8, device=device)
-    scales = torch.zeros(rows, len(bounds), device=device)
-    zeros = torch.zeros(rows, len(bounds), device=device)
+    # Column-major copies: the loop below reads and updates one column at a time, contiguously.
+    codes_t = torch.zeros(columns, rows, dtype=torch.uint8, device=device)
     group_index = torch.zeros(columns, dtype=torch.int32, device=device)  # per position in processing order
+    group_params: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(static)) if static else {}
     loss = torch.zeros(rows, device=device)
-    params = None
+    order = perm.tolist()
+    scale = zero = None
     for block_start in range(0, columns, block_size):
         block_end = min(block_start + block_size, columns)
-        W1 = W[:, block_start:block_end].clone()
+        W1 = W[:, block_start:block_end].T.contiguous()  # (block columns, rows)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[block_start:block_end, block_start:block_end]
         for i in range(block_end - block_start):
             position = block_start + i
-            column = int(perm[position])
             if static is not None:
-                group = group_of_position[column]
-                params = static[group]
+                group = group_of_position[order[position]]
+                scale, zero = static[group]
             else:
                 group = group_of_position[position]
                 if position == bounds[group][0]:
-                    end = bounds[group][1]
+                    width = bounds[group][1] - position
                     # The group's weights as updated so far: in-block part from W1, the rest from W.
-                    current = torch.cat([W1[:, i:], W[:, block_end:]], dim=1)[:, : end - position]
-                    params = find_params(current, bits, symmetric, clip)
-            scale, zero = params
-            scales[:, group], zeros[:, group] = scale, zero
+                    current = torch.cat([W1[i:].T, W[:, block_end:]], dim=1)[:, :width]
+                    scale, zero = group_params[group] = find_params(current, bits, symmetric, clip)
             group_index[position] = group
-            w = W1[:, i]
-            d = Hinv1[i, i]
+            w = W1[i]
             q_codes = quantize(w[:, None], scale, zero, bits)[:, 0]
-            q = scale * (q_codes.float() - zero)
-            codes[:, position] = q_codes
-            loss += (w - q) ** 2 / d**2 / 2
-            err = (w - q) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, block_end:] -= Err1 @ Hinv[block_start:block_end, block_end:]
+            codes_t[position] = q_codes
+            err = (w - scale * (q_codes.float() - zero)) / Hinv1[i, i]
+            loss += err.square() / 2  # the OBS loss (w - q)^2 / [H^-1]_jj^2 / 2 of the paper
+            W1[i:] -= Hinv1[i, i:, None] * err[None, :]
+            Err1[i] = err
+        W[:, block_end:] -= Err1.T @ Hinv[block_start:block_end, block_end:]
 
+    scales = torch.stack([group_params[g][0] for g in range(len(bounds))], dim=1)
+    zeros = torch.stack([group_params[g][1] for g in range(len(bounds))], dim=1)
+    codes = codes_t.T
     inverse = torch.argsort(perm)
-    codes = codes[:, inverse]
+    codes = codes[:, inverse].contiguous()
     g_idx = group_index[inverse]
     trivial = torch.equal(g_idx.cpu(), torch.tensor(group_of_position, dtype=torch.int32))
     quantized = QuantizedWeight(
