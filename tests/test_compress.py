@@ -156,3 +156,18 @@ def test_cli_compress_rejects_a_bad_recipe_before_loading(capsys, tmp_path):
     bad.write_text("stages:\n  - method: gptq\n    bits: 1\n")
     assert main(["compress", "--model", "nowhere", "--recipe", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bits must be between 2 and 8" in capsys.readouterr().err
+
+
+def test_float_storage_rounds_in_memory_and_halves_the_float_part_on_disk(tmp_path):
+    from slimlm.eval.efficiency import disk_bytes
+
+    plain, rounded = tiny_model("llama"), tiny_model("llama")
+    compress(plain, recipe("rtn"))
+    compress(rounded, {**recipe("rtn"), "float_storage": "bfloat16"})
+    embedding = rounded.model.embed_tokens.weight
+    assert embedding.dtype == torch.float32 and torch.equal(embedding, embedding.bfloat16().float())
+    assert disk_bytes(rounded) < 0.75 * disk_bytes(plain)
+    save(rounded, tmp_path / "q")
+    reloaded, _ = load(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(rounded(PROBE).logits, reloaded(PROBE).logits)

@@ -66,3 +66,18 @@ def random_model(real_model):
 def test_random_model_of_the_same_shape_is_at_chance(random_model, tokenizer, data_dir, task, limit, metric):
     result = evaluate_task(random_model, tokenizer, task, data_dir, limit)
     assert abs(result[metric] - result["chance"]) < _three_sigma(result["chance"], limit), result
+
+
+def test_a_4bit_checkpoint_is_at_most_0_3x_the_float32_file(real_model, tmp_path):
+    """Scales and zero points included; the parameters left in float are stored as bfloat16 values."""
+    import copy
+
+    from slimlm.compress import compress
+    from slimlm.eval.efficiency import disk_bytes
+    from slimlm.export.native import model_bytes, save
+
+    float_bytes = disk_bytes(real_model.model)
+    model = copy.deepcopy(real_model.model)
+    compress(model, {"stages": [{"method": "rtn", "bits": 4, "group_size": 64}], "float_storage": "bfloat16"})
+    quantized_bytes = model_bytes(save(model, tmp_path / "w4g64", real_model.tokenizer))
+    assert quantized_bytes <= 0.3 * float_bytes, (quantized_bytes, float_bytes)

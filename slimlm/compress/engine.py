@@ -235,12 +235,22 @@ def compress(
             if inputs is not None and index + 1 < len(adapter):
                 next_hidden = next_hidden if next_hidden is not None else run_block(block, inputs)
                 inputs = BlockInputs(next_hidden, inputs.args, inputs.kwargs)
+    if recipe.float_storage != "float32":
+        round_float_parameters_(model, getattr(torch, recipe.float_storage))
     model.train(was_training)
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device.type == "cuda":
         report.peak_device_bytes = torch.cuda.max_memory_allocated(device)
     return report
+
+
+@torch.no_grad()
+def round_float_parameters_(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every wider float parameter to the values of `dtype` (keeping its own dtype)."""
+    for tensor in model.parameters():
+        if tensor.is_floating_point() and tensor.element_size() > torch.finfo(dtype).bits // 8:
+            tensor.copy_(tensor.to(dtype).to(tensor.dtype))
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

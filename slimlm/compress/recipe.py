@@ -153,6 +153,10 @@ METHODS = ("rtn", "gptq", "awq")
 class Recipe(StrictModel):
     stages: list[Stage] = Field(min_length=1)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    # Precision of the parameters no stage compresses (embedding, norms, LM head): rounded in memory
+    # after compression, so the saved checkpoint stores them in that dtype and is still exactly the
+    # model that was evaluated.
+    float_storage: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @property
     def needs_calibration(self) -> bool:

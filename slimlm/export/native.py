@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_safetensors_model
-from safetensors.torch import save_model as save_safetensors_model
+from torch import nn
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import slimlm
@@ -66,7 +66,7 @@ def save(
             model.generation_config.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        save_safetensors_model(model, str(staging / WEIGHTS), metadata={"format": "pt", "producer": "slimlm"})
+        save_file(storage_state_dict(model), str(staging / WEIGHTS), metadata={"format": "pt", "producer": "slimlm"})
         section = {
             "format_version": FORMAT_VERSION,
             "slimlm_version": slimlm.__version__,
@@ -82,6 +82,37 @@ def save(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _alias_key(tensor: torch.Tensor) -> tuple:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+
+
+def narrowest_exact(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in bfloat16 or float16 when that holds every value exactly, else unchanged.
+
+    Lossless: a model whose float parameters were rounded (recipe `float_storage`) is stored at that
+    width; any other tensor keeps its dtype.
+    """
+    if tensor.dtype != torch.float32:
+        return tensor
+    for narrow in (torch.bfloat16, torch.float16):
+        candidate = tensor.to(narrow)
+        if torch.equal(candidate.to(tensor.dtype), tensor):
+            return candidate
+    return tensor
+
+
+def storage_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to write: tied aliases once, float tensors at their narrowest exact width."""
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        alias = _alias_key(tensor)
+        if alias in seen:
+            continue
+        seen.add(alias)
+        state[key] = narrowest_exact(tensor.detach()).contiguous()
+    return state
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:
@@ -111,14 +142,15 @@ def load(
     for name, meta in section["compressed_modules"].items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, QuantizedLinear.empty(meta).to(dtype))
-    missing, unexpected = load_safetensors_model(model, str(directory / WEIGHTS), strict=False)
-    # Non-persistent buffers (rotary tables) are rebuilt by the constructor; anything else is an error.
-    persistent = set(model.state_dict())
-    missing = [key for key in missing if key in persistent]
+    # load_state_dict copies into the model's tensors, widening narrowed floats back to their dtype.
+    missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS), strict=False)
+    model.tie_weights()
+    state = model.state_dict()
+    loaded = {_alias_key(state[key]) for key in state if key not in missing}
+    missing = [key for key in missing if _alias_key(state[key]) not in loaded]  # tied aliases are fine
     if missing or unexpected:
         raise SlimlmError(f"{directory / WEIGHTS} does not match its config: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
-    model.tie_weights()
     model.to(device).eval()
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():
