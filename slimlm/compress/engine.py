@@ -48,6 +48,10 @@ class _InputsCaptured(Exception):
     """Raised by the hook on the first block once its inputs are stored: the rest of the model is not needed."""
 
 
+class _InputsCollected(Exception):
+    """Raised inside a block once every module of interest has seen its input: the rest is not needed."""
+
+
 @dataclass
 class BlockInputs:
     """Calibration activations entering a block, one entry per batch of segments."""
@@ -88,6 +92,13 @@ class BlockContext:
         if self.inputs is None:
             raise SlimlmError("this method needs calibration data, but the run has none")
         return run_block(self.block, self.inputs)
+
+    def collect(self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> None:
+        """Pass (name, input) of each module to `sink` on every cached batch, running the block only as
+        far as the last of these modules needs (the MLP is skipped when only attention inputs are wanted)."""
+        if self.inputs is None:
+            raise SlimlmError("this method needs calibration data, but the run has none")
+        collect_block_inputs(self.block, self.inputs, modules, sink)
 
     def names_with_roles(self, roles: tuple[str, ...]) -> list[str]:
         return [name for name, role in self.targets.items() if role in roles]
@@ -260,15 +271,29 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.T if not isinstance(module, nn.Linear) else module.weight
 
 
-@contextmanager
-def collect_inputs(modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """While active, every forward of these modules passes (name, input) to `sink`."""
-    handles = [
-        module.register_forward_hook(lambda _m, args, _out, name=name: sink(name, args[0]))
-        for name, module in modules.items()
-    ]
+@torch.no_grad()
+def collect_block_inputs(
+    block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]
+) -> None:
+    """Run `block` on each input batch until every module has received its input (see BlockContext.collect)."""
+    pending: set[str] = set()
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            sink(name, args[0])
+            pending.discard(name)
+            if not pending:
+                raise _InputsCollected
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
     try:
-        yield
+        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            pending.update(modules)
+            try:
+                block(hidden, *args, **kwargs)
+            except _InputsCollected:
+                pass
     finally:
         for handle in handles:
             handle.remove()

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, collect_inputs, linear_weight
+from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
 from slimlm.compress.hessian import HessianAccumulator
 from slimlm.compress.recipe import GPTQStage
 from slimlm.errors import SlimlmError
@@ -164,8 +164,7 @@ def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionRepor
             continue
         modules = {name: context.module(name) for name in names}
         hessians = {name: HessianAccumulator(linear_weight(m).shape[1], device=context.device) for name, m in modules.items()}
-        with collect_inputs(modules, lambda name, x: hessians[name].add_batch(x)):
-            context.run()
+        context.collect(modules, lambda name, x: hessians[name].add_batch(x))
         for name, module in modules.items():
             start = time.perf_counter()
             quantized, loss = gptq_quantize(
