@@ -171,3 +171,19 @@ def test_float_storage_rounds_in_memory_and_halves_the_float_part_on_disk(tmp_pa
     reloaded, _ = load(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(rounded(PROBE).logits, reloaded(PROBE).logits)
+
+
+def test_adapter_metrics_and_cli_work_on_a_quantized_model(tmp_path, tokenizer, capsys):
+    from slimlm.eval.efficiency import count_parameters, flops_per_token
+    from slimlm.models.adapter import ModelAdapter
+
+    model, reference = tiny_model("llama", vocab_size=len(tokenizer)), tiny_model("llama", vocab_size=len(tokenizer))
+    compress(model, recipe("rtn"))
+    assert len(ModelAdapter(model).linear_layers()) == 14
+    assert count_parameters(model) == count_parameters(reference)  # logical parameters
+    assert flops_per_token(model, 64) == flops_per_token(reference, 64)
+    with pytest.raises(SlimlmError, match="already compressed"):
+        compress(model, recipe("rtn"))
+    save(model, tmp_path / "q", tokenizer)
+    assert main(["info", "--model", str(tmp_path / "q")]) == 0
+    assert "| parameters |" in capsys.readouterr().out

@@ -266,9 +266,12 @@ def round_float_parameters_(model: nn.Module, dtype: torch.dtype) -> None:
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The (out, in) weight of a linear, whichever way it is stored (GPT-2's Conv1D keeps (in, out))."""
+    if getattr(module, "is_compressed_linear", False):
+        raise SlimlmError(f"{type(module).__name__} is already compressed by an earlier stage: "
+                          "give the stages disjoint targets, or quantize last")
     if not is_linear(module):
-        raise SlimlmError(f"{type(module).__name__} is not a linear layer (already compressed by an earlier stage?)")
-    return module.weight.T if not isinstance(module, nn.Linear) else module.weight
+        raise SlimlmError(f"{type(module).__name__} is not a linear layer")
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
 
 
 @torch.no_grad()

@@ -65,8 +65,9 @@ NORM_WEIGHT_OFFSET: dict[str, float] = {"gemma": 1.0, "gemma2": 1.0, "gemma3": 1
 
 
 def is_linear(module: nn.Module) -> bool:
-    """A weight matrix applied to the hidden state: nn.Linear, or GPT-2's transposed Conv1D."""
-    return isinstance(module, (nn.Linear, Conv1D))
+    """A weight matrix applied to the hidden state: nn.Linear, GPT-2's transposed Conv1D, or a
+    compressed replacement (a module that declares `is_compressed_linear = True`)."""
+    return isinstance(module, (nn.Linear, Conv1D)) or getattr(module, "is_compressed_linear", False)
 
 
 def is_norm(module: nn.Module) -> bool:
@@ -77,7 +78,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear, whichever way its weight is stored."""
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
+    return module.in_features, module.out_features  # nn.Linear and compressed linears
 
 
 @dataclass

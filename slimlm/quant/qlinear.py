@@ -72,6 +72,8 @@ def _parse_dtype(name: str) -> torch.dtype:
 class QuantizedLinear(nn.Module):
     """y = x @ W.T + b with W held as packed codes; see the module docstring for paths and buffers."""
 
+    is_compressed_linear = True  # the architecture adapter treats it as the linear it replaces
+
     def __init__(
         self,
         in_features: int,

@@ -1,0 +1,278 @@
+"""Weight-only quantization of SmolLM2-135M: RTN, GPTQ (with and without act-order), AWQ, llm-compressor.
+
+Writes `benchmarks/results/quant_weight_only.{json,md}`. Every slimlm job runs in its own process
+(so peak memory is that job's own); finished jobs are kept in a progress file, so an interrupted
+run resumes (delete `benchmarks/results/.quant_weight_only.partial.json` to start over).
+
+    python benchmarks/quant_weight_only.py --data-dir ../shared/data            # everything
+    python benchmarks/quant_weight_only.py --data-dir ../shared/data --quick    # minutes: checks the script
+
+Protocol (recorded in the results): calibration 128 segments x 512 tokens from C4 documents 0-999
+(seed 0), the same token tensors for slimlm and llm-compressor; WikiText-2 test perplexity and KL
+divergence from float32 at seqlen 512 over the first 40 windows (the protocol of the peer-tool
+reference numbers); C4 documents 1000-1999 perplexity, same windows; PIQA, ARC-Easy and HellaSwag
+on their first `--limit` examples. Note the default model's weights lie on a 4-bit asymmetric
+group-32 grid (Q4_1), so W4 g32 asymmetric would be lossless: it is not among the configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PEERS = Path(__file__).resolve().parent / "peers"
+CONFIGS = {  # name -> (bits, group size)
+    "W4 g64": (4, 64), "W3 g64": (3, 64), "W4 per-channel": (4, "channel"), "W2 g32": (2, 32),
+    "W4 g128": (4, 128),  # 576 = 4 x 128 + 64: a shorter last group
+}
+METHODS = {
+    "RTN": {"method": "rtn"},
+    "GPTQ": {"method": "gptq"},
+    "GPTQ act-order": {"method": "gptq", "act_order": True},
+    "AWQ": {"method": "awq"},
+}
+PEER_SCHEMES = {"W4 g64": "W4G64", "W3 g64": "W3G64", "W4 per-channel": "W4CH", "W2 g32": "W2G32", "W4 g128": "W4G128"}
+ZERO_SHOT = ("piqa", "arc_easy", "hellaswag")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--limit", type=int, default=200, help="first N examples of each zero-shot task")
+    parser.add_argument("--quick", action="store_true", help="tiny protocol, to check the script")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
+    parser.add_argument("--out", default=str(RESULTS / "quant_weight_only"))
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one slimlm job and print its JSON
+    return parser.parse_args()
+
+
+def protocol(args: argparse.Namespace) -> dict:
+    quick = args.quick
+    return {
+        "calibration": {"corpus": "c4 docs 0-999", "samples": 8 if quick else 128, "seqlen": 128 if quick else 512,
+                        "seed": 0},
+        "perplexity": {"seqlen": 512, "max_windows": 2 if quick else 40},
+        "zero_shot": {"tasks": list(ZERO_SHOT), "limit": 10 if quick else args.limit},
+        "speed": {"prompt_tokens": 32, "new_tokens": 8 if quick else 32, "repeats": 1 if quick else 3},
+    }
+
+
+# ---- one slimlm job (runs in a child process) ------------------------------------------------
+
+
+def run_job(spec: dict) -> dict:
+    import torch
+
+    from slimlm.compress import compress
+    from slimlm.eval.kl import kl_divergence
+    from slimlm.eval.perplexity import perplexity
+    from slimlm.eval.zeroshot import evaluate_task
+    from slimlm.export.native import model_bytes, save
+    from slimlm.models.loading import load_model
+
+    proto, data_dir = spec["protocol"], spec["data_dir"]
+    torch.manual_seed(0)
+    lm = load_model("smollm2-135m")
+    model, tokenizer = lm.model, lm.tokenizer
+    result = {"config": spec["config"], "method": spec["method"]}
+    if spec["stage"] is not None:
+        calibration = torch.load(spec["calibration"], weights_only=True)
+        start = time.perf_counter()
+        compress(model, {"stages": [spec["stage"]], "calibration": {"batch_size": 8}}, calibration=calibration)
+        result["compression_seconds"] = time.perf_counter() - start
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with tempfile.TemporaryDirectory() as directory:
+        result["disk_bytes"] = model_bytes(save(model, Path(directory) / "m", tokenizer))
+    windows = proto["perplexity"]
+    reference = load_model("smollm2-135m").model if spec["stage"] is not None else model
+    kl = kl_divergence(model, reference, tokenizer, "wikitext2", windows["seqlen"], windows["max_windows"], data_dir)
+    del reference
+    result.update(wikitext2_ppl=kl.ppl, kl_mean=kl.kl_mean, top1_agreement=kl.top1_agreement)
+    result["c4_ppl"] = perplexity(model, tokenizer, "c4", windows["seqlen"], windows["max_windows"], data_dir).ppl
+    for task in proto["zero_shot"]["tasks"]:
+        scores = evaluate_task(model, tokenizer, task, data_dir, proto["zero_shot"]["limit"])
+        result[f"{task}_acc_norm" if task != "arc_easy" else "arc_easy_acc"] = (
+            scores["acc"] if task == "arc_easy" else scores["acc_norm"])
+    if spec.get("speed"):
+        result.update(_decode_speed(model, proto["speed"]))
+    return result
+
+
+def _decode_speed(model, speed: dict) -> dict:
+    """Decode tokens/s: the quantized model in bfloat16 through the int4 kernel, against dense float32."""
+    import copy
+
+    import torch
+
+    from slimlm.eval.efficiency import measure_latency
+    from slimlm.models.loading import load_model
+    from slimlm.quant.qlinear import QuantizedLinear
+
+    def decode(m) -> float:
+        return measure_latency(m, speed["prompt_tokens"], speed["new_tokens"], 1, speed["repeats"]).decode_tokens_per_s
+
+    quantized = copy.deepcopy(model).to(torch.bfloat16)
+    decode(quantized)
+    kernel = {m.last_path for m in quantized.modules() if isinstance(m, QuantizedLinear)}
+    dense = load_model("smollm2-135m").model
+    return {"decode_tokens_per_s_int4_bf16": decode(quantized), "decode_path": ",".join(sorted(kernel)),
+            "decode_tokens_per_s_float32": decode(dense),
+            "decode_tokens_per_s_bfloat16_dense": decode(dense.to(torch.bfloat16))}
+
+
+# ---- the driver ------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = parse_args()
+    if args.job:
+        print("RESULT " + json.dumps(run_job(json.loads(args.job))), flush=True)
+        return
+    from slimlm.results import atomic_write_text, library_versions, machine_info, utc_now, write_results
+
+    proto = protocol(args)
+    out = Path(args.out)
+    progress_file = out.parent / f".{out.name}{'.quick' if args.quick else ''}.partial.json"
+    done = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+    tokens = _token_files(args, proto)
+
+    def record(key: str, compute) -> dict:
+        if key not in done:
+            start = time.perf_counter()
+            done[key] = compute()
+            done[key]["job_seconds"] = round(time.perf_counter() - start, 1)
+            atomic_write_text(progress_file, json.dumps(done, indent=1))
+            print(f"[{utc_now()}] {key}: {json.dumps(done[key])}", flush=True)
+        return done[key]
+
+    configs = [c.strip() for c in args.configs.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    rows = [record("float32", lambda: _child(args, proto, tokens, "float32", "-", None))]
+    for config in configs:
+        bits, group = CONFIGS[config]
+        for method in methods:
+            stage = {**METHODS[method], "bits": bits, "group_size": group}
+            speed = config == "W4 g64" and method == "RTN"
+            rows.append(record(f"{config}/{method}", lambda c=config, m=method, s=stage, f=speed:
+                               _child(args, proto, tokens, c, m, s, f)))
+        if not args.no_peer:
+            for algo in ("rtn", "gptq"):
+                rows.append(record(f"{config}/llm-compressor {algo}", lambda c=config, a=algo:
+                                   _peer(args, tokens, c, a)))
+    command = shlex.join(["python", "benchmarks/quant_weight_only.py", *sys.argv[1:]])
+    result = {"model": "smollm2-135m", "protocol": proto, "rows": rows, "machine": machine_info(),
+              "versions": library_versions(), "date": utc_now(), "command": command}
+    write_results(out, [result], _tables(rows), preamble=_preamble(result))
+    print(out.with_suffix(".md").read_text())
+
+
+def _child(args, proto, tokens: dict, config: str, method: str, stage: dict | None, speed: bool = False) -> dict:
+    spec = {"protocol": proto, "data_dir": args.data_dir, "config": config, "method": method, "stage": stage,
+            "calibration": tokens["calib_pt"], "speed": speed}
+    done = subprocess.run([sys.executable, __file__, "--data-dir", args.data_dir, "--job", json.dumps(spec)],
+                          capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"job {config}/{method} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def _token_files(args, proto) -> dict:
+    """Calibration segments and evaluation windows, written once so both tools read the same tokens."""
+    import torch
+    from safetensors.torch import save_file
+
+    from slimlm.data.calibration import calibration_samples, tokenize_corpus
+    from slimlm.data.corpora import load_corpus
+    from slimlm.eval.perplexity import token_windows
+    from slimlm.models.loading import gguf_to_directory, embedded_gguf_path, load_model
+
+    directory = Path(tempfile.gettempdir()) / f"slimlm-quant-bench{'-quick' if args.quick else ''}"
+    directory.mkdir(exist_ok=True)
+    paths = {"calib_pt": directory / "calib.pt", "calib": directory / "calib.safetensors",
+             "eval": directory / "eval.safetensors", "model_dir": gguf_to_directory(embedded_gguf_path("smollm2-135m"))}
+    if not paths["eval"].is_file():
+        tokenizer = load_model("smollm2-135m").tokenizer
+        c = proto["calibration"]
+        calibration = calibration_samples(tokenizer, "c4", c["samples"], c["seqlen"], c["seed"], args.data_dir)
+        torch.save(calibration, paths["calib_pt"])
+        save_file({"input_ids": calibration.contiguous()}, str(paths["calib"]))
+        p = proto["perplexity"]
+        ids = tokenize_corpus(tokenizer, load_corpus("wikitext2", "eval", args.data_dir))
+        save_file({"input_ids": token_windows(ids, p["seqlen"], p["max_windows"]).contiguous()}, str(paths["eval"]))
+    return {key: str(value) for key, value in paths.items()}
+
+
+def _peer(args, tokens: dict, config: str, algo: str) -> dict:
+    python = PEERS / ".venv-llmcompressor" / "bin" / "python"
+    if not python.is_file():
+        subprocess.run(["bash", str(PEERS / "setup_llmcompressor.sh")], check=True)
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "result.json"
+        subprocess.run([str(python), str(PEERS / "llmcompressor_run.py"), "--model", tokens["model_dir"],
+                        "--calib", tokens["calib"], "--eval", tokens["eval"], "--scheme", PEER_SCHEMES[config],
+                        "--algo", algo, "--asymmetric", "--out", str(out)], capture_output=True, text=True)
+        if not out.is_file():
+            raise RuntimeError(f"llm-compressor {config}/{algo} wrote no result")
+        peer = json.loads(out.read_text())
+    return {"config": config, "method": f"llm-compressor {algo}", "status": peer["status"],
+            "wikitext2_ppl": peer.get("ppl"), "compression_seconds": peer.get("compression_seconds"),
+            "peak_rss_bytes": peer.get("peak_rss_bytes"), "error": (peer.get("error") or "")[:200] or None,
+            "versions": peer.get("versions")}
+
+
+def _preamble(result: dict) -> str:
+    p, m = result["protocol"], result["machine"]
+    return (
+        f"# Weight-only quantization: {result['model']}\n\n"
+        f"Command: `{result['command']}`  \nMachine: {m['cpu']}, {m['cores']} cores; torch "
+        f"{result['versions']['torch']}, transformers {result['versions']['transformers']}  \nDate: {result['date']}\n\n"
+        f"Calibration: {p['calibration']['samples']} x {p['calibration']['seqlen']} tokens of {p['calibration']['corpus']}, "
+        f"seed {p['calibration']['seed']} (identical tokens for llm-compressor). Perplexity: token perplexity, "
+        f"GPTQ protocol, seqlen {p['perplexity']['seqlen']}, first {p['perplexity']['max_windows']} windows "
+        f"(WikiText-2 test; C4 docs 1000-1999). KL: mean KL(float32 || quantized) over the same WikiText-2 "
+        f"tokens. Zero-shot: first {p['zero_shot']['limit']} examples (PIQA and HellaSwag acc_norm, ARC-Easy acc). "
+        "All slimlm configurations are asymmetric; llm-compressor runs with --asymmetric, no act-order."
+    )
+
+
+def _tables(rows: list[dict]) -> str:
+    from slimlm.results import markdown_table
+
+    columns = ("config", "method", "wikitext2_ppl", "c4_ppl", "kl_mean", "top1_agreement", "piqa_acc_norm",
+               "arc_easy_acc", "hellaswag_acc_norm", "disk_bytes", "compression_seconds", "peak_rss_bytes")
+    quality = markdown_table(rows, columns)
+    ours = {(r["config"], r["method"]): r for r in rows}
+    peers = []
+    for r in rows:
+        if r["method"].startswith("llm-compressor"):
+            mine = ours.get((r["config"], r["method"].split()[-1].upper()))
+            ratio = (r["compression_seconds"] / mine["compression_seconds"]
+                     if mine and r.get("compression_seconds") and mine.get("compression_seconds") else None)
+            peers.append({"config": r["config"], "tool": r["method"], "status": r["status"],
+                          "ppl": r.get("wikitext2_ppl"), "slimlm_ppl": mine and mine.get("wikitext2_ppl"),
+                          "seconds": r.get("compression_seconds"),
+                          "slimlm_seconds": mine and mine.get("compression_seconds"), "time_ratio_peer_to_slimlm": ratio})
+    speed = [r for r in rows if "decode_tokens_per_s_float32" in r]
+    speed_cols = ("config", "method", "decode_path", "decode_tokens_per_s_int4_bf16", "decode_tokens_per_s_float32",
+                  "decode_tokens_per_s_bfloat16_dense")
+    parts = ["## Quality, size, time\n", quality]
+    if peers:
+        parts += ["\n## llm-compressor beside slimlm (same tokens, same windows)\n", markdown_table(peers)]
+    if speed:
+        parts += ["\n## Decode speed (batch 1)\n", markdown_table(speed, speed_cols)]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    main()
