@@ -538,3 +538,12 @@ def _median_us(function, repeats: int = 15) -> float:
         function()
         samples.append((time.perf_counter() - start) * 1e6)
     return sorted(samples)[len(samples) // 2]
+
+
+@pytest.mark.parametrize(("group_size", "symmetric"), [(64, False), (128, True), (None, False), (100, False)])
+def test_vectorised_group_fake_quantization_equals_quantize_weight(group_size, symmetric):
+    from slimlm.quant.grid import fake_quantize_groups
+
+    w = torch.randn(48, 576, generator=torch.Generator().manual_seed(0))
+    expected = quantize_weight(w, 3, group_size, symmetric).dequantize()
+    assert torch.allclose(fake_quantize_groups(w, 3, group_size, symmetric), expected, atol=1e-6)

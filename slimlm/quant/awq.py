@@ -42,7 +42,7 @@ from torch import nn
 from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, block_output, linear_weight
 from slimlm.compress.recipe import AWQStage
 from slimlm.compress.transforms import divide_norm_, divide_output_channels_, multiply_input_channels_
-from slimlm.quant.grid import fake_quantize, find_params, group_bounds, quantize_weight
+from slimlm.quant.grid import fake_quantize, fake_quantize_groups, find_params, group_bounds, quantize_weight
 from slimlm.quant.qlinear import QuantizedLinear
 
 NO_CLIP_ROLES = ("q", "k", "qkv")  # q and k meet in a bilinear product: clipping them is unreliable
@@ -79,7 +79,7 @@ def awq_block(context: BlockContext, stage: AWQStage, report: CompressionReport)
     context.next_inputs = outputs  # AWQ calibrates the next block on float outputs
 
     def pseudo_quantize(weight: torch.Tensor) -> torch.Tensor:
-        return quantize_weight(weight, stage.bits, stage.group_columns, stage.symmetric).dequantize()
+        return fake_quantize_groups(weight, stage.bits, stage.group_columns, stage.symmetric)
 
     for group in _scaling_groups(context, block, names, mlp is not None):
         inspect = _inspector(group.inspect, attention, mlp, context, attention_calls, mlp_inputs, linear_inputs)

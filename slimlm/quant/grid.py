@@ -220,6 +220,25 @@ def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     return ((q - zero) * scale).to(w.dtype)
 
 
+def fake_quantize_groups(w: Tensor, bits: int, group_size: int | None, symmetric: bool) -> Tensor:
+    """Min-max round-to-nearest of a whole (out, in) weight, dequantized: the same values as
+    quantize_weight(w, ...).dequantize() for the integer grid, vectorised over groups (AWQ's searches
+    call it many times)."""
+    rows, columns = w.shape
+    size = columns if group_size is None else min(group_size, columns)
+    full = columns - columns % size
+
+    def per_group(part: Tensor, width: int) -> Tensor:
+        flat = part.reshape(-1, width)
+        scale, zero = find_params(flat, bits, symmetric)
+        return fake_quantize(flat.float(), scale, zero, bits).reshape(part.shape)
+
+    pieces = [per_group(w[:, :full], size)]
+    if full < columns:  # the shorter last group
+        pieces.append(per_group(w[:, full:], columns - full))
+    return torch.cat(pieces, dim=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Floating-point grids
 # ----------------------------------------------------------------------------------------------
