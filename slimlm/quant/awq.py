@@ -142,13 +142,13 @@ def _scaling_groups(context: BlockContext, block, names: dict[str, str], has_mlp
     attention_layers = [names[r] for r in ("q", "k", "v", "qkv") if r in names]
     groups.append(ScalingGroup(block.norms["attn_norm"], True, attention_layers, "attention"))
     if "v" in names:
-        v_out, o_in = linear_weight(block.linears["v"]).shape[0], linear_weight(block.linears["o"]).shape[1]
-        if v_out == o_in:  # multi-head attention: o reads v's channels one to one
-            groups.append(ScalingGroup(block.linears["v"], False, [names["o"]], names["o"]))
+        v, o = context.module(names["v"]), context.module(names["o"])  # the live modules, not the adapter's snapshot
+        if linear_weight(v).shape[0] == linear_weight(o).shape[1]:  # multi-head attention: o reads v one to one
+            groups.append(ScalingGroup(v, False, [names["o"]], names["o"]))
     mlp_layers = [names[r] for r in ("gate", "up") if r in names]
     groups.append(ScalingGroup(block.norms["mlp_norm"], True, mlp_layers, "mlp" if has_mlp_module else names["up"]))
     if "gate" in names or _activation_is_relu(context, block):
-        groups.append(ScalingGroup(block.linears["up"], False, [names["down"]], names["down"]))
+        groups.append(ScalingGroup(context.module(names["up"]), False, [names["down"]], names["down"]))
     return groups
 
 
