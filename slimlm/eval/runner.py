@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimlm.data.corpora import CORPORA, is_user_corpus
-from slimlm.data.tasks import ZERO_SHOT_TASKS
+from slimlm.data.tasks import LM_EVAL_METRICS, ZERO_SHOT_TASKS
 from slimlm.errors import SlimlmError
 from slimlm.eval.kl import kl_divergence
 from slimlm.eval.perplexity import perplexity
@@ -80,7 +80,8 @@ def _perplexity_rows(model, tokenizer, name: str, settings: EvalSettings, refere
 def _zero_shot_rows(model, tokenizer, name: str, settings: EvalSettings) -> list[dict]:
     result = evaluate_task(model, tokenizer, name, settings.data_dir, settings.limit, settings.batch_size)
     protocol = "0-shot, " + ("all examples" if settings.limit is None else f"first {result['n']} examples")
-    metrics = ("acc", "ppl") if name == "lambada" else ("acc", "acc_norm")
+    # The metrics lm-eval reports for this task ("perplexity" is our "ppl").
+    metrics = [{"perplexity": "ppl"}.get(m, m) for m in LM_EVAL_METRICS[name]]
     return [
         _row(name, metric, result[metric], result.get(f"{metric}_stderr"), result["n"], protocol, result)
         for metric in metrics
