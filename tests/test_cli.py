@@ -61,3 +61,12 @@ def test_info_and_bench(tiny_dir, capsys):
                  "--repeats", "1", "--peak-flops", "1e10"]) == 0
     printed = capsys.readouterr().out
     assert "decode_tokens_per_s" in printed and printed.count("\n| ") >= 2
+
+
+def test_zero_shot_rows_follow_lm_eval_metrics(tiny_dir, data_dir, capsys):
+    assert main(["eval", "--model", tiny_dir, "--tasks", "boolq,piqa,lambada", "--limit", "3",
+                 "--data-dir", str(data_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "| boolq | acc |" in printed and "| boolq | acc_norm |" not in printed
+    assert "| piqa | acc |" in printed and "| piqa | acc_norm |" in printed
+    assert "| lambada | ppl |" in printed and "| lambada | acc |" in printed
