@@ -140,7 +140,8 @@ def _preamble(record: dict) -> str:
         "Perplexity is token perplexity with the GPTQ protocol (documents joined with a blank line, "
         "non-overlapping windows, remainder dropped); C4 is documents 1000-1999 of the local 2k validation "
         "sample, not the GPTQ C4 subset. Zero-shot metrics follow lm-evaluation-harness definitions "
-        "(acc, length-normalised acc_norm), 0-shot."
+        "(acc, length-normalised acc_norm), 0-shot. The `seconds` columns are the wall time each section took "
+        "as run (other work may have shared the 2 cores), not speed measurements: the Speed section is."
     )
 
 
