@@ -201,7 +201,7 @@ def _token_files(args, proto) -> dict:
     directory.mkdir(exist_ok=True)
     paths = {"calib_pt": directory / "calib.pt", "calib": directory / "calib.safetensors",
              "eval": directory / "eval.safetensors", "model_dir": gguf_to_directory(embedded_gguf_path("smollm2-135m"))}
-    if not paths["eval"].is_file():
+    if not all(paths[key].is_file() for key in ("calib_pt", "calib", "eval")):
         tokenizer = load_model("smollm2-135m").tokenizer
         c = proto["calibration"]
         calibration = calibration_samples(tokenizer, "c4", c["samples"], c["seqlen"], c["seed"], args.data_dir)
