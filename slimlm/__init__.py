@@ -3,6 +3,8 @@
     import slimlm
     lm = slimlm.load_model("smollm2-135m")
     rows = slimlm.evaluate(lm.model, lm.tokenizer, "pydoc,piqa", slimlm.EvalSettings(seqlen=512, limit=100))
+    report = slimlm.compress(lm.model, "rtn-w4g64")
+    slimlm.save(lm.model, "./w4g64", lm.tokenizer)
 """
 
 __version__ = "0.1.0"
@@ -10,5 +12,8 @@ __version__ = "0.1.0"
 from slimlm.errors import SlimlmError  # noqa: E402
 from slimlm.eval import EvalSettings, evaluate, kl_divergence, perplexity  # noqa: E402
 from slimlm.models import ModelAdapter, load_model  # noqa: E402
+from slimlm.compress import compress  # noqa: E402  (the function shadows the subpackage name on purpose)
+from slimlm.export.native import load, save  # noqa: E402
 
-__all__ = ["EvalSettings", "ModelAdapter", "SlimlmError", "evaluate", "kl_divergence", "load_model", "perplexity"]
+__all__ = ["EvalSettings", "ModelAdapter", "SlimlmError", "compress", "evaluate", "kl_divergence", "load",
+           "load_model", "perplexity", "save"]

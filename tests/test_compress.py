@@ -187,3 +187,13 @@ def test_adapter_metrics_and_cli_work_on_a_quantized_model(tmp_path, tokenizer, 
     save(model, tmp_path / "q", tokenizer)
     assert main(["info", "--model", str(tmp_path / "q")]) == 0
     assert "| parameters |" in capsys.readouterr().out
+
+
+def test_top_level_python_api():
+    import slimlm
+    import slimlm.compress.engine  # importing a submodule must not rebind the function
+
+    model = tiny_model("llama")
+    report = slimlm.compress(model, "rtn-w4g32")
+    assert callable(slimlm.compress) and len(report.layers) == 14
+    assert callable(slimlm.save) and callable(slimlm.load)
