@@ -193,7 +193,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.data.calibration import calibration_samples
     from slimlm.eval.efficiency import count_parameters, disk_bytes, memory_bytes
     from slimlm.eval.runner import EvalSettings, evaluate, parse_tasks
-    from slimlm.export.native import model_bytes, save
+    from slimlm.export.native import model_bytes, refuse_non_empty, save
 
     recipe = load_recipe(args.recipe)
     overrides = {"corpus": args.calib_corpus, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
@@ -203,7 +203,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
             setattr(recipe.calibration, key, value)
     tasks = parse_tasks(args.eval_tasks) if args.eval_tasks else []
     settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir)
-    _refuse_existing_output(args.out, args.overwrite)
+    refuse_non_empty(args.out, args.overwrite)
     loaded = _load(args.model, args)
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter, selections = validate_recipe_for_model(model, recipe)  # bad targets or groups fail before any work
@@ -213,7 +213,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
 
         widths = {name: linear_shape(m)[0] for name, m in adapter.linear_layers().items()}
         check_recipe_exportable(recipe, widths, selections)
-        _refuse_existing_output(args.export_ct, False)
+        refuse_non_empty(args.export_ct)
     calibration = None
     if recipe.needs_calibration:
         c = recipe.calibration
@@ -239,14 +239,6 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
                "export_ct": args.export_ct}
     record = make_record(args.model, str(args.recipe), protocol, metrics)
     return record, _compress_table(args, before, after, sizes, report)
-
-
-def _refuse_existing_output(out: str, overwrite: bool) -> None:
-    from pathlib import Path
-
-    path = Path(out).expanduser()
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise SlimlmError(f"{path} exists and is not empty: choose another --out or pass --overwrite")
 
 
 def _compress_table(args, before: list[dict], after: list[dict], sizes: dict, report) -> str:

@@ -32,8 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -43,6 +41,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimlm.errors import SlimlmError
+from slimlm.export.native import save_extras, atomic_directory
 from slimlm.quant.packing import pack
 from slimlm.quant.qlinear import QuantizedLinear
 
@@ -153,22 +152,8 @@ def _quantization_config(model: PreTrainedModel, quantized: dict[str, QuantizedL
 
 
 def _write(directory, tensors, config: dict, model: PreTrainedModel, tokenizer) -> Path:
-    target = Path(directory).expanduser()
-    if target.exists() and any(target.iterdir()):
-        raise SlimlmError(f"{target} exists and is not empty: choose another export directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(directory) as staging:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt", "producer": "slimlm"})
         (staging / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if target.exists():
-            target.rmdir()
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+        save_extras(staging, model, tokenizer)
+    return Path(directory).expanduser()

@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -54,18 +56,9 @@ def save(
     overwrite: bool = False,
 ) -> Path:
     """Save a (compressed) model as a slimlm checkpoint directory; returns the directory."""
-    target = Path(directory).expanduser()
-    if target.exists() and not overwrite:
-        if any(target.iterdir()):
-            raise SlimlmError(f"{target} exists and is not empty: choose another --out or pass overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(directory, overwrite) as staging:
         model.config.save_pretrained(staging)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        save_extras(staging, model, tokenizer)
         save_file(storage_state_dict(model), str(staging / WEIGHTS), metadata={"format": "pt", "producer": "slimlm"})
         section = {
             "format_version": FORMAT_VERSION,
@@ -77,11 +70,38 @@ def save(
             "recipe": recipe,
         }
         (staging / SLIMLM_CONFIG).write_text(json.dumps(section, indent=2) + "\n")
+    return Path(directory).expanduser()
+
+
+def refuse_non_empty(directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """The target directory, or an error if it holds files and `overwrite` is off (checked before any work)."""
+    target = Path(directory).expanduser()
+    if not overwrite and target.exists() and any(target.iterdir()):
+        raise SlimlmError(f"{target} exists and is not empty: choose another output directory or pass --overwrite")
+    return target
+
+
+@contextmanager
+def atomic_directory(directory: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling to fill; on success it replaces `directory`, on failure it is removed,
+    so an interrupted write never leaves a half-written checkpoint."""
+    target = refuse_non_empty(directory, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
         _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
+
+
+def save_extras(staging: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Generation config and tokenizer files beside the weights, when there are any."""
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
 
 
 def _alias_key(tensor: torch.Tensor) -> tuple:
