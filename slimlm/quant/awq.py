@@ -99,8 +99,7 @@ def awq_block(context: BlockContext, stage: AWQStage, report: CompressionReport)
             max_val = search_clip(weight.detach().float(), linear_inputs[name], stage)
             weight.copy_(_clamp_groups(weight.float(), max_val, stage.group_columns).to(weight.dtype))
         quantized = quantize_weight(weight.detach().float(), stage.bits, stage.group_columns, stage.symmetric)
-        bias = module.bias.detach() if module.bias is not None else None
-        context.replace(name, QuantizedLinear.from_quantized(quantized, bias).to(module.weight.dtype))
+        context.replace(name, QuantizedLinear.replacing(module, quantized))
     seconds = (time.perf_counter() - start) / max(1, len(context.targets))
     report.layers += [LayerReport(name, "awq", seconds) for name in context.targets]
 

@@ -172,6 +172,5 @@ def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionRepor
                 stage.group_columns, stage.symmetric, stage.dampening, stage.block_size, stage.act_order,
                 stage.static_groups, stage.clip, per_tensor=stage.granularity == "tensor",
             )
-            bias = module.bias.detach() if module.bias is not None else None
-            context.replace(name, QuantizedLinear.from_quantized(quantized, bias).to(module.weight.dtype))
+            context.replace(name, QuantizedLinear.replacing(module, quantized))
             report.layers.append(LayerReport(name, "gptq", time.perf_counter() - start, loss))

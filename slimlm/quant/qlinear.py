@@ -133,6 +133,12 @@ class QuantizedLinear(nn.Module):
         return layer
 
     @classmethod
+    def replacing(cls, module: nn.Module, qw: QuantizedWeight) -> QuantizedLinear:
+        """The quantized stand-in for a float linear: its bias kept, its dtype for the float buffers."""
+        bias = module.bias.detach() if module.bias is not None else None
+        return cls.from_quantized(qw, bias).to(module.weight.dtype)
+
+    @classmethod
     def empty(cls, meta: dict) -> QuantizedLinear:
         """A layer with zero-filled buffers of the shapes `meta` describes, ready for load_state_dict."""
         version = meta.get("version")

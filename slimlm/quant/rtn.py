@@ -24,6 +24,5 @@ def rtn_block(context: BlockContext, stage: RTNStage, report: CompressionReport)
             weight, stage.bits, stage.group_columns, stage.symmetric, clip=stage.clip, granularity=stage.granularity
         )
         error = float((quantized.dequantize() - weight).pow(2).sum())
-        bias = module.bias.detach() if module.bias is not None else None
-        context.replace(name, QuantizedLinear.from_quantized(quantized, bias).to(module.weight.dtype))
+        context.replace(name, QuantizedLinear.replacing(module, quantized))
         report.layers.append(LayerReport(name, "rtn", time.perf_counter() - start, error))
