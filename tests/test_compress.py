@@ -6,7 +6,11 @@ import yaml
 
 from slimlm.cli import main
 from slimlm.compress import compress, load_recipe
-from slimlm.compress.hessian import HessianAccumulator
+import sys
+
+from slimlm.compress.engine import ResidualMlp
+from slimlm.compress.hessian import HessianAccumulator, SharedHessians
+from slimlm.models.adapter import ModelAdapter
 from slimlm.compress.presets import PRESETS
 from slimlm.errors import SlimlmError
 from slimlm.export.native import load, save
@@ -43,6 +47,29 @@ def test_awq_keeps_the_float_function_before_rounding():
         assert torch.allclose(model(PROBE).logits, reference(PROBE).logits, atol=2e-2)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "opt"])
+def test_awq_float16_search_matches_the_float32_search(family):
+    errors = {}
+    reference = tiny_model(family)
+    for dtype in ("float32", "float16"):
+        model = tiny_model(family)
+        compress(model, recipe("awq", bits=3, search_dtype=dtype), calibration=CALIBRATION)
+        with torch.no_grad():
+            errors[dtype] = float((model(PROBE).logits - reference(PROBE).logits).pow(2).mean())
+    assert errors["float16"] == pytest.approx(errors["float32"], rel=0.05)
+
+
+def test_awq_falls_back_to_float32_where_float16_overflows():
+    results = []
+    for dtype in ("float32", "float16"):
+        model = tiny_model("llama")
+        with torch.no_grad():  # MLP outputs beyond float16's range (65504); the model stays finite in float32
+            model.model.layers[0].mlp.down_proj.weight.mul_(1e6)
+        compress(model, recipe("awq", bits=4, search_dtype=dtype), calibration=CALIBRATION)
+        results.append(model.model.layers[0].mlp.down_proj.scale.clone())
+    assert torch.equal(results[0], results[1])
+
+
 def test_gptq_beats_rtn_on_a_tiny_model_output():
     reference = tiny_model("llama")
     errors = {}
@@ -65,6 +92,57 @@ def test_hessian_is_the_running_average_of_2_x_xt():
     nan.add_batch(torch.tensor([[float("nan"), 1.0]]))
     with pytest.raises(SlimlmError, match="NaN"):
         nan.result()
+
+
+def test_linears_fed_one_tensor_share_one_hessian():
+    shared, x, y = SharedHessians(), torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    for batch in (x, y):
+        for name in ("q", "k"):
+            shared.add(name, batch)
+        shared.add("o", batch.clone())  # equal values, another tensor: its own accumulator
+    alone = HessianAccumulator(4)
+    alone.add_batch(x)
+    alone.add_batch(y)
+    assert shared._by_name["q"] is shared._by_name["k"] is not shared._by_name["o"]
+    for name in ("q", "k", "o"):
+        assert torch.allclose(shared.pop(name), alone.result(), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_mlp_half_shortcut_is_used_only_where_it_reproduces_the_block(family):
+    model = tiny_model(family)
+    adapter = ModelAdapter(model)
+    half = ResidualMlp.of(adapter[0])
+    kept = {}
+    block = adapter[0].module
+    handle = adapter[0].norms["mlp_norm"].register_forward_pre_hook(lambda _m, args: kept.setdefault("h", args[0]))
+    outputs = {}
+    handle2 = block.register_forward_hook(lambda _m, _a, out: outputs.setdefault("out", out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(PROBE)
+    handle.remove()
+    handle2.remove()
+    pre_norm_residual = family != "opt"  # OPT's fc1/fc2 sit in the block itself: no MLP module to run alone
+    assert (half is not None) == pre_norm_residual
+    if half is not None:
+        assert torch.allclose(half(kept["h"]), outputs["out"], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_gptq_with_the_mlp_half_shortcut_equals_full_block_passes(family, monkeypatch):
+    engine = sys.modules["slimlm.compress.engine"]
+    checks, reproduces = [], engine.ResidualMlp.reproduces
+    monkeypatch.setattr(engine.ResidualMlp, "reproduces", lambda *a: checks.append(reproduces(*a)) or checks[-1])
+    shortcut = tiny_model(family)
+    compress(shortcut, load_recipe(recipe("gptq")), calibration=CALIBRATION)
+    assert checks and all(checks)  # the shortcut was taken in every block
+    monkeypatch.setattr(engine.ResidualMlp, "of", classmethod(lambda cls, block: None))
+    full = tiny_model(family)
+    compress(full, load_recipe(recipe("gptq")), calibration=CALIBRATION)
+    for (name, a), b in zip(shortcut.named_buffers(), full.buffers()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+    with torch.no_grad():
+        assert torch.allclose(shortcut(PROBE).logits, full(PROBE).logits, atol=1e-4)
 
 
 @pytest.mark.parametrize(

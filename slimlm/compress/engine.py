@@ -17,7 +17,9 @@ the model stays where it is (CPU RAM). Working memory is about
     2 * N * L * d * 4 bytes            (block inputs and outputs, float32, N segments of L tokens, width d)
   + one block's weights
   + sum over the block's linears of in_features^2 * 4 bytes   (Hessians; GPTQ, one sequential group at a time)
-  + the activations of one forward pass of `calibration.batch_size` segments through one block.
+  + the activations of one forward pass of `calibration.batch_size` segments through one block
+  + N * L * d * 4 bytes              (GPTQ's true-sequential order: the residual stream entering the MLP,
+                                      so the MLP-only passes skip the attention half).
 
 For a 70B Llama (d = 8192, MLP width 28672, 80 blocks of about 1.7 GB in bfloat16) with 128 x 2048
 calibration tokens: 2 * 128 * 2048 * 8192 * 4 B = 17 GB of cached activations, 1.7 GB of block
@@ -40,7 +42,7 @@ from transformers import PreTrainedModel
 
 from slimlm.compress.recipe import Recipe, StageBase, select_targets
 from slimlm.errors import SlimlmError
-from slimlm.models.adapter import ModelAdapter, is_linear, linear_shape
+from slimlm.models.adapter import BlockAdapter, ModelAdapter, is_linear, linear_shape
 from slimlm.progress import progress
 
 
@@ -79,6 +81,9 @@ class BlockContext:
     # A method may set the next block's inputs itself (AWQ propagates float outputs); by default the
     # engine runs the compressed block to get them.
     next_inputs: list[torch.Tensor] | None = None
+    # The residual stream entering the MLP half, kept by collect(..., keep_residual=True) so that later
+    # MLP-only passes skip the attention half (valid while the attention half is unchanged).
+    residual: list[torch.Tensor] | None = None
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
@@ -93,15 +98,76 @@ class BlockContext:
             raise SlimlmError("this method needs calibration data, but the run has none")
         return run_block(self.block, self.inputs)
 
-    def collect(self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> None:
+    def collect(
+        self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None], keep_residual: bool = False
+    ) -> None:
         """Pass (name, input) of each module to `sink` on every cached batch, running the block only as
-        far as the last of these modules needs (the MLP is skipped when only attention inputs are wanted)."""
+        far as the last of these modules needs (the MLP is skipped when only attention inputs are wanted).
+
+        With `keep_residual`, also keep the residual stream entering the MLP half (see `collect_mlp`)."""
         if self.inputs is None:
             raise SlimlmError("this method needs calibration data, but the run has none")
-        collect_block_inputs(self.block, self.inputs, modules, sink)
+        self.residual = None
+        half = ResidualMlp.of(self.adapter[self.index]) if keep_residual else None
+        if half is None:
+            collect_block_inputs(self.block, self.inputs, modules, sink)
+            return
+        residual: list[torch.Tensor] = []
+        key = "<residual stream>"  # a name no module has
+
+        def split_sink(name, x):
+            residual.append(x) if name is key else sink(name, x)
+
+        collect_block_inputs(self.block, self.inputs, {**modules, key: half.norm}, split_sink)
+        if half.reproduces(self.block, self.inputs, residual[0]):
+            self.residual = residual
+
+    def collect_mlp(self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> None:
+        """`collect` for MLP linears: runs only the MLP half on the kept residual stream when there is one."""
+        if self.residual is None:
+            return self.collect(modules, sink)
+        collect_block_inputs(ResidualMlp.of(self.adapter[self.index]), _plain_inputs(self.residual), modules, sink)
+
+    def run_mlp(self) -> list[torch.Tensor]:
+        """`run` when only the MLP changed since the residual stream was kept: runs the MLP half alone."""
+        if self.residual is None:
+            return self.run()
+        return run_block(ResidualMlp.of(self.adapter[self.index]), _plain_inputs(self.residual))
 
     def names_with_roles(self, roles: tuple[str, ...]) -> list[str]:
         return [name for name, role in self.targets.items() if role in roles]
+
+
+class ResidualMlp(nn.Module):
+    """The MLP half of a pre-norm decoder block: h -> h + mlp_out_norm(mlp(mlp_norm(h))).
+
+    Llama, Qwen2, Mistral, Gemma 1-3 and GPT-2 blocks end this way (Gemma 2/3 with the output norm).
+    The engine never assumes it: `reproduces` checks it against the real block before it is used,
+    and a block built otherwise (parallel attention and MLP, post-norm OPT) just runs whole.
+    """
+
+    def __init__(self, mlp: nn.Module, norm: nn.Module, out_norm: nn.Module | None):
+        super().__init__()
+        self.mlp, self.norm, self.out_norm = mlp, norm, out_norm
+
+    @classmethod
+    def of(cls, block: BlockAdapter) -> ResidualMlp | None:
+        mlp, norm = block.mlp_module(), block.norms.get("mlp_norm")
+        return None if mlp is None or norm is None else cls(mlp, norm, block.norms.get("mlp_out_norm"))
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(self.norm(residual))
+        return residual + (self.out_norm(out) if self.out_norm is not None else out)
+
+    @torch.no_grad()
+    def reproduces(self, block: nn.Module, inputs: BlockInputs, residual: torch.Tensor) -> bool:
+        """Whether the block's output on the first cached batch equals this half applied to its residual."""
+        expected = block_output(block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0]))
+        return torch.allclose(self(residual), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def _plain_inputs(hidden: list[torch.Tensor]) -> BlockInputs:
+    return BlockInputs(hidden, [()] * len(hidden), [{}] * len(hidden))
 
 
 @dataclass

@@ -7,8 +7,6 @@ scale of H does not grow with the number of samples, kept in float32 (float64 op
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from slimlm.errors import SlimlmError
@@ -23,11 +21,11 @@ class HessianAccumulator:
         """Add the inputs of one forward pass: (..., in_features); each token row is one sample of X."""
         x = inputs.reshape(-1, inputs.shape[-1]).to(self.hessian.dtype)
         count = x.shape[0]
-        # Running average of 2 x x^T: rescale what is there, then add the new rows with weight 2/n.
-        self.hessian *= self.samples / (self.samples + count)
-        self.samples += count
-        x = math.sqrt(2 / self.samples) * x
-        self.hessian.addmm_(x.T, x)
+        # Running average of 2 x x^T: rescale what is there, then add the new rows with weight 2/n
+        # (one fused addmm, no scaled copy of the activations).
+        total = self.samples + count
+        self.hessian.addmm_(x.T, x, beta=self.samples / total, alpha=2 / total)
+        self.samples = total
 
     def result(self) -> torch.Tensor:
         if self.samples == 0:
@@ -38,3 +36,41 @@ class HessianAccumulator:
                 "calibrate in float32 (--dtype float32) or check the model's outputs"
             )
         return self.hessian
+
+
+class SharedHessians:
+    """One accumulator per distinct input: linears fed the same tensor (q, k and v; gate and up) share it.
+
+    Accumulating X^T X costs about as much as the layer's forward pass, so computing it once per
+    input rather than once per linear saves a third of the calibration time of a Llama block.
+    Sharing is decided by tensor identity on each forward pass, so it is never wrong: two linears
+    whose inputs merely look alike get separate accumulators.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.device, self.dtype = device, dtype
+        self._by_name: dict[str, HessianAccumulator] = {}
+        self._last_input: torch.Tensor | None = None  # the most recent input seen, and its accumulator
+        self._last_accumulator: HessianAccumulator | None = None
+
+    def add(self, name: str, inputs: torch.Tensor) -> None:
+        if inputs is self._last_input:
+            accumulator = self._last_accumulator
+            if name not in self._by_name:
+                self._by_name[name] = accumulator
+            elif self._by_name[name] is not accumulator:  # shared before, not now: cannot happen in a fixed graph
+                raise SlimlmError(f"{name}: its input was shared with another linear on one pass and not on another")
+            return
+        accumulator = self._by_name.get(name)
+        if accumulator is None:
+            accumulator = self._by_name[name] = HessianAccumulator(inputs.shape[-1], self.device, self.dtype)
+        accumulator.add_batch(inputs)
+        self._last_input, self._last_accumulator = inputs, accumulator
+
+    def pop(self, name: str) -> torch.Tensor:
+        """The Hessian of `name`; the accumulator is freed once no other linear shares it."""
+        if name not in self._by_name:
+            raise SlimlmError(f"no calibration inputs reached {name}: is it used in the forward pass?")
+        accumulator = self._by_name.pop(name)
+        self._last_input = self._last_accumulator = None
+        return accumulator.result()

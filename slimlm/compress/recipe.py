@@ -137,6 +137,8 @@ class AWQStage(StageBase, WeightQuantFields):
     clip_grid: int = Field(20, ge=2)
     max_shrink: float = Field(0.5, gt=0, lt=1)
     clip_tokens: int = Field(512, ge=16, description="input tokens sampled for the clipping search")
+    search_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="precision of the scale search's forward passes (the reference code runs float16)")
 
     @field_validator("group_size")
     @classmethod

@@ -98,6 +98,14 @@ class BlockAdapter:
     def mlp_linears(self) -> dict[str, nn.Module]:
         return {r: m for r, m in self.linears.items() if r in MLP_ROLES}
 
+    def mlp_module(self) -> nn.Module | None:
+        """The submodule that holds the MLP's linears (Llama's `mlp`), or None where they sit directly
+        in the block (OPT's fc1/fc2)."""
+        parent = self.linear_names["down"].rpartition(".")[0]
+        if not parent or self.linear_names["up"].rpartition(".")[0] != parent:
+            return None
+        return self.module.get_submodule(parent)
+
 
 class ModelAdapter:
     """Finds embedding, blocks, final norm, head and each block's projections and norms."""

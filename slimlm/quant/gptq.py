@@ -31,10 +31,11 @@ import time
 import torch
 
 from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
-from slimlm.compress.hessian import HessianAccumulator
+from slimlm.compress.hessian import SharedHessians
 from slimlm.compress.recipe import GPTQStage
 from slimlm.errors import SlimlmError
-from slimlm.quant.grid import QuantizedWeight, find_params, group_bounds, quantize
+from slimlm.models.adapter import MLP_ROLES
+from slimlm.quant.grid import QuantizedWeight, find_params, group_bounds
 from slimlm.quant.qlinear import QuantizedLinear
 
 # True-sequential order inside a block (the reference code's `sequential` groups): each group is
@@ -94,6 +95,7 @@ def gptq_quantize(
     Hinv = inverse_cholesky_upper(H)
 
     device = W.device
+    max_code = 2**bits - 1
     # Column-major copies: the loop below reads and updates one column at a time, contiguously.
     codes_t = torch.zeros(columns, rows, dtype=torch.uint8, device=device)
     group_index = torch.zeros(columns, dtype=torch.int32, device=device)  # per position in processing order
@@ -104,7 +106,8 @@ def gptq_quantize(
     for block_start in range(0, columns, block_size):
         block_end = min(block_start + block_size, columns)
         W1 = W[:, block_start:block_end].T.contiguous()  # (block columns, rows)
-        Err1 = torch.zeros_like(W1)
+        Q1 = torch.empty_like(W1)  # integer codes, as floats until the block ends
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[block_start:block_end, block_start:block_end]
         for i in range(block_end - block_start):
             position = block_start + i
@@ -119,13 +122,14 @@ def gptq_quantize(
                     current = torch.cat([W1[i:].T, W[:, block_end:]], dim=1)[:, :width]
                     scale, zero = group_params[group] = find_params(current, bits, symmetric, clip)
             group_index[position] = group
-            w = W1[i]
-            q_codes = quantize(w[:, None], scale, zero, bits)[:, 0]
-            codes_t[position] = q_codes
-            err = (w - scale * (q_codes.float() - zero)) / Hinv1[i, i]
-            loss += err.square() / 2  # the OBS loss (w - q)^2 / [H^-1]_jj^2 / 2 of the paper
-            W1[i:] -= Hinv1[i, i:, None] * err[None, :]
-            Err1[i] = err
+            # q = clamp(round(w / s) + z), err = (w - s (q - z)) / [H^-1]_jj: the grid's `quantize`,
+            # written with in-place ops because this loop runs once per column of every layer.
+            w, q, err = W1[i], Q1[i], Err1[i]
+            torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, max_code)
+            torch.sub(q, zero, out=err).mul_(scale).neg_().add_(w).div_(Hinv1[i, i])
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+        codes_t[block_start:block_end] = Q1.to(torch.uint8)
+        loss += Err1.square().sum(0) / 2  # the OBS loss (w - q)^2 / [H^-1]_jj^2 / 2 of the paper
         W[:, block_end:] -= Err1.T @ Hinv[block_start:block_end, block_end:]
 
     scales = torch.stack([group_params[g][0] for g in range(len(bounds))], dim=1)
@@ -156,21 +160,31 @@ def _tensor_params(W: torch.Tensor, bits: int, symmetric: bool, clip: str) -> tu
 
 
 def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionReport) -> None:
-    """Quantize a block's target linears, one true-sequential group at a time."""
+    """Quantize a block's target linears, one true-sequential group at a time.
+
+    The passes for the MLP groups run the MLP half alone on the residual stream kept by the first
+    of them (the attention half no longer changes by then), and so does the final pass that gives
+    the next block its inputs."""
     groups = SEQUENTIAL_GROUPS if stage.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     for roles in groups:
         names = context.names_with_roles(roles)
         if not names:
             continue
         modules = {name: context.module(name) for name in names}
-        hessians = {name: HessianAccumulator(linear_weight(m).shape[1], device=context.device) for name, m in modules.items()}
-        context.collect(modules, lambda name, x: hessians[name].add_batch(x))
+        hessians = SharedHessians(device=context.device)
+        mlp_only = set(roles) <= set(MLP_ROLES)
+        if mlp_only and context.residual is not None:
+            context.collect_mlp(modules, hessians.add)
+        else:
+            context.collect(modules, hessians.add, keep_residual=mlp_only)
         for name, module in modules.items():
             start = time.perf_counter()
             quantized, loss = gptq_quantize(
-                linear_weight(module).detach().float(), hessians.pop(name).result(), stage.bits,
+                linear_weight(module).detach().float(), hessians.pop(name), stage.bits,
                 stage.group_columns, stage.symmetric, stage.dampening, stage.block_size, stage.act_order,
                 stage.static_groups, stage.clip, per_tensor=stage.granularity == "tensor",
             )
             context.replace(name, QuantizedLinear.replacing(module, quantized))
             report.layers.append(LayerReport(name, "gptq", time.perf_counter() - start, loss))
+    if context.residual is not None:
+        context.next_inputs = context.run_mlp()
