@@ -21,14 +21,15 @@ import argparse
 import json
 import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import ZERO_SHOT, Progress, evaluate_quality, llmcompressor, run_child, token_files  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-PEERS = Path(__file__).resolve().parent / "peers"
 CONFIGS = {  # name -> (bits, group size)
     "W4 g64": (4, 64), "W3 g64": (3, 64), "W4 per-channel": (4, "channel"), "W2 g32": (2, 32),
     "W4 g128": (4, 128),  # 576 = 4 x 128 + 64: a shorter last group
@@ -40,7 +41,6 @@ METHODS = {
     "AWQ": {"method": "awq"},
 }
 PEER_SCHEMES = {"W4 g64": "W4G64", "W3 g64": "W3G64", "W4 per-channel": "W4CH", "W2 g32": "W2G32", "W4 g128": "W4G128"}
-ZERO_SHOT = ("piqa", "arc_easy", "hellaswag")
 
 
 def parse_args() -> argparse.Namespace:
@@ -74,9 +74,6 @@ def run_job(spec: dict) -> dict:
     import torch
 
     from slimlm.compress import compress
-    from slimlm.eval.kl import kl_divergence
-    from slimlm.eval.perplexity import perplexity
-    from slimlm.eval.zeroshot import evaluate_task
     from slimlm.export.native import model_bytes, save
     from slimlm.models.loading import load_model
 
@@ -93,16 +90,7 @@ def run_job(spec: dict) -> dict:
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory() as directory:
         result["disk_bytes"] = model_bytes(save(model, Path(directory) / "m", tokenizer))
-    windows = proto["perplexity"]
-    reference = load_model("smollm2-135m").model if spec["stage"] is not None else model
-    kl = kl_divergence(model, reference, tokenizer, "wikitext2", windows["seqlen"], windows["max_windows"], data_dir)
-    del reference
-    result.update(wikitext2_ppl=kl.ppl, kl_mean=kl.kl_mean, top1_agreement=kl.top1_agreement)
-    result["c4_ppl"] = perplexity(model, tokenizer, "c4", windows["seqlen"], windows["max_windows"], data_dir).ppl
-    for task in proto["zero_shot"]["tasks"]:
-        scores = evaluate_task(model, tokenizer, task, data_dir, proto["zero_shot"]["limit"])
-        result[f"{task}_acc_norm" if task != "arc_easy" else "arc_easy_acc"] = (
-            scores["acc"] if task == "arc_easy" else scores["acc_norm"])
+    result.update(evaluate_quality(model, tokenizer, proto, data_dir))
     if spec.get("speed"):
         result.update(_decode_speed(model, proto["speed"]))
     return result
@@ -138,22 +126,12 @@ def main() -> None:
     if args.job:
         print("RESULT " + json.dumps(run_job(json.loads(args.job))), flush=True)
         return
-    from slimlm.results import atomic_write_text, library_versions, machine_info, utc_now, write_results
+    from slimlm.results import library_versions, machine_info, utc_now, write_results
 
     proto = protocol(args)
     out = Path(args.out)
-    progress_file = out.parent / f".{out.name}{'.quick' if args.quick else ''}.partial.json"
-    done = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
-    tokens = _token_files(args, proto)
-
-    def record(key: str, compute) -> dict:
-        if key not in done:
-            start = time.perf_counter()
-            done[key] = compute()
-            done[key]["job_seconds"] = round(time.perf_counter() - start, 1)
-            atomic_write_text(progress_file, json.dumps(done, indent=1))
-            print(f"[{utc_now()}] {key}: {json.dumps(done[key])}", flush=True)
-        return done[key]
+    record = Progress(out.parent / f".{out.name}{'.quick' if args.quick else ''}.partial.json").record
+    tokens = token_files(args.data_dir, proto, f"quant-bench{'-quick' if args.quick else ''}")
 
     configs = [c.strip() for c in args.configs.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
@@ -179,52 +157,11 @@ def main() -> None:
 def _child(args, proto, tokens: dict, config: str, method: str, stage: dict | None, speed: bool = False) -> dict:
     spec = {"protocol": proto, "data_dir": args.data_dir, "config": config, "method": method, "stage": stage,
             "calibration": tokens["calib_pt"], "speed": speed}
-    done = subprocess.run([sys.executable, __file__, "--data-dir", args.data_dir, "--job", json.dumps(spec)],
-                          capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"job {config}/{method} failed:\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
-
-
-def _token_files(args, proto) -> dict:
-    """Calibration segments and evaluation windows, written once so both tools read the same tokens."""
-    import torch
-    from safetensors.torch import save_file
-
-    from slimlm.data.calibration import calibration_samples, tokenize_corpus
-    from slimlm.data.corpora import load_corpus
-    from slimlm.eval.perplexity import token_windows
-    from slimlm.models.loading import gguf_to_directory, embedded_gguf_path, load_model
-
-    directory = Path(tempfile.gettempdir()) / f"slimlm-quant-bench{'-quick' if args.quick else ''}"
-    directory.mkdir(exist_ok=True)
-    paths = {"calib_pt": directory / "calib.pt", "calib": directory / "calib.safetensors",
-             "eval": directory / "eval.safetensors", "model_dir": gguf_to_directory(embedded_gguf_path("smollm2-135m"))}
-    if not all(paths[key].is_file() for key in ("calib_pt", "calib", "eval")):
-        tokenizer = load_model("smollm2-135m").tokenizer
-        c = proto["calibration"]
-        calibration = calibration_samples(tokenizer, "c4", c["samples"], c["seqlen"], c["seed"], args.data_dir)
-        torch.save(calibration, paths["calib_pt"])
-        save_file({"input_ids": calibration.contiguous()}, str(paths["calib"]))
-        p = proto["perplexity"]
-        ids = tokenize_corpus(tokenizer, load_corpus("wikitext2", "eval", args.data_dir))
-        save_file({"input_ids": token_windows(ids, p["seqlen"], p["max_windows"]).contiguous()}, str(paths["eval"]))
-    return {key: str(value) for key, value in paths.items()}
+    return run_child(__file__, args.data_dir, spec)
 
 
 def _peer(args, tokens: dict, config: str, algo: str) -> dict:
-    python = PEERS / ".venv-llmcompressor" / "bin" / "python"
-    if not python.is_file():
-        subprocess.run(["bash", str(PEERS / "setup_llmcompressor.sh")], check=True)
-    with tempfile.TemporaryDirectory() as directory:
-        out = Path(directory) / "result.json"
-        subprocess.run([str(python), str(PEERS / "llmcompressor_run.py"), "--model", tokens["model_dir"],
-                        "--calib", tokens["calib"], "--eval", tokens["eval"], "--scheme", PEER_SCHEMES[config],
-                        "--algo", algo, "--asymmetric", "--out", str(out)], capture_output=True, text=True)
-        if not out.is_file():
-            raise RuntimeError(f"llm-compressor {config}/{algo} wrote no result")
-        peer = json.loads(out.read_text())
+    peer = llmcompressor(tokens, ["--scheme", PEER_SCHEMES[config], "--algo", algo, "--asymmetric"])
     return {"config": config, "method": f"llm-compressor {algo}", "status": peer["status"],
             "wikitext2_ppl": peer.get("ppl"), "compression_seconds": peer.get("compression_seconds"),
             "peak_rss_bytes": peer.get("peak_rss_bytes"), "error": (peer.get("error") or "")[:200] or None,

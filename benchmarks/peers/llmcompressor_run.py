@@ -16,6 +16,9 @@ slimlm writes the token files, so both tools see identical tokens:
   Weight-only integer quantization of every Linear except lm_head; symmetric unless --asymmetric.
 - `--algo gptq`: GPTQModifier (block_size 128, dampening_frac from --dampening); `--algo rtn`:
   QuantizationModifier with the same scheme (round to nearest, min-max scales).
+- `--algo sparsegpt` / `--algo wanda`: SparseGPTModifier (block_size, dampening_frac) or
+  WandaPruningModifier with `--sparsity S` and `--mask-structure N:M` (0:0 = unstructured) on
+  every Linear except lm_head; `--scheme` is not used.
 - `--actorder`: activation ordering for GPTQ. Bare `--actorder` means "static" (llm-compressor's
   WEIGHT ordering: columns processed by descending Hessian diagonal, each column keeps the scale
   of its original group). "group" (dynamic groups, g_idx) is deprecated in llm-compressor 0.14 and
@@ -66,8 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (float32, with tokenizer)")
     p.add_argument("--calib", required=True, help="safetensors file with int64 input_ids (N, L)")
     p.add_argument("--eval", required=True, dest="eval_file", help="safetensors file with int64 input_ids (W, S)")
-    p.add_argument("--scheme", required=True, help="W<bits>G<group> or W<bits>CH, e.g. W4G64")
-    p.add_argument("--algo", required=True, choices=["gptq", "rtn"])
+    p.add_argument("--scheme", default=None, help="W<bits>G<group> or W<bits>CH, e.g. W4G64 (quantization only)")
+    p.add_argument("--algo", required=True, choices=["gptq", "rtn", "sparsegpt", "wanda"])
+    p.add_argument("--sparsity", type=float, default=0.5, help="pruning: fraction of weights removed")
+    p.add_argument("--mask-structure", default="0:0", help="pruning: N:M pattern, 0:0 = unstructured")
     p.add_argument(
         "--actorder",
         nargs="?",
@@ -86,6 +91,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", required=True, help="result JSON path")
     args = p.parse_args(argv)
+    args.pruning = args.algo in ("sparsegpt", "wanda")
+    if args.pruning:
+        if not 0 < args.sparsity < 1:
+            p.error("--sparsity must lie in (0, 1)")
+        if not re.fullmatch(r"\d+:\d+", args.mask_structure):
+            p.error("--mask-structure must look like 2:4 (or 0:0)")
+        args.bits = args.group_size = None
+        args.symmetric = None
+        return args
+    if args.scheme is None:
+        p.error(f"--algo {args.algo} needs --scheme")
     m = SCHEME_RE.match(args.scheme)
     if not m:
         p.error(f"--scheme {args.scheme!r}: expected W<bits>G<group> (e.g. W4G64) or W<bits>CH")
@@ -173,6 +189,16 @@ def perplexity(model, windows) -> float:
 
 
 def build_recipe(args):
+    if args.pruning:
+        common = {"sparsity": args.sparsity, "mask_structure": args.mask_structure, "targets": ["Linear"],
+                  "ignore": ["re:.*lm_head"]}
+        if args.algo == "sparsegpt":
+            from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
+
+            return SparseGPTModifier(**common, block_size=args.block_size, dampening_frac=args.dampening)
+        from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
+
+        return WandaPruningModifier(**common)
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(
@@ -199,6 +225,11 @@ def build_recipe(args):
 
 
 def recipe_summary(args) -> dict:
+    if args.pruning:
+        return {"modifier": "SparseGPTModifier" if args.algo == "sparsegpt" else "WandaPruningModifier",
+                "sparsity": args.sparsity, "mask_structure": args.mask_structure, "targets": ["Linear"],
+                "ignore": ["lm_head"],
+                **({"block_size": args.block_size, "dampening_frac": args.dampening} if args.algo == "sparsegpt" else {})}
     return {
         "modifier": "GPTQModifier" if args.algo == "gptq" else "QuantizationModifier",
         "targets": ["Linear"],
@@ -230,13 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "tool": "llm-compressor",
         "versions": versions(),
-        "scheme": args.scheme.upper(),
+        "scheme": args.scheme.upper() if args.scheme else None,
+        "sparsity": args.sparsity if args.pruning else None,
+        "mask_structure": args.mask_structure if args.pruning else None,
         "algo": args.algo,
         "actorder": args.actorder,
         "symmetric": args.symmetric,
         "bits": args.bits,
         "group_size": args.group_size,
-        "dampening": args.dampening if args.algo == "gptq" else None,
+        "dampening": args.dampening if args.algo in ("gptq", "sparsegpt") else None,
         "model": str(Path(args.model).resolve()),
         "calibration": None,
         "eval": None,

@@ -84,6 +84,8 @@ class BlockContext:
     # The residual stream entering the MLP half, kept by collect(..., keep_residual=True) so that later
     # MLP-only passes skip the attention half (valid while the attention half is unchanged).
     residual: list[torch.Tensor] | None = None
+    # This block's sparsity when a pruning stage plans one per block (OWL); None: the stage's own.
+    sparsity: float | None = None
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
@@ -185,6 +187,8 @@ class CompressionReport:
     peak_rss_bytes: int = 0
     peak_device_bytes: int | None = None
     calibration_tokens: int = 0
+    block_sparsity: dict[int, list[float]] = field(default_factory=dict)  # stage index -> planned sparsity per block
+    structure: list[dict] = field(default_factory=list)  # what structural stages (layer removal, ...) did
 
     def to_dict(self) -> dict:
         return {
@@ -192,6 +196,8 @@ class CompressionReport:
             "peak_rss_bytes": self.peak_rss_bytes,
             "peak_device_bytes": self.peak_device_bytes,
             "calibration_tokens": self.calibration_tokens,
+            "block_sparsity": self.block_sparsity,
+            "structure": self.structure,
             "layers": [vars(layer) for layer in self.layers],
         }
 
@@ -272,6 +278,8 @@ def validate_recipe_for_model(model: PreTrainedModel, recipe: Recipe) -> tuple[M
         for name in chosen:
             if hasattr(stage, "check_layer"):
                 stage.check_layer(name, linear_shape(linears[name])[0])
+        if hasattr(stage, "blocks_to_remove"):
+            stage.blocks_to_remove(len(adapter))
         selections.append(set(chosen))
     return adapter, selections
 
@@ -283,7 +291,7 @@ def compress(
     device: str | torch.device | None = None,
 ) -> CompressionReport:
     """Apply `recipe` to `model` in place, block by block (see the module docstring)."""
-    from slimlm.compress.methods import METHOD_FUNCTIONS
+    from slimlm.compress.methods import METHOD_FUNCTIONS, STRUCTURAL_FUNCTIONS, plan_stage
 
     start = time.perf_counter()
     adapter, selections = validate_recipe_for_model(model, recipe)
@@ -295,23 +303,40 @@ def compress(
     report = CompressionReport()
     was_training = model.training
     model.eval()
+    structural = [stage for stage in recipe.stages if stage.structural]
+    for stage in structural:  # architecture changes first, each on the model the previous one left
+        STRUCTURAL_FUNCTIONS[stage.method](model, stage, calibration, recipe.calibration.batch_size, device, report)
+    if structural:
+        block_stages = [stage for stage in recipe.stages if not stage.structural]
+        if not block_stages:
+            return _finish(model, recipe, report, start, device, was_training)
+        recipe = recipe.model_copy(update={"stages": block_stages})
+        adapter, selections = validate_recipe_for_model(model, recipe)
     inputs = None
     if recipe.needs_calibration:
         inputs = capture_block_inputs(model, adapter, calibration, recipe.calibration.batch_size, device)
         report.calibration_tokens = inputs.tokens
+    plans = [plan_stage(model, adapter, stage, selected, inputs, device) for stage, selected in zip(recipe.stages, selections)]
+    report.block_sparsity = {i: plan for i, plan in enumerate(plans) if plan is not None}
     for index in progress(range(len(adapter)), desc="compress blocks", total=len(adapter)):
         block = adapter.blocks[index]
         with _on_device([block], device):
             next_hidden = None
-            for stage, selected in zip(recipe.stages, selections):
+            for stage, selected, plan in zip(recipe.stages, selections, plans):
                 targets = _block_targets(adapter, index, stage, selected)
                 if targets:
-                    context = BlockContext(model, adapter, index, block, targets, inputs, device)
+                    context = BlockContext(model, adapter, index, block, targets, inputs, device,
+                                           sparsity=plan[index] if plan is not None else None)
                     METHOD_FUNCTIONS[stage.method](context, stage, report)
                     next_hidden = context.next_inputs  # a later stage's changes invalidate earlier outputs
             if inputs is not None and index + 1 < len(adapter):
                 next_hidden = next_hidden if next_hidden is not None else run_block(block, inputs)
                 inputs = BlockInputs(next_hidden, inputs.args, inputs.kwargs)
+    return _finish(model, recipe, report, start, device, was_training)
+
+
+def _finish(model: PreTrainedModel, recipe: Recipe, report: CompressionReport, start: float, device: torch.device,
+            was_training: bool) -> CompressionReport:
     if recipe.float_storage != "float32":
         round_float_parameters_(model, getattr(torch, recipe.float_storage))
     model.train(was_training)

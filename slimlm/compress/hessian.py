@@ -7,6 +7,9 @@ scale of H does not grow with the number of samples, kept in float32 (float64 op
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from slimlm.errors import SlimlmError
@@ -38,20 +41,21 @@ class HessianAccumulator:
         return self.hessian
 
 
-class SharedHessians:
+class SharedInputs:
     """One accumulator per distinct input: linears fed the same tensor (q, k and v; gate and up) share it.
 
     Accumulating X^T X costs about as much as the layer's forward pass, so computing it once per
     input rather than once per linear saves a third of the calibration time of a Llama block.
     Sharing is decided by tensor identity on each forward pass, so it is never wrong: two linears
-    whose inputs merely look alike get separate accumulators.
+    whose inputs merely look alike get separate accumulators. `factory(in_features)` makes an
+    accumulator with `add_batch(x)`; `pop(name)` returns it (shared ones are returned to each).
     """
 
-    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.device, self.dtype = device, dtype
-        self._by_name: dict[str, HessianAccumulator] = {}
+    def __init__(self, factory: Callable[[int], Any]):
+        self.factory = factory
+        self._by_name: dict[str, Any] = {}
         self._last_input: torch.Tensor | None = None  # the most recent input seen, and its accumulator
-        self._last_accumulator: HessianAccumulator | None = None
+        self._last_accumulator: Any = None
 
     def add(self, name: str, inputs: torch.Tensor) -> None:
         if inputs is self._last_input:
@@ -63,14 +67,44 @@ class SharedHessians:
             return
         accumulator = self._by_name.get(name)
         if accumulator is None:
-            accumulator = self._by_name[name] = HessianAccumulator(inputs.shape[-1], self.device, self.dtype)
+            accumulator = self._by_name[name] = self.factory(inputs.shape[-1])
         accumulator.add_batch(inputs)
         self._last_input, self._last_accumulator = inputs, accumulator
 
-    def pop(self, name: str) -> torch.Tensor:
-        """The Hessian of `name`; the accumulator is freed once no other linear shares it."""
+    def pop(self, name: str) -> Any:
         if name not in self._by_name:
             raise SlimlmError(f"no calibration inputs reached {name}: is it used in the forward pass?")
-        accumulator = self._by_name.pop(name)
         self._last_input = self._last_accumulator = None
-        return accumulator.result()
+        return self._by_name.pop(name)
+
+
+class SharedHessians(SharedInputs):
+    """`SharedInputs` of Hessians; `pop` returns the Hessian itself."""
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__(lambda columns: HessianAccumulator(columns, device, dtype))
+
+    def pop(self, name: str) -> torch.Tensor:
+        return super().pop(name).result()
+
+
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The OBS solvers' (GPTQ, SparseGPT) set-up: dead inputs (H_jj = 0) get H_jj = 1 and a zero weight
+    column; lambda = `dampening` * mean(diag H) is added to the diagonal. Returns new float32 (H, W)."""
+    H, W = hessian.clone().float(), weight.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H.diagonal().add_(dampening * torch.mean(torch.diag(H)))
+    return H, W
+
+
+def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 (GPTQ Sec. 4, Step 3; SparseGPT Sec. 3.2 uses the same rows)."""
+    try:
+        L = torch.linalg.cholesky(H)
+        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except torch.linalg.LinAlgError as error:
+        raise SlimlmError(
+            "the damped Hessian is not positive definite: raise `dampening` (e.g. 0.1) or use more calibration data"
+        ) from error

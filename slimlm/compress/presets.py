@@ -19,3 +19,21 @@ for _bits in (2, 3, 4, 8):
         for _method in ("rtn", "gptq", "awq"):
             PRESETS[f"{_method}-w{_bits}{_suffix}"] = _weight_only(_method, _bits, _group)
         PRESETS[f"gptq-w{_bits}{_suffix}-actorder"] = _weight_only("gptq", _bits, _group, act_order=True)
+
+# Pruning: unstructured at 50/60/70%, N:M 2:4 and 4:8; DSnoT refines a Wanda mask; OWL ratios.
+for _method in ("magnitude", "wanda", "sparsegpt", "dsnot"):
+    for _percent in (50, 60, 70):
+        PRESETS[f"{_method}-{_percent}"] = {"stages": [{"method": _method, "sparsity": _percent / 100}]}
+    for _n, _m in ((2, 4), (4, 8)):
+        PRESETS[f"{_method}-{_n}of{_m}"] = {"stages": [{"method": _method, "pattern": f"{_n}:{_m}"}]}
+for _method in ("wanda", "sparsegpt"):
+    PRESETS[f"{_method}-owl-70"] = {"stages": [{"method": _method, "sparsity": 0.7, "owl": {}}]}
+# SparseGPT 2:4 then GPTQ 4-bit (GPTQ keeps the zeros), and the paper's joint single sweep.
+PRESETS["sparsegpt-2of4+gptq-w4g64"] = {"stages": [
+    {"method": "sparsegpt", "pattern": "2:4"}, {"method": "gptq", "bits": 4, "group_size": 64}]}
+PRESETS["sparsegpt-2of4-joint-w4g64"] = {"stages": [
+    {"method": "sparsegpt", "pattern": "2:4", "quantize": {"bits": 4, "group_size": 64}}]}
+# Depth pruning: remove blocks by ShortGPT's block influence or Shortened LLaMA's perplexity criterion.
+for _count in (2, 4, 6):
+    PRESETS[f"drop-layers-{_count}"] = {"stages": [{"method": "drop_layers", "count": _count}]}
+    PRESETS[f"drop-layers-{_count}-ppl"] = {"stages": [{"method": "drop_layers", "count": _count, "criterion": "perplexity"}]}

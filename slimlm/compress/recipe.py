@@ -24,7 +24,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,6 +45,7 @@ class CalibrationConfig(StrictModel):
 
 
 class StageBase(StrictModel):
+    structural: ClassVar[bool] = False  # True: changes the architecture, runs before the block pass
     targets: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
@@ -148,8 +149,142 @@ class AWQStage(StageBase, WeightQuantFields):
         return group_size
 
 
-Stage = Annotated[Union[RTNStage, GPTQStage, AWQStage], Field(discriminator="method")]
-METHODS = ("rtn", "gptq", "awq")
+class OWLConfig(StrictModel):
+    """OWL (Yin et al., 2024): non-uniform sparsity per block from its share of outlier scores."""
+
+    lam: float = Field(0.08, gt=0, lt=1, description="block sparsities span target - lam .. target + lam")
+    outlier_multiple: float = Field(5.0, gt=0, description="an outlier is a Wanda score above this many times the block mean")
+
+
+class PruneFields(StrictModel):
+    sparsity: float = Field(0.5, description="fraction of each target's weights set to zero, in (0, 1)")
+    pattern: str | None = Field(None, description='N:M semi-structured sparsity, e.g. "2:4" (keep 2 of every 4)')
+    owl: OWLConfig | None = None
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, sparsity: float) -> float:
+        if not 0 < sparsity < 1:
+            raise ValueError(f"sparsity must be between 0 and 1, exclusive (got {sparsity}); 0.5 prunes half the weights")
+        return sparsity
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            from slimlm.compress.sparsity import parse_n_m
+
+            try:
+                parse_n_m(pattern)
+            except SlimlmError as error:
+                raise ValueError(str(error)) from None
+        return pattern
+
+    @model_validator(mode="after")
+    def _pattern_fixes_sparsity(self):
+        if self.pattern is not None:
+            if self.owl is not None:
+                raise ValueError("OWL varies the sparsity per block; an N:M pattern fixes it: use one or the other")
+            n, m = (int(p) for p in self.pattern.split(":"))
+            if "sparsity" in self.model_fields_set and abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(f"pattern {self.pattern} means sparsity {1 - n / m:g}, not {self.sparsity:g}: drop `sparsity`")
+            object.__setattr__(self, "sparsity", 1 - n / m)  # what the pattern means, for reports
+        return self
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return tuple(int(p) for p in self.pattern.split(":")) if self.pattern else None
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        if self.n_m and in_features % self.n_m[1]:
+            raise SlimlmError(f"pattern {self.pattern}: {name}'s {in_features} input features are not a multiple of "
+                              f"{self.n_m[1]}; exclude it with `ignore`")
+
+
+class MagnitudeStage(StageBase, PruneFields):
+    """Magnitude pruning: the smallest |W_ij| go (per layer, or per output row as Wanda's ablation)."""
+
+    method: Literal["magnitude"] = "magnitude"
+    scope: Literal["layer", "row"] = "layer"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.owl is not None
+
+
+class WandaStage(StageBase, PruneFields):
+    """Wanda (Sun et al., 2024): score |W_ij| * ||X_j||_2 compared within each output row."""
+
+    method: Literal["wanda"] = "wanda"
+
+
+class JointQuantization(WeightQuantFields):
+    """SparseGPT's joint mode: quantize the kept weights in the same sweep."""
+
+    clip: Literal["minmax", "mse"] = "minmax"
+
+
+class SparseGPTStage(StageBase, PruneFields):
+    """SparseGPT (Frantar and Alistarh, 2023)."""
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    dampening: float = Field(0.01, gt=0, lt=1, description="fraction of the mean Hessian diagonal added")
+    block_size: int = Field(128, ge=1, description="columns per adaptive mask block and lazy update")
+    quantize: JointQuantization | None = Field(None, description="quantize in the same sweep (bits, group_size, ...)")
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        PruneFields.check_layer(self, name, in_features)
+        if self.n_m and self.block_size % self.n_m[1]:
+            raise SlimlmError(f"block_size {self.block_size} must be a multiple of M = {self.n_m[1]}")
+        if self.quantize is not None:
+            self.quantize.check_layer(name, in_features)
+
+
+class DSnoTStage(StageBase, PruneFields):
+    """DSnoT (Zhang et al., 2024): training-free prune-and-grow on top of an initial mask."""
+
+    method: Literal["dsnot"] = "dsnot"
+    initial: Literal["wanda", "sparsegpt", "magnitude"] = "wanda"
+    max_cycles: int = Field(50, ge=1)
+    update_threshold: float = Field(0.1, ge=0, description="stop a row once |reconstruction error| is this small")
+    variance_power: float = Field(1.0, ge=0, description="regrowing score divided by var(X_j)^power")
+    skip_roles: list[str] = Field(default_factory=lambda: ["gate", "up", "down"],
+                                  description="linears that keep the initial mask (the reference skips the MLP)")
+    same_sign: bool | None = Field(None, description="stop a row when its error would change sign "
+                                   "(default: as the reference, only for N:M)")
+    dampening: float = Field(0.01, gt=0, lt=1, description="for initial: sparsegpt, the Hessian dampening")
+
+
+class DropLayersStage(StageBase):
+    """Layer removal: the least important blocks go (ShortGPT's angular criterion or Shortened LLaMA's perplexity)."""
+
+    method: Literal["drop_layers"] = "drop_layers"
+    structural: ClassVar[bool] = True  # changes the architecture: runs before the block-by-block pass
+    count: int | None = Field(None, ge=1, description="blocks to remove")
+    ratio: float | None = Field(None, gt=0, lt=1, description="or: the fraction of blocks to remove")
+    criterion: Literal["angular", "perplexity"] = "angular"
+
+    @model_validator(mode="after")
+    def _count_or_ratio(self):
+        if (self.count is None) == (self.ratio is None):
+            raise ValueError("give exactly one of `count` (blocks to remove) and `ratio` (fraction of blocks)")
+        return self
+
+    def blocks_to_remove(self, blocks: int) -> int:
+        count = self.count if self.count is not None else round(self.ratio * blocks)
+        if not 1 <= count < blocks:
+            raise SlimlmError(f"drop_layers: cannot remove {count} of the model's {blocks} blocks; "
+                              f"choose 1 to {blocks - 1}")
+        return count
+
+
+Stage = Annotated[
+    Union[RTNStage, GPTQStage, AWQStage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage],
+    Field(discriminator="method"),
+]
+STAGE_CLASSES = {cls.model_fields["method"].default: cls for cls in
+                 (RTNStage, GPTQStage, AWQStage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage)}
+METHODS = tuple(STAGE_CLASSES)
 
 
 class Recipe(StrictModel):
@@ -163,6 +298,16 @@ class Recipe(StrictModel):
     @property
     def needs_calibration(self) -> bool:
         return any(stage.needs_calibration for stage in self.stages)
+
+    @model_validator(mode="after")
+    def _structural_first(self):
+        seen_block_stage = False
+        for stage in self.stages:
+            if stage.structural and seen_block_stage:
+                raise ValueError(f"stage {stage.method!r} changes the architecture: put it before the "
+                                 "pruning and quantization stages")
+            seen_block_stage |= not stage.structural
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -196,7 +341,7 @@ def _valid_keys(loc: tuple, data: dict) -> list[str]:
     """Field names of the model at `loc` (without its last element, the bad key)."""
     if loc[0] == "stages" and len(loc) >= 4:
         method = loc[2]
-        model = {"rtn": RTNStage, "gptq": GPTQStage, "awq": AWQStage}.get(str(method))
+        model = STAGE_CLASSES.get(str(method))
         return sorted(model.model_fields) if model else []
     if loc[0] == "calibration":
         return sorted(CalibrationConfig.model_fields)

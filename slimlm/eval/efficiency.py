@@ -219,3 +219,18 @@ def mfu(achieved_flops_per_s: float, peak_flops_per_s: float) -> float:
     if peak_flops_per_s <= 0:
         raise SlimlmError(f"peak FLOP/s must be positive (got {peak_flops_per_s})")
     return achieved_flops_per_s / peak_flops_per_s
+
+
+def count_nonzero_parameters(model: nn.Module) -> int:
+    """Unique parameters that are not exactly zero (what a pruned model really keeps); compressed
+    modules count their logical parameters."""
+    total, seen = 0, set()
+    for module in model.modules():
+        if hasattr(module, "num_logical_params"):
+            total += getattr(module, "num_nonzero_params", module.num_logical_params)()
+            seen.update(id(p) for p in module.parameters())
+    for param in model.parameters():
+        if id(param) not in seen:
+            seen.add(id(param))
+            total += int(torch.count_nonzero(param))
+    return total

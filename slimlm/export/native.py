@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 import slimlm
 from slimlm.errors import SlimlmError
+from slimlm.prune.sparse_linear import SparseLinear
 from slimlm.quant.qlinear import QuantizedLinear
 
 SLIMLM_CONFIG = "slimlm.json"
@@ -65,7 +66,8 @@ def save(
             "slimlm_version": slimlm.__version__,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "compressed_modules": {
-                name: module.meta() for name, module in model.named_modules() if isinstance(module, QuantizedLinear)
+                name: module.meta() for name, module in model.named_modules()
+                if isinstance(module, (QuantizedLinear, SparseLinear))
             },
             "recipe": recipe,
         }
@@ -161,7 +163,8 @@ def load(
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, meta in section["compressed_modules"].items():
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, QuantizedLinear.empty(meta).to(dtype))
+        kind = SparseLinear if meta.get("kind") == "sparse" else QuantizedLinear
+        setattr(model.get_submodule(parent_name), child, kind.empty(meta).to(dtype))
     # load_state_dict copies into the model's tensors, widening narrowed floats back to their dtype.
     missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS), strict=False)
     model.tie_weights()

@@ -26,9 +26,10 @@ TINY_CONFIGS: dict[str, dict] = {
 TINY_FAMILIES = tuple(TINY_CONFIGS)
 
 
-def tiny_model(family: str, seed: int = 0, vocab_size: int | None = None) -> PreTrainedModel:
-    """A 2-block random model of `family` in float32 eval mode."""
+def tiny_model(family: str, seed: int = 0, vocab_size: int | None = None, blocks: int = 2) -> PreTrainedModel:
+    """A random model of `family` with `blocks` decoder blocks (2 by default), in float32 eval mode."""
     kwargs = dict(TINY_CONFIGS[family])
+    kwargs["n_layer" if family == "gpt2" else "num_hidden_layers"] = blocks
     if vocab_size is not None:
         kwargs["vocab_size"] = vocab_size
         kwargs.update({k: 0 for k in ("bos_token_id", "eos_token_id") if k in kwargs})

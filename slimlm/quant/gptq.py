@@ -31,8 +31,9 @@ import time
 import torch
 
 from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
-from slimlm.compress.hessian import SharedHessians
+from slimlm.compress.hessian import SharedHessians, inverse_cholesky_upper, prepare_hessian
 from slimlm.compress.recipe import GPTQStage
+from slimlm.compress.sparsity import pruned_mask
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import MLP_ROLES
 from slimlm.quant.grid import QuantizedWeight, find_params, group_bounds
@@ -43,25 +44,61 @@ from slimlm.quant.qlinear import QuantizedLinear
 SEQUENTIAL_GROUPS = (("q", "k", "v", "qkv"), ("o",), ("gate", "up"), ("down",))
 
 
-def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dead columns fixed, damped; returns (H, W) as new float32 tensors."""
-    H, W = hessian.clone().float(), weight.clone().float()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H.diagonal().add_(dampening * torch.mean(torch.diag(H)))
-    return H, W
+class SweepGrid:
+    """Scale and zero point of each column during a left-to-right OBS sweep (GPTQ; SparseGPT's joint mode).
 
+    Group-wise: a group's parameters are computed when the sweep reaches the group's first column,
+    from the weights as updated so far; per-channel, per-tensor and `static_groups`: computed up
+    front from the unquantized weights in the original column order. Records each column's group
+    (g_idx) and assembles the QuantizedWeight at the end.
+    """
 
-def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 (the paper's Sec. 4, Step 3)."""
-    try:
-        L = torch.linalg.cholesky(H)
-        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    except torch.linalg.LinAlgError as error:
-        raise SlimlmError(
-            "the damped Hessian is not positive definite: raise `dampening` (e.g. 0.1) or use more calibration data"
-        ) from error
+    def __init__(self, W: torch.Tensor, perm: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                 clip: str = "minmax", static_groups: bool = False, per_tensor: bool = False):
+        rows, columns = W.shape
+        self.bits, self.group_size, self.symmetric, self.clip = bits, group_size, symmetric, clip
+        self.bounds = group_bounds(columns, group_size)
+        self.group_of_column = _group_lookup(self.bounds, columns)
+        self.order = perm.tolist()
+        self.static = None
+        if per_tensor:
+            self.static = [_tensor_params(W, bits, symmetric, clip)] * len(self.bounds)
+        elif group_size is None or static_groups:
+            self.static = [find_params(W[:, start:end], bits, symmetric, clip) for start, end in self.bounds]
+        self.params: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(self.static)) if self.static else {}
+        self.group_index = torch.zeros(columns, dtype=torch.int32)  # per position in processing order
+        self._current: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def at(self, position: int, W1: torch.Tensor, i: int, W: torch.Tensor, block_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) for the column at `position` of the (permuted) sweep; W1 is the current lazy
+        block, column-major, with this column at row i; W the full (permuted) matrix."""
+        if self.static is not None:
+            group = self.group_of_column[self.order[position]]
+            self._current = self.static[group]
+        else:
+            group = self.group_of_column[position]
+            if position == self.bounds[group][0]:
+                width = self.bounds[group][1] - position
+                # The group's weights as updated so far: in-block part from W1, the rest from W.
+                current = torch.cat([W1[i:].T, W[:, block_end:]], dim=1)[:, :width]
+                self.params[group] = find_params(current, self.bits, self.symmetric, self.clip)
+            self._current = self.params[group]
+        self.group_index[position] = group
+        return self._current
+
+    def quantized(self, codes_t: torch.Tensor, perm: torch.Tensor) -> QuantizedWeight:
+        """The QuantizedWeight from the codes in processing order, (columns, rows)."""
+        groups = range(len(self.bounds))
+        scales = torch.stack([self.params[g][0] for g in groups], dim=1)
+        zeros = torch.stack([self.params[g][1] for g in groups], dim=1)
+        inverse = torch.argsort(perm)
+        codes = codes_t.T[:, inverse].contiguous()
+        g_idx = self.group_index[inverse.cpu()]
+        trivial = torch.equal(g_idx, torch.tensor(self.group_of_column, dtype=torch.int32))
+        return QuantizedWeight(
+            codes=codes, scale=scales, zero=zeros, bits=self.bits, group_size=self.group_size,
+            symmetric=self.symmetric, fmt="int", g_idx=None if trivial else g_idx.to(codes.device), codebook=None,
+        )
 
 
 def gptq_quantize(
@@ -76,33 +113,26 @@ def gptq_quantize(
     static_groups: bool = False,
     clip: str = "minmax",
     per_tensor: bool = False,
+    keep_zero: torch.Tensor | None = None,
 ) -> tuple[QuantizedWeight, float]:
-    """Quantize an (out, in) weight with GPTQ; returns the quantized weight and the summed OBS loss."""
+    """Quantize an (out, in) weight with GPTQ; returns the quantized weight and the summed OBS loss.
+
+    `keep_zero` (a boolean mask of the weight's shape) pins those weights to exactly zero, their
+    error compensated like any other: GPTQ on a pruned layer keeps its sparsity pattern (SparseGPT's
+    joint sparsify-and-quantize sweep with a fixed mask)."""
     rows, columns = weight.shape
     H, W = prepare_hessian(hessian, weight, dampening)
-    bounds = group_bounds(columns, group_size)
-    group_of_position = _group_lookup(bounds, columns)
-
-    static = None
-    if per_tensor:
-        static = [_tensor_params(W, bits, symmetric, clip)] * len(bounds)
-    elif group_size is None or static_groups:
-        # Per-channel (one group) and static groups: parameters from the unquantized weights.
-        static = [find_params(W[:, start:end], bits, symmetric, clip) for start, end in bounds]
-
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns, device=W.device)
+    grid = SweepGrid(W, perm, bits, group_size, symmetric, clip, static_groups, per_tensor)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_cholesky_upper(H)
+    zero_t = keep_zero[:, perm].T.contiguous() if keep_zero is not None else None
 
     device = W.device
     max_code = 2**bits - 1
     # Column-major copies: the loop below reads and updates one column at a time, contiguously.
     codes_t = torch.zeros(columns, rows, dtype=torch.uint8, device=device)
-    group_index = torch.zeros(columns, dtype=torch.int32, device=device)  # per position in processing order
-    group_params: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(static)) if static else {}
     loss = torch.zeros(rows, device=device)
-    order = perm.tolist()
-    scale = zero = None
     for block_start in range(0, columns, block_size):
         block_end = min(block_start + block_size, columns)
         W1 = W[:, block_start:block_end].T.contiguous()  # (block columns, rows)
@@ -110,40 +140,19 @@ def gptq_quantize(
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[block_start:block_end, block_start:block_end]
         for i in range(block_end - block_start):
-            position = block_start + i
-            if static is not None:
-                group = group_of_position[order[position]]
-                scale, zero = static[group]
-            else:
-                group = group_of_position[position]
-                if position == bounds[group][0]:
-                    width = bounds[group][1] - position
-                    # The group's weights as updated so far: in-block part from W1, the rest from W.
-                    current = torch.cat([W1[i:].T, W[:, block_end:]], dim=1)[:, :width]
-                    scale, zero = group_params[group] = find_params(current, bits, symmetric, clip)
-            group_index[position] = group
+            scale, zero = grid.at(block_start + i, W1, i, W, block_end)
             # q = clamp(round(w / s) + z), err = (w - s (q - z)) / [H^-1]_jj: the grid's `quantize`,
             # written with in-place ops because this loop runs once per column of every layer.
             w, q, err = W1[i], Q1[i], Err1[i]
             torch.div(w, scale, out=q).round_().add_(zero).clamp_(0, max_code)
+            if zero_t is not None:
+                torch.where(zero_t[block_start + i], zero, q, out=q)  # code z dequantizes to exactly 0
             torch.sub(q, zero, out=err).mul_(scale).neg_().add_(w).div_(Hinv1[i, i])
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
         codes_t[block_start:block_end] = Q1.to(torch.uint8)
         loss += Err1.square().sum(0) / 2  # the OBS loss (w - q)^2 / [H^-1]_jj^2 / 2 of the paper
         W[:, block_end:] -= Err1.T @ Hinv[block_start:block_end, block_end:]
-
-    scales = torch.stack([group_params[g][0] for g in range(len(bounds))], dim=1)
-    zeros = torch.stack([group_params[g][1] for g in range(len(bounds))], dim=1)
-    codes = codes_t.T
-    inverse = torch.argsort(perm)
-    codes = codes[:, inverse].contiguous()
-    g_idx = group_index[inverse]
-    trivial = torch.equal(g_idx.cpu(), torch.tensor(group_of_position, dtype=torch.int32))
-    quantized = QuantizedWeight(
-        codes=codes, scale=scales, zero=zeros, bits=bits, group_size=group_size, symmetric=symmetric,
-        fmt="int", g_idx=None if trivial else g_idx, codebook=None,
-    )
-    return quantized, float(loss.sum())
+    return grid.quantized(codes_t, perm), float(loss.sum())
 
 
 def _group_lookup(bounds: list[tuple[int, int]], columns: int) -> list[int]:
@@ -179,10 +188,11 @@ def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionRepor
             context.collect(modules, hessians.add, keep_residual=mlp_only)
         for name, module in modules.items():
             start = time.perf_counter()
+            weight = linear_weight(module).detach().float()
             quantized, loss = gptq_quantize(
-                linear_weight(module).detach().float(), hessians.pop(name), stage.bits,
-                stage.group_columns, stage.symmetric, stage.dampening, stage.block_size, stage.act_order,
-                stage.static_groups, stage.clip, per_tensor=stage.granularity == "tensor",
+                weight, hessians.pop(name), stage.bits, stage.group_columns, stage.symmetric, stage.dampening,
+                stage.block_size, stage.act_order, stage.static_groups, stage.clip,
+                per_tensor=stage.granularity == "tensor", keep_zero=pruned_mask(module, weight),
             )
             context.replace(name, QuantizedLinear.replacing(module, quantized))
             report.layers.append(LayerReport(name, "gptq", time.perf_counter() - start, loss))

@@ -1,0 +1,36 @@
+"""Per-input-channel statistics of a linear's calibration inputs (Wanda's ||X_j||_2, DSnoT's mean and
+variance, OWL's outlier scores). Accumulated over batches like the Hessian (`slimlm.compress.hessian`),
+and shared the same way between linears that read one tensor (`SharedInputs(ChannelStatistics)`)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ChannelStatistics:
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.tokens = 0
+        self.samples = 0  # sequences: DSnoT's sums are per sequence, averaged over sequences
+        self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.sum_squares = torch.zeros(in_features, dtype=torch.float64, device=device)
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        """Inputs (batch, seq, in_features) or (tokens, in_features)."""
+        self.samples += inputs.shape[0] if inputs.dim() == 3 else 1
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.tokens += x.shape[0]
+        self.sum += x.sum(0).double()
+        self.sum_squares += x.square().sum(0).double()
+
+    def squared_norm_per_sample(self) -> torch.Tensor:
+        """||X_j||^2 over all tokens / number of sequences: Wanda's `scaler_row` (its score uses the square root)."""
+        return (self.sum_squares / self.samples).float()
+
+    def sum_per_sample(self) -> torch.Tensor:
+        """sum of x_j over all tokens / number of sequences: DSnoT's `sum_metric_row`."""
+        return (self.sum / self.samples).float()
+
+    def variance(self) -> torch.Tensor:
+        """Population variance of each input channel over all tokens."""
+        mean = self.sum / self.tokens
+        return (self.sum_squares / self.tokens - mean.square()).clamp(min=0).float()

@@ -1,0 +1,101 @@
+"""Layer removal: delete the least important decoder blocks (depth pruning).
+
+Two block-importance criteria, each from its paper; the k least important blocks are removed in
+one shot and the result is a plain, shallower transformers model (`save_pretrained` /
+`from_pretrained` load it without slimlm):
+
+- `angular` (ShortGPT: Men et al., "ShortGPT: Layers in Large Language Models are More Redundant
+  Than You Expect", 2024, Eq. 1): Block Influence BI_i = 1 - E_t[cos(x_i,t, x_i+1,t)], the mean
+  cosine similarity between the hidden state entering block i and the one leaving it, over every
+  calibration token; one dense pass through the blocks.
+- `perplexity` (Shortened LLaMA: Kim et al., "Shortened LLaMA: Depth Pruning for LLMs", 2024,
+  Sec. 3, the PPL criterion): the calibration perplexity of the model with block i alone removed;
+  the blocks whose removal raises it least go. One full forward pass per block.
+
+Removal renumbers each remaining attention's `layer_idx` (the KV cache is indexed by it) and
+shortens `config.num_hidden_layers` and, where the config has one, `config.layer_types`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from slimlm.compress.engine import BlockInputs, CompressionReport, _on_device, capture_block_inputs, run_block
+from slimlm.compress.recipe import DropLayersStage
+from slimlm.models.adapter import ModelAdapter
+from slimlm.progress import progress
+
+
+@torch.no_grad()
+def angular_importance(model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor,
+                       batch_size: int, device: torch.device) -> list[float]:
+    """ShortGPT's Block Influence of every block (higher = more important)."""
+    inputs = capture_block_inputs(model, adapter, calibration, batch_size, device)
+    influence = []
+    for block in progress(adapter.blocks, desc="block influence", total=len(adapter)):
+        with _on_device([block], device):
+            outputs = run_block(block, inputs)
+        similarity = sum(float(F.cosine_similarity(h.float(), o.float(), dim=-1).sum()) for h, o in zip(inputs.hidden, outputs))
+        influence.append(1 - similarity / inputs.tokens)
+        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
+    return influence
+
+
+@torch.no_grad()
+def perplexity_importance(model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor,
+                          batch_size: int, device: torch.device) -> list[float]:
+    """Calibration perplexity with each block removed alone (higher = more important)."""
+    parent = model.get_submodule(adapter.blocks_name.rpartition(".")[0])
+    attribute = adapter.blocks_name.rpartition(".")[2]
+    blocks = list(adapter.blocks)
+    scores = []
+    for index in progress(range(len(blocks)), desc="perplexity without each block", total=len(blocks)):
+        setattr(parent, attribute, nn.ModuleList(blocks[:index] + blocks[index + 1 :]))
+        try:
+            scores.append(_perplexity(model, calibration, batch_size, device))
+        finally:
+            setattr(parent, attribute, adapter.blocks)
+    return scores
+
+
+def _perplexity(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    nll, count = 0.0, 0
+    for start in range(0, len(calibration), batch_size):
+        ids = calibration[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def remove_blocks_(model: PreTrainedModel, adapter: ModelAdapter, indices: list[int]) -> None:
+    """Delete the given blocks in place and make the config and the layers' indices agree."""
+    drop = set(indices)
+    kept = [block for i, block in enumerate(adapter.blocks) if i not in drop]
+    parent_name, _, attribute = adapter.blocks_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attribute, nn.ModuleList(kept))
+    for new_index, block in enumerate(kept):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in drop]
+    config.num_hidden_layers = len(kept)
+
+
+def drop_layers(model: PreTrainedModel, stage: DropLayersStage, calibration: torch.Tensor, batch_size: int,
+                device: torch.device, report: CompressionReport) -> None:
+    adapter = ModelAdapter(model)
+    criterion = angular_importance if stage.criterion == "angular" else perplexity_importance
+    importance = criterion(model, adapter, calibration, batch_size, device)
+    count = stage.blocks_to_remove(len(adapter))
+    removed = sorted(sorted(range(len(importance)), key=lambda i: importance[i])[:count])
+    remove_blocks_(model, adapter, removed)
+    report.structure.append({"method": "drop_layers", "criterion": stage.criterion, "importance": importance,
+                             "removed_blocks": removed, "blocks_left": len(adapter) - count})

@@ -1,0 +1,30 @@
+"""Wanda: pruning by weights and activations.
+
+Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for Large Language Models",
+ICLR 2024 (arXiv:2306.11695). Score S_ij = |W_ij| * ||X_j||_2 (Eq. 1), with ||X_j||_2 the norm of
+input feature j over the calibration tokens; the lowest scores of each output row are pruned
+(the paper's per-output comparison group), or the lowest M - N of each M consecutive inputs for
+N:M. No weight update. As in the authors' code (`prune_wanda`), one pass of the block gathers the
+statistics of all its linears, they are pruned, and the pruned block's outputs feed the next block.
+"""
+
+from __future__ import annotations
+
+import time
+
+from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
+from slimlm.compress.recipe import WandaStage
+from slimlm.compress.sparsity import apply_mask_
+from slimlm.prune.common import block_sparsity, collect_channel_statistics, mask_from_score, wanda_score
+
+
+def wanda_block(context: BlockContext, stage: WandaStage, report: CompressionReport) -> None:
+    sparsity = block_sparsity(context, stage)
+    statistics = collect_channel_statistics(context, list(context.targets))
+    for name in context.targets:
+        start = time.perf_counter()
+        module = context.module(name)
+        weight = linear_weight(module)
+        mask = mask_from_score(wanda_score(weight, statistics.pop(name)), stage, sparsity, per_row=True)
+        apply_mask_(module, weight, mask)
+        report.layers.append(LayerReport(name, "wanda", time.perf_counter() - start))
