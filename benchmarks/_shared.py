@@ -4,6 +4,7 @@ llm-compressor call, and a resumable progress file."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -13,6 +14,50 @@ from pathlib import Path
 
 PEERS = Path(__file__).resolve().parent / "peers"
 ZERO_SHOT = ("piqa", "arc_easy", "hellaswag")
+
+
+def parse_arguments(doc: str, configs: dict, methods: dict, out: Path) -> argparse.Namespace:
+    """The options every compression benchmark takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--limit", type=int, default=200, help="first N examples of each zero-shot task")
+    parser.add_argument("--quick", action="store_true", help="tiny protocol, to check the script")
+    def listed(names) -> str:  # argparse expands % in help texts
+        return "comma-separated subset of " + ", ".join(names).replace("%", "%%")
+
+    parser.add_argument("--configs", default=",".join(configs), help=listed(configs))
+    parser.add_argument("--methods", default=",".join(methods), help=listed(methods))
+    parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
+    parser.add_argument("--out", default=str(out))
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one slimlm job and print its JSON
+    return parser.parse_args()
+
+
+def start(doc: str, configs: dict, methods: dict, name: str, prompt_tokens: int, run_job):
+    """A benchmark script's opening: parse its options; as a job child, run the job, print it and
+    return None; else return (args, protocol, output path, Progress, token files)."""
+    args = parse_arguments(doc, configs, methods, Path(__file__).resolve().parent / "results" / name)
+    if args.job:
+        print("RESULT " + json.dumps(run_job(json.loads(args.job))), flush=True)
+        return None
+    proto = protocol(args, prompt_tokens)
+    out = Path(args.out)
+    quick = "-quick" if args.quick else ""
+    progress = Progress(out.parent / f".{out.name}{quick.replace('-', '.')}.partial.json")
+    return args, proto, out, progress, token_files(args.data_dir, proto, f"{name}{quick}")
+
+
+def protocol(args: argparse.Namespace, prompt_tokens: int) -> dict:
+    """128 x 512 C4 calibration tokens, 40 WikiText-2 / C4 windows of 512, zero-shot on `--limit`
+    examples, latency with a `prompt_tokens` prompt; `--quick` shrinks everything to check a script."""
+    quick = args.quick
+    return {
+        "calibration": {"corpus": "c4 docs 0-999", "samples": 8 if quick else 128, "seqlen": 128 if quick else 512,
+                        "seed": 0},
+        "perplexity": {"seqlen": 512, "max_windows": 2 if quick else 40},
+        "zero_shot": {"tasks": list(ZERO_SHOT), "limit": 10 if quick else args.limit},
+        "speed": {"prompt_tokens": prompt_tokens, "new_tokens": 8 if quick else 32, "repeats": 1 if quick else 3},
+    }
 
 
 def token_files(data_dir: str, proto: dict, tag: str) -> dict:
@@ -39,6 +84,29 @@ def token_files(data_dir: str, proto: dict, tag: str) -> dict:
         ids = tokenize_corpus(tokenizer, load_corpus("wikitext2", "eval", data_dir))
         save_file({"input_ids": token_windows(ids, p["seqlen"], p["max_windows"]).contiguous()}, str(paths["eval"]))
     return {key: str(value) for key, value in paths.items()}
+
+
+def compress_job(spec: dict, seconds_key: str):
+    """Inside a job: load the default model and apply the job's stage (if any) to it, timed.
+
+    Returns (model, tokenizer, result dict with config, method, `seconds_key` and peak_rss_bytes, report)."""
+    import resource
+
+    import torch
+
+    from slimlm.compress import compress
+    from slimlm.models.loading import load_model
+
+    torch.manual_seed(0)
+    lm = load_model("smollm2-135m")
+    result, report = {"config": spec["config"], "method": spec["method"]}, None
+    if spec["stage"] is not None:
+        calibration = torch.load(spec["calibration"], weights_only=True)
+        start = time.perf_counter()
+        report = compress(lm.model, {"stages": [spec["stage"]], "calibration": {"batch_size": 8}}, calibration=calibration)
+        result[seconds_key] = time.perf_counter() - start
+        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return lm.model, lm.tokenizer, result, report
 
 
 def run_child(script: str, data_dir: str, spec: dict) -> dict:
@@ -69,6 +137,22 @@ def evaluate_quality(model, tokenizer, proto: dict, data_dir: str) -> dict:
         result[f"{task}_acc_norm" if task != "arc_easy" else "arc_easy_acc"] = (
             scores["acc"] if task == "arc_easy" else scores["acc_norm"])
     return result
+
+
+def llmcompressor_row(tokens: dict, extra: list[str], config: str, algo: str, seconds_key: str) -> dict:
+    """A result row for llm-compressor on `config` (its ppl, time and peak memory under our names)."""
+    peer = llmcompressor(tokens, extra)
+    return {"config": config, "method": f"llm-compressor {algo}", "status": peer["status"],
+            "wikitext2_ppl": peer.get("ppl"), seconds_key: peer.get("compression_seconds"),
+            "peak_rss_bytes": peer.get("peak_rss_bytes"), "error": (peer.get("error") or "")[:200] or None,
+            "versions": peer.get("versions")}
+
+
+def preamble_head(title: str, result: dict) -> str:
+    """The first lines of a results page: title, command, machine, date."""
+    m, v = result["machine"], result["versions"]
+    return (f"# {title}: {result['model']}\n\nCommand: `{result['command']}`  \nMachine: {m['cpu']}, {m['cores']} "
+            f"cores; torch {v['torch']}, transformers {v['transformers']}  \nDate: {result['date']}\n\n")
 
 
 def llmcompressor(tokens: dict, extra: list[str]) -> dict:

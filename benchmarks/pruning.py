@@ -19,9 +19,7 @@ SliceGPT, FLAP, layer removal) is not in slimlm yet and so not in this benchmark
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import shlex
 import sys
 import tempfile
@@ -29,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import ZERO_SHOT, Progress, evaluate_quality, llmcompressor, run_child, token_files  # noqa: E402
+from _shared import (  # noqa: E402
+    Progress, compress_job, evaluate_quality, llmcompressor_row, preamble_head, run_child, start)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity": 0.7},
@@ -40,52 +39,15 @@ METHODS = {"magnitude": {"method": "magnitude"}, "Wanda": {"method": "wanda"},
 PEER_ALGOS = {"SparseGPT": "sparsegpt", "Wanda": "wanda"}
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--limit", type=int, default=200, help="first N examples of each zero-shot task")
-    parser.add_argument("--quick", action="store_true", help="tiny protocol, to check the script")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
-    parser.add_argument("--out", default=str(RESULTS / "pruning"))
-    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one slimlm job and print its JSON
-    return parser.parse_args()
-
-
-def protocol(args: argparse.Namespace) -> dict:
-    quick = args.quick
-    return {
-        "calibration": {"corpus": "c4 docs 0-999", "samples": 8 if quick else 128, "seqlen": 128 if quick else 512,
-                        "seed": 0},
-        "perplexity": {"seqlen": 512, "max_windows": 2 if quick else 40},
-        "zero_shot": {"tasks": list(ZERO_SHOT), "limit": 10 if quick else args.limit},
-        "speed": {"prompt_tokens": 128, "new_tokens": 8 if quick else 32, "repeats": 1 if quick else 3},
-    }
-
-
 def run_job(spec: dict) -> dict:
     """One slimlm job (in a child process): prune, save, evaluate, time."""
-    import torch
-
-    from slimlm.compress import compress
     from slimlm.eval.efficiency import count_nonzero_parameters, count_parameters, measure_latency
     from slimlm.export.native import model_bytes, save
-    from slimlm.models.loading import load_model
 
     proto, data_dir = spec["protocol"], spec["data_dir"]
-    torch.manual_seed(0)
-    lm = load_model("smollm2-135m")
-    model, tokenizer = lm.model, lm.tokenizer
-    result = {"config": spec["config"], "method": spec["method"]}
-    if spec["stage"] is not None:
-        calibration = torch.load(spec["calibration"], weights_only=True)
-        start = time.perf_counter()
-        report = compress(model, {"stages": [spec["stage"]], "calibration": {"batch_size": 8}}, calibration=calibration)
-        result["pruning_seconds"] = time.perf_counter() - start
-        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        if report.block_sparsity:
-            result["owl_block_sparsity"] = [round(s, 4) for s in report.block_sparsity[0]]
+    model, tokenizer, result, report = compress_job(spec, "pruning_seconds")
+    if report is not None and report.block_sparsity:
+        result["owl_block_sparsity"] = [round(s, 4) for s in report.block_sparsity[0]]
     result["parameters"] = count_parameters(model)
     result["nonzero_parameters"] = count_nonzero_parameters(model)
     with tempfile.TemporaryDirectory() as directory:
@@ -95,6 +57,13 @@ def run_job(spec: dict) -> dict:
     latency = measure_latency(model, speed["prompt_tokens"], speed["new_tokens"], 1, speed["repeats"])
     result["prefill_ms"] = latency.prefill_s * 1000
     result["decode_tokens_per_s"] = latency.decode_tokens_per_s
+    if spec["stage"] is not None:  # the same model with its pruned linears stored compressed (N:M or CSR)
+        from slimlm.prune.sparse_linear import sparsify_model_
+
+        pattern = spec["stage"].get("pattern")
+        sparsify_model_(model, tuple(int(p) for p in pattern.split(":")) if pattern else None)
+        with tempfile.TemporaryDirectory() as directory:
+            result["disk_bytes_sparse_storage"] = model_bytes(save(model, Path(directory) / "m", tokenizer))
     return result
 
 
@@ -131,16 +100,11 @@ def sparse_kernels(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    args = parse_args()
-    if args.job:
-        print("RESULT " + json.dumps(run_job(json.loads(args.job))), flush=True)
+    started = start(__doc__, CONFIGS, METHODS, "pruning", 128, run_job)
+    if started is None:
         return
+    args, proto, out, progress, tokens = started
     from slimlm.results import library_versions, machine_info, utc_now, write_results
-
-    proto = protocol(args)
-    out = Path(args.out)
-    progress = Progress(out.parent / f".{out.name}{'.quick' if args.quick else ''}.partial.json")
-    tokens = token_files(args.data_dir, proto, "prune-bench-quick" if args.quick else "prune-bench")
 
     def child(config: str, method: str, stage: dict | None) -> dict:
         spec = {"protocol": proto, "data_dir": args.data_dir, "config": config, "method": method, "stage": stage,
@@ -173,19 +137,12 @@ def _peer(tokens: dict, config: str, algo: str) -> dict:
     settings = CONFIGS[config]
     extra = ["--algo", algo, "--sparsity", str(settings.get("sparsity", 0.5)),
              "--mask-structure", settings.get("pattern", "0:0")]
-    peer = llmcompressor(tokens, extra)
-    return {"config": config, "method": f"llm-compressor {algo}", "status": peer["status"],
-            "wikitext2_ppl": peer.get("ppl"), "pruning_seconds": peer.get("compression_seconds"),
-            "peak_rss_bytes": peer.get("peak_rss_bytes"), "error": (peer.get("error") or "")[:200] or None,
-            "versions": peer.get("versions")}
+    return llmcompressor_row(tokens, extra, config, algo, "pruning_seconds")
 
 
 def _preamble(result: dict) -> str:
-    p, m = result["protocol"], result["machine"]
-    return (
-        f"# Pruning: {result['model']}\n\n"
-        f"Command: `{result['command']}`  \nMachine: {m['cpu']}, {m['cores']} cores; torch "
-        f"{result['versions']['torch']}, transformers {result['versions']['transformers']}  \nDate: {result['date']}\n\n"
+    p = result["protocol"]
+    return preamble_head("Pruning", result) + (
         f"Calibration: {p['calibration']['samples']} x {p['calibration']['seqlen']} tokens of {p['calibration']['corpus']}, "
         f"seed {p['calibration']['seed']} (identical tokens for llm-compressor). Perplexity: GPTQ protocol, seqlen "
         f"{p['perplexity']['seqlen']}, first {p['perplexity']['max_windows']} windows (WikiText-2 test; C4 docs "
@@ -201,7 +158,8 @@ def _tables(rows: list[dict], kernels: list[dict]) -> str:
     from slimlm.results import markdown_table
 
     columns = ("config", "method", "wikitext2_ppl", "c4_ppl", "kl_mean", "piqa_acc_norm", "arc_easy_acc",
-               "hellaswag_acc_norm", "parameters", "nonzero_parameters", "disk_bytes", "prefill_ms",
+               "hellaswag_acc_norm", "parameters", "nonzero_parameters", "disk_bytes", "disk_bytes_sparse_storage",
+               "prefill_ms",
                "decode_tokens_per_s", "pruning_seconds")
     ours = {(r["config"], r["method"]): r for r in rows}
     peers = []

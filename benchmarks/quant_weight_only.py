@@ -17,17 +17,15 @@ group-32 grid (Q4_1), so W4 g32 asymmetric would be lossless: it is not among th
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import ZERO_SHOT, Progress, evaluate_quality, llmcompressor, run_child, token_files  # noqa: E402
+from _shared import (  # noqa: E402
+    Progress, compress_job, evaluate_quality, llmcompressor_row, preamble_head, run_child, start)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {  # name -> (bits, group size)
@@ -43,51 +41,14 @@ METHODS = {
 PEER_SCHEMES = {"W4 g64": "W4G64", "W3 g64": "W3G64", "W4 per-channel": "W4CH", "W2 g32": "W2G32", "W4 g128": "W4G128"}
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--limit", type=int, default=200, help="first N examples of each zero-shot task")
-    parser.add_argument("--quick", action="store_true", help="tiny protocol, to check the script")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
-    parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
-    parser.add_argument("--out", default=str(RESULTS / "quant_weight_only"))
-    parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one slimlm job and print its JSON
-    return parser.parse_args()
-
-
-def protocol(args: argparse.Namespace) -> dict:
-    quick = args.quick
-    return {
-        "calibration": {"corpus": "c4 docs 0-999", "samples": 8 if quick else 128, "seqlen": 128 if quick else 512,
-                        "seed": 0},
-        "perplexity": {"seqlen": 512, "max_windows": 2 if quick else 40},
-        "zero_shot": {"tasks": list(ZERO_SHOT), "limit": 10 if quick else args.limit},
-        "speed": {"prompt_tokens": 32, "new_tokens": 8 if quick else 32, "repeats": 1 if quick else 3},
-    }
-
-
 # ---- one slimlm job (runs in a child process) ------------------------------------------------
 
 
 def run_job(spec: dict) -> dict:
-    import torch
-
-    from slimlm.compress import compress
     from slimlm.export.native import model_bytes, save
-    from slimlm.models.loading import load_model
 
     proto, data_dir = spec["protocol"], spec["data_dir"]
-    torch.manual_seed(0)
-    lm = load_model("smollm2-135m")
-    model, tokenizer = lm.model, lm.tokenizer
-    result = {"config": spec["config"], "method": spec["method"]}
-    if spec["stage"] is not None:
-        calibration = torch.load(spec["calibration"], weights_only=True)
-        start = time.perf_counter()
-        compress(model, {"stages": [spec["stage"]], "calibration": {"batch_size": 8}}, calibration=calibration)
-        result["compression_seconds"] = time.perf_counter() - start
-        result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model, tokenizer, result, _ = compress_job(spec, "compression_seconds")
     with tempfile.TemporaryDirectory() as directory:
         result["disk_bytes"] = model_bytes(save(model, Path(directory) / "m", tokenizer))
     result.update(evaluate_quality(model, tokenizer, proto, data_dir))
@@ -122,16 +83,12 @@ def _decode_speed(model, speed: dict) -> dict:
 
 
 def main() -> None:
-    args = parse_args()
-    if args.job:
-        print("RESULT " + json.dumps(run_job(json.loads(args.job))), flush=True)
+    started = start(__doc__, CONFIGS, METHODS, "quant_weight_only", 32, run_job)
+    if started is None:
         return
+    args, proto, out, progress, tokens = started
+    record = progress.record
     from slimlm.results import library_versions, machine_info, utc_now, write_results
-
-    proto = protocol(args)
-    out = Path(args.out)
-    record = Progress(out.parent / f".{out.name}{'.quick' if args.quick else ''}.partial.json").record
-    tokens = token_files(args.data_dir, proto, f"quant-bench{'-quick' if args.quick else ''}")
 
     configs = [c.strip() for c in args.configs.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
@@ -161,19 +118,13 @@ def _child(args, proto, tokens: dict, config: str, method: str, stage: dict | No
 
 
 def _peer(args, tokens: dict, config: str, algo: str) -> dict:
-    peer = llmcompressor(tokens, ["--scheme", PEER_SCHEMES[config], "--algo", algo, "--asymmetric"])
-    return {"config": config, "method": f"llm-compressor {algo}", "status": peer["status"],
-            "wikitext2_ppl": peer.get("ppl"), "compression_seconds": peer.get("compression_seconds"),
-            "peak_rss_bytes": peer.get("peak_rss_bytes"), "error": (peer.get("error") or "")[:200] or None,
-            "versions": peer.get("versions")}
+    extra = ["--scheme", PEER_SCHEMES[config], "--algo", algo, "--asymmetric"]
+    return llmcompressor_row(tokens, extra, config, algo, "compression_seconds")
 
 
 def _preamble(result: dict) -> str:
-    p, m = result["protocol"], result["machine"]
-    return (
-        f"# Weight-only quantization: {result['model']}\n\n"
-        f"Command: `{result['command']}`  \nMachine: {m['cpu']}, {m['cores']} cores; torch "
-        f"{result['versions']['torch']}, transformers {result['versions']['transformers']}  \nDate: {result['date']}\n\n"
+    p = result["protocol"]
+    return preamble_head("Weight-only quantization", result) + (
         f"Calibration: {p['calibration']['samples']} x {p['calibration']['seqlen']} tokens of {p['calibration']['corpus']}, "
         f"seed {p['calibration']['seed']} (identical tokens for llm-compressor). Perplexity: token perplexity, "
         f"GPTQ protocol, seqlen {p['perplexity']['seqlen']}, first {p['perplexity']['max_windows']} windows "

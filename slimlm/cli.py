@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     squeeze.add_argument("--export-ct", metavar="DIR",
                          help="also write a compressed-tensors (pack-quantized) checkpoint that transformers loads")
+    squeeze.add_argument("--sparse-storage", action="store_true",
+                         help="save pruned linears compressed (N:M values + indices, or CSR); slimlm loads them")
     squeeze.add_argument("--data-dir", help="data directory (default: $SLIMLM_DATA)")
     squeeze.add_argument("--calib-corpus", help="calibration corpus (overrides the recipe; e.g. c4, wikitext2, pydoc)")
     squeeze.add_argument("--calib-samples", type=_positive_int, help="calibration segments (overrides the recipe)")
@@ -191,7 +193,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.compress.engine import validate_recipe_for_model
     from slimlm.compress.recipe import load_recipe
     from slimlm.data.calibration import calibration_samples
-    from slimlm.eval.efficiency import count_parameters, disk_bytes, memory_bytes
+    from slimlm.eval.efficiency import count_nonzero_parameters, count_parameters, disk_bytes, memory_bytes
     from slimlm.eval.runner import EvalSettings, evaluate, parse_tasks
     from slimlm.export.native import model_bytes, refuse_non_empty, save
 
@@ -207,6 +209,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     loaded = _load(args.model, args)
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter, selections = validate_recipe_for_model(model, recipe)  # bad targets or groups fail before any work
+    sparse_pattern = _sparse_storage_pattern(recipe) if args.sparse_storage else None
     if args.export_ct:
         from slimlm.export.compressed_tensors import check_recipe_exportable
         from slimlm.models.adapter import linear_shape
@@ -222,6 +225,10 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     original_bytes = {"memory": memory_bytes(model), "disk": disk_bytes(model)}
     reference = copy.deepcopy(model) if tasks and args.kl else None
     report = compress(model, recipe, calibration, device=args.device)
+    if args.sparse_storage:
+        from slimlm.prune.sparse_linear import sparsify_model_
+
+        sparsify_model_(model, sparse_pattern or None)
     save(model, args.out, tokenizer, recipe=recipe.model_dump(mode="json"), overwrite=args.overwrite)
     if args.export_ct:
         from slimlm.export.compressed_tensors import export_compressed_tensors
@@ -229,7 +236,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
         export_compressed_tensors(model, args.export_ct, tokenizer)
     after = evaluate(model, tokenizer, tasks, settings, reference) if tasks else []
     sizes = {
-        "parameters": count_parameters(model),
+        "parameters": count_parameters(model), "nonzero_parameters": count_nonzero_parameters(model),
         "memory_bytes_before": original_bytes["memory"], "memory_bytes_after": memory_bytes(model),
         "disk_bytes_before": original_bytes["disk"], "disk_bytes_after": model_bytes(args.out),
     }
@@ -239,6 +246,14 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
                "export_ct": args.export_ct}
     record = make_record(args.model, str(args.recipe), protocol, metrics)
     return record, _compress_table(args, before, after, sizes, report)
+
+
+def _sparse_storage_pattern(recipe) -> tuple[int, int] | tuple[()]:
+    """The N:M pattern every pruning stage shares (stored packed), or () for CSR; an error without pruning."""
+    patterns = {getattr(stage, "n_m", None) for stage in recipe.stages if hasattr(stage, "sparsity")}
+    if not patterns:
+        raise SlimlmError("--sparse-storage: the recipe has no pruning stage (magnitude, wanda, sparsegpt, dsnot)")
+    return patterns.pop() if len(patterns) == 1 and None not in patterns else ()
 
 
 def _compress_table(args, before: list[dict], after: list[dict], sizes: dict, report) -> str:

@@ -1,5 +1,7 @@
 """Pruning: masks, Wanda, SparseGPT (against a straight-line OBS sweep), DSnoT, OWL, recipes."""
 
+import json
+
 import pytest
 import torch
 
@@ -214,10 +216,14 @@ def test_cli_prunes_with_a_preset_and_reports_before_and_after(tmp_path, tokeniz
     tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(source)
     tokenizer.save_pretrained(source)
     out = tmp_path / "sparse"
+    record = tmp_path / "record.json"
     assert main(["compress", "--model", str(source), "--recipe", "sparsegpt-2of4", "--out", str(out),
-                 "--calib-corpus", "pydoc", "--calib-samples", "4", "--calib-seqlen", "32",
-                 "--eval", "pydoc", "--seqlen", "64", "--max-windows", "2"]) == 0
+                 "--calib-corpus", "pydoc", "--calib-samples", "4", "--calib-seqlen", "32", "--sparse-storage",
+                 "--eval", "pydoc", "--seqlen", "64", "--max-windows", "2", "--json", str(record)]) == 0
     assert "| pydoc | ppl |" in capsys.readouterr().out
+    sizes = json.loads(record.read_text())["metrics"]["sizes"]
+    assert sizes["disk_bytes_after"] < sizes["disk_bytes_before"]
+    assert sizes["nonzero_parameters"] < sizes["parameters"]
     assert main(["eval", "--model", str(out), "--tasks", "pydoc", "--seqlen", "64", "--max-windows", "2"]) == 0
 
 
