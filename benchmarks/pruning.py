@@ -99,6 +99,21 @@ def sparse_kernels(quick: bool) -> list[dict]:
     return rows
 
 
+def semi_structured_on_cpu() -> str:
+    """Whether PyTorch's 2:4 semi-structured sparse tensors work on this CPU (they target NVIDIA GPUs)."""
+    import torch
+    from torch.sparse import to_sparse_semi_structured
+
+    from slimlm.compress.sparsity import n_m_mask
+
+    weight = torch.randn(128, 128)
+    try:
+        to_sparse_semi_structured(weight.masked_fill(n_m_mask(weight.abs(), 2, 4), 0).to(torch.bfloat16))
+    except Exception as error:  # noqa: BLE001 - any refusal is the answer we record
+        return f"not available: {type(error).__name__}: {str(error)[:160]}"
+    return "available"
+
+
 def main() -> None:
     started = start(__doc__, CONFIGS, METHODS, "pruning", 128, run_job)
     if started is None:
@@ -125,11 +140,14 @@ def main() -> None:
                 if method in methods:
                     rows.append(progress.record(f"{config}/llm-compressor {algo}",
                                                 lambda c=config, a=algo: _peer(tokens, c, a)))
-    kernels = progress.record("sparse kernels", lambda: {"rows": sparse_kernels(args.quick)})["rows"]
+    kernels = progress.record("sparse kernels", lambda: {"rows": sparse_kernels(args.quick),
+                                                         "semi_structured": semi_structured_on_cpu()})
+    kernels, semi_structured = kernels["rows"], kernels["semi_structured"]
     command = shlex.join(["python", "benchmarks/pruning.py", *sys.argv[1:]])
     result = {"model": "smollm2-135m", "protocol": proto, "rows": rows, "sparse_kernels": kernels,
+              "semi_structured_cpu": semi_structured,
               "machine": machine_info(), "versions": library_versions(), "date": utc_now(), "command": command}
-    write_results(out, [result], _tables(rows, kernels), preamble=_preamble(result))
+    write_results(out, [result], _tables(rows, kernels, semi_structured), preamble=_preamble(result))
     print(out.with_suffix(".md").read_text())
 
 
@@ -154,7 +172,7 @@ def _preamble(result: dict) -> str:
     )
 
 
-def _tables(rows: list[dict], kernels: list[dict]) -> str:
+def _tables(rows: list[dict], kernels: list[dict], semi_structured: str) -> str:
     from slimlm.results import markdown_table
 
     columns = ("config", "method", "wikitext2_ppl", "c4_ppl", "kl_mean", "piqa_acc_norm", "arc_easy_acc",
@@ -172,7 +190,8 @@ def _tables(rows: list[dict], kernels: list[dict]) -> str:
     parts = ["## Quality, size, speed\n", markdown_table([r for r in rows if not r["method"].startswith("llm-")], columns)]
     if peers:
         parts += ["\n## llm-compressor beside slimlm (same tokens, same windows)\n", markdown_table(peers)]
-    parts += ["\n## Sparse CPU matmul against dense (one 1536 x 576 layer, float32)\n", markdown_table(kernels)]
+    parts += ["\n## Sparse CPU matmul against dense (one 1536 x 576 layer, float32)\n", markdown_table(kernels),
+              f"\nPyTorch 2:4 semi-structured sparse tensors on this CPU: {semi_structured}\n"]
     return "\n".join(parts)
 
 

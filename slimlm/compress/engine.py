@@ -11,6 +11,10 @@
    block's inputs. Each block is therefore calibrated on the activations of the already-compressed
    model, so the error of earlier blocks is accounted for, as in the GPTQ reference code.
 
+Stages that change the architecture (layer removal) run first, on the whole model, each on what
+the previous one left; the pass above then runs on the smaller model. Pruning stages with OWL get
+their per-block sparsity from a dense pre-pass (`slimlm.prune.owl`).
+
 Memory: only the block being processed needs to sit on the compute device (`device`); the rest of
 the model stays where it is (CPU RAM). Working memory is about
 

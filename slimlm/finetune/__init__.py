@@ -1,0 +1,1 @@
+"""Parameter-efficient fine-tuning, used to recover quality after compression (LoRA)."""
