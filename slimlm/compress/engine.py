@@ -282,8 +282,8 @@ def validate_recipe_for_model(model: PreTrainedModel, recipe: Recipe) -> tuple[M
         for name in chosen:
             if hasattr(stage, "check_layer"):
                 stage.check_layer(name, linear_shape(linears[name])[0])
-        if hasattr(stage, "blocks_to_remove"):
-            stage.blocks_to_remove(len(adapter))
+        if hasattr(stage, "check_model"):  # structural stages: does the architecture allow them?
+            stage.check_model(adapter)
         selections.append(set(chosen))
     return adapter, selections
 

@@ -37,3 +37,8 @@ PRESETS["sparsegpt-2of4-joint-w4g64"] = {"stages": [
 for _count in (2, 4, 6):
     PRESETS[f"drop-layers-{_count}"] = {"stages": [{"method": "drop_layers", "count": _count}]}
     PRESETS[f"drop-layers-{_count}-ppl"] = {"stages": [{"method": "drop_layers", "count": _count, "criterion": "perplexity"}]}
+# Width pruning: LLM-Pruner, without and with LoRA recovery.
+for _percent in (10, 20, 30):
+    PRESETS[f"llm-pruner-{_percent}"] = {"stages": [{"method": "llm_pruner", "ratio": _percent / 100}]}
+    PRESETS[f"llm-pruner-{_percent}-lora"] = {"stages": [{"method": "llm_pruner", "ratio": _percent / 100,
+                                                          "recovery": {"steps": 100}}]}

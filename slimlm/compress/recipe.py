@@ -270,6 +270,9 @@ class DropLayersStage(StageBase):
             raise ValueError("give exactly one of `count` (blocks to remove) and `ratio` (fraction of blocks)")
         return self
 
+    def check_model(self, adapter) -> None:
+        self.blocks_to_remove(len(adapter))
+
     def blocks_to_remove(self, blocks: int) -> int:
         count = self.count if self.count is not None else round(self.ratio * blocks)
         if not 1 <= count < blocks:
@@ -278,12 +281,39 @@ class DropLayersStage(StageBase):
         return count
 
 
-Stage = Annotated[
-    Union[RTNStage, GPTQStage, AWQStage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage],
-    Field(discriminator="method"),
-]
-STAGE_CLASSES = {cls.model_fields["method"].default: cls for cls in
-                 (RTNStage, GPTQStage, AWQStage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage)}
+class LoRARecovery(StrictModel):
+    """LoRA fine-tuning after structural pruning, on the calibration segments."""
+
+    steps: int = Field(100, ge=1)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, ge=1)
+
+
+class LLMPrunerStage(StageBase):
+    """LLM-Pruner (Ma et al., 2023): coupled attention groups and MLP channels by first-order Taylor importance."""
+
+    method: Literal["llm_pruner"] = "llm_pruner"
+    structural: ClassVar[bool] = True
+    ratio: float = Field(0.2, gt=0, lt=1, description="fraction of each block's KV-head groups and MLP channels removed")
+    importance: Literal["element", "vector"] = "element"
+    aggregation: Literal["sum", "mean", "max", "prod"] = "sum"
+    gradient_samples: int = Field(10, ge=1, description="calibration segments for the gradients (the paper: 10)")
+    recovery: LoRARecovery | None = None
+
+    def check_model(self, adapter) -> None:
+        roles = set(adapter[0].linears)
+        if not {"q", "k", "v", "o", "up", "down"} <= roles:
+            raise SlimlmError(f"llm_pruner needs separate q/k/v/o and up/down projections; this {adapter.family} "
+                              f"model has {sorted(roles)} (fused qkv is not supported)")
+
+
+_STAGES = (RTNStage, GPTQStage, AWQStage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage,
+           LLMPrunerStage)
+Stage = Annotated[Union[_STAGES], Field(discriminator="method")]
+STAGE_CLASSES = {cls.model_fields["method"].default: cls for cls in _STAGES}
 METHODS = tuple(STAGE_CLASSES)
 
 

@@ -1,0 +1,174 @@
+"""LLM-Pruner: structural pruning of coupled structures with first-order Taylor importance.
+
+Ma, Fang, Wang, "LLM-Pruner: On the Structural Pruning of Large Language Models", NeurIPS 2023
+(arXiv:2305.11627). Implemented for decoders with separate q/k/v/o and up/down (and gate)
+projections (Llama, Qwen2, Mistral, Gemma families):
+
+- discovery (Sec. 3.1): the coupled groups are fixed by the architecture. An attention group is
+  one key/value head with the query heads that read it (grouped-query attention: a KV head and its
+  `num_attention_heads / num_key_value_heads` query heads) and the matching input columns of o;
+  an MLP group is one intermediate channel: row c of gate and up, column c of down;
+- estimation (Sec. 3.2, Eq. 4-5): gradients of the language-model loss on the calibration
+  segments; element-wise importance |dL/dW_k * W_k| (first-order Taylor) summed over the group's
+  weights (`aggregation`: sum, mean, max or prod as in the authors' code), or vector-wise
+  |sum_k dL/dW_k * W_k| per weight vector, then aggregated;
+- pruning: in every block the same fraction (`ratio`) of attention groups and of MLP channels
+  with the lowest importance is removed (the paper's block-wise setting), the linears rebuilt
+  smaller, and the config's head and width counts updated, so the result is a plain, smaller
+  transformers model;
+- recovery (Sec. 3.3): optional LoRA fine-tuning (`recovery:`), merged back into the weights.
+
+Deviations: the authors' code leaves the first and last few blocks unpruned; every block is
+pruned here, because transformers configs hold one head count and one MLP width for all blocks
+(a checkpoint with per-block widths would not load with plain `from_pretrained`). The second-order
+(Fisher) term of Eq. 5 is not computed. LoRA recovery trains on the calibration segments.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from slimlm.compress.engine import CompressionReport
+from slimlm.compress.recipe import LLMPrunerStage
+from slimlm.errors import SlimlmError
+from slimlm.models.adapter import BlockAdapter, ModelAdapter
+from slimlm.progress import progress
+
+MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
+
+
+def accumulate_gradients(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int, device: torch.device) -> None:
+    """dL/dW of the mean next-token loss over the calibration segments, left in each weight's .grad."""
+    model.zero_grad(set_to_none=True)
+    batches = range(0, len(calibration), batch_size)
+    for start in progress(batches, desc="LLM-Pruner gradients", total=len(batches)):
+        ids = calibration[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        (loss / (len(calibration) * (calibration.shape[1] - 1))).backward()
+
+
+def _aggregate(parts: list[torch.Tensor], how: str) -> torch.Tensor:
+    """Combine per-group importance parts (each (groups,)) as the authors' `group_reduction`."""
+    stacked = torch.stack(parts)
+    if how == "sum":
+        return stacked.sum(0)
+    if how == "mean":
+        return stacked.mean(0)
+    if how == "max":
+        return stacked.max(0).values
+    return stacked.prod(0)
+
+
+def _importance(weight: torch.Tensor, groups: int, dim: int, vector_wise: bool) -> list[torch.Tensor]:
+    """Importance of each of `groups` equal slices of `weight` along `dim` (0 = rows, 1 = columns)."""
+    saliency = weight.detach().float() * weight.grad.float()
+    slices = saliency.reshape(groups, -1, saliency.shape[1]) if dim == 0 else saliency.T.reshape(groups, -1, saliency.shape[0])
+    if vector_wise:  # |g^T w| of each weight vector (a row, or a column), summed over the group's vectors
+        return [slices.sum(dim=2).abs().sum(dim=1)]
+    return [slices.abs().sum(dim=(1, 2))]
+
+
+def group_importance(block: BlockAdapter, heads: int, kv_heads: int, stage: LLMPrunerStage) -> tuple[torch.Tensor, torch.Tensor]:
+    """(importance of each KV group, importance of each MLP channel) from the gradients."""
+    vector = stage.importance == "vector"
+    lin = block.linears
+    for role in ("q", "k", "v", "o", "up", "down"):
+        if lin[role].weight.grad is None:
+            raise SlimlmError(f"block {block.index}: {block.linear_names[role]} got no gradient")
+    attention = _aggregate(_importance(lin["q"].weight, kv_heads, 0, vector) + _importance(lin["k"].weight, kv_heads, 0, vector)
+                           + _importance(lin["v"].weight, kv_heads, 0, vector) + _importance(lin["o"].weight, kv_heads, 1, vector),
+                           stage.aggregation)
+    width = lin["up"].weight.shape[0]
+    mlp_parts = _importance(lin["up"].weight, width, 0, vector) + _importance(lin["down"].weight, width, 1, vector)
+    if "gate" in lin:
+        mlp_parts += _importance(lin["gate"].weight, width, 0, vector)
+    return attention, _aggregate(mlp_parts, stage.aggregation)
+
+
+def _keep(importance: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Indices (ascending) of the groups kept: all but the round(ratio * n) least important, at least one."""
+    remove = min(len(importance) - 1, round(ratio * len(importance)))
+    return torch.sort(torch.argsort(importance, descending=True)[: len(importance) - remove])[0]
+
+
+def _sliced_linear(module: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
+    weight = module.weight.detach()
+    weight = weight[rows] if rows is not None else weight
+    weight = weight[:, columns] if columns is not None else weight
+    bias = module.bias.detach()[rows] if module.bias is not None and rows is not None else (
+        module.bias.detach() if module.bias is not None else None)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def _replace(block: BlockAdapter, role: str, new: nn.Module) -> None:
+    parent_name, _, child = block.linear_names[role].rpartition(".")
+    setattr(block.module.get_submodule(parent_name) if parent_name else block.module, child, new)
+
+
+def prune_block_(block: BlockAdapter, kv_keep: torch.Tensor, channel_keep: torch.Tensor, heads: int, kv_heads: int,
+                 head_dim: int) -> None:
+    """Cut the block's linears down to the kept KV groups and MLP channels."""
+    per_group = heads // kv_heads
+    q_rows = (kv_keep[:, None] * per_group * head_dim + torch.arange(per_group * head_dim)[None, :]).reshape(-1)
+    kv_rows = (kv_keep[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    lin = block.linears
+    _replace(block, "q", _sliced_linear(lin["q"], rows=q_rows))
+    _replace(block, "k", _sliced_linear(lin["k"], rows=kv_rows))
+    _replace(block, "v", _sliced_linear(lin["v"], rows=kv_rows))
+    _replace(block, "o", _sliced_linear(lin["o"], columns=q_rows))
+    for role in ("gate", "up"):
+        if role in lin:
+            _replace(block, role, _sliced_linear(lin[role], rows=channel_keep))
+    _replace(block, "down", _sliced_linear(lin["down"], columns=channel_keep))
+
+
+def llm_pruner(model: PreTrainedModel, stage: LLMPrunerStage, calibration: torch.Tensor, batch_size: int,
+               device: torch.device, report: CompressionReport) -> None:
+    adapter = ModelAdapter(model)
+    stage.check_model(adapter)
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    width_key = next(key for key in MLP_WIDTH_KEYS if getattr(config, key, None))
+    before = sum(p.numel() for p in model.parameters())
+    accumulate_gradients(model, calibration[: stage.gradient_samples], batch_size, device)
+    kept_groups = kept_channels = None
+    with torch.no_grad():
+        for block in adapter:
+            attention, mlp = group_importance(block, heads, kv_heads, stage)
+            kv_keep, channel_keep = _keep(attention, stage.ratio), _keep(mlp, stage.ratio)
+            prune_block_(block, kv_keep, channel_keep, heads, kv_heads, head_dim)
+            kept_groups, kept_channels = len(kv_keep), len(channel_keep)
+    model.zero_grad(set_to_none=True)
+    config.head_dim = head_dim  # explicit: it no longer equals hidden_size / num_attention_heads
+    config.num_attention_heads = kept_groups * (heads // kv_heads)
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = kept_groups
+    setattr(config, width_key, kept_channels)
+    for module in model.modules():  # attention modules cache the head count some families read
+        if hasattr(module, "num_heads"):
+            module.num_heads = config.num_attention_heads
+        if hasattr(module, "num_key_value_heads"):
+            module.num_key_value_heads = kept_groups
+    summary = {"method": "llm_pruner", "parameters_before": before, "kv_heads": [kv_heads, kept_groups],
+               "attention_heads": [heads, config.num_attention_heads], "mlp_width": [mlp.numel(), kept_channels]}
+    if stage.recovery is not None:
+        from slimlm.finetune.lora import add_lora, merge_lora_, train_lora
+
+        r = stage.recovery
+        add_lora(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout)
+        trained = train_lora(model, calibration, r.steps, r.batch_size, r.lr)
+        merge_lora_(model)
+        model.eval()
+        summary["recovery"] = vars(trained)
+    summary["parameters_after"] = sum(p.numel() for p in model.parameters())
+    summary["parameter_reduction"] = 1 - summary["parameters_after"] / before
+    report.structure.append(summary)

@@ -1,0 +1,63 @@
+"""LLM-Pruner: coupled groups removed by Taylor importance; a smaller plain transformers model."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from slimlm.compress import compress, load_recipe
+from slimlm.errors import SlimlmError
+from slimlm.models.adapter import ModelAdapter
+from slimlm.models.tiny import tiny_model
+
+CALIBRATION = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def prune(model, **stage):
+    recipe = {"stages": [{"method": "llm_pruner", **stage}], "calibration": {"batch_size": 2}}
+    return compress(model, load_recipe(recipe), calibration=CALIBRATION)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text"])
+def test_pruned_model_is_smaller_and_loads_with_plain_transformers(family, tmp_path):
+    model = tiny_model(family)
+    before = sum(p.numel() for p in model.parameters())
+    report = prune(model, ratio=0.5)
+    summary = report.structure[0]
+    assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
+    assert model.config.intermediate_size == 64
+    assert summary["parameters_after"] == sum(p.numel() for p in model.parameters()) < before
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(PROBE).logits, model(PROBE).logits)
+        cached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=True)
+        uncached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_the_least_important_mlp_channels_go():
+    model = tiny_model("llama")
+    with torch.no_grad():  # channels 0..63 of every MLP do nothing: zero rows and columns
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[:64] = 0
+            layer.mlp.gate_proj.weight[:64] = 0
+            layer.mlp.down_proj.weight[:, :64] = 0
+    prune(model, ratio=0.5)
+    assert model.config.intermediate_size == 64
+    assert all(layer.mlp.up_proj.weight.abs().sum(dim=1).min() > 0 for layer in model.model.layers)
+
+
+def test_vector_wise_importance_and_lora_recovery_run():
+    model = tiny_model("llama")
+    report = prune(model, ratio=0.25, importance="vector", aggregation="max",
+                   recovery={"steps": 3, "rank": 2, "batch_size": 2, "lr": 1e-3})
+    assert report.structure[0]["recovery"]["tokens"] == 3 * 2 * 32
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_fused_qkv_models_are_refused_before_any_work():
+    model = tiny_model("gpt2")
+    with pytest.raises(SlimlmError, match="fused qkv is not supported"):
+        prune(model, ratio=0.2)
+    assert len(ModelAdapter(model).blocks) == 2
