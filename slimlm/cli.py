@@ -222,7 +222,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
         c = recipe.calibration
         calibration = calibration_samples(tokenizer, c.corpus, c.samples, c.seqlen, c.seed, args.data_dir)
     before = evaluate(model, tokenizer, tasks, settings) if tasks else []
-    original_bytes = {"memory": memory_bytes(model), "disk": disk_bytes(model)}
+    original_bytes = {"memory": memory_bytes(model), "disk": disk_bytes(model), "parameters": count_parameters(model)}
     reference = copy.deepcopy(model) if tasks and args.kl else None
     report = compress(model, recipe, calibration, device=args.device)
     if args.sparse_storage:
@@ -236,7 +236,8 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
         export_compressed_tensors(model, args.export_ct, tokenizer)
     after = evaluate(model, tokenizer, tasks, settings, reference) if tasks else []
     sizes = {
-        "parameters": count_parameters(model), "nonzero_parameters": count_nonzero_parameters(model),
+        "parameters_before": original_bytes["parameters"], "parameters": count_parameters(model),
+        "nonzero_parameters": count_nonzero_parameters(model),
         "memory_bytes_before": original_bytes["memory"], "memory_bytes_after": memory_bytes(model),
         "disk_bytes_before": original_bytes["disk"], "disk_bytes_after": model_bytes(args.out),
     }
@@ -266,6 +267,9 @@ def _compress_table(args, before: list[dict], after: list[dict], sizes: dict, re
     size_rows = [{"quantity": key, "value": value} for key, value in sizes.items()]
     size_rows.append({"quantity": "compression_seconds", "value": report.seconds})
     size_rows.append({"quantity": "peak_rss_bytes", "value": report.peak_rss_bytes})
+    for change in report.structure:  # what structural stages did, without their per-block score lists
+        summary = {k: v for k, v in change.items() if k not in ("method", "importance", "recovery")}
+        size_rows.append({"quantity": change["method"], "value": json.dumps(summary)})
     header = f"model: {args.model}, recipe: {args.recipe}, saved to {args.out}\n\n"
     quality = markdown_table(rows, ("task", "metric", "before", "after", "delta", "n", "protocol")) + "\n" if rows else ""
     return header + quality + markdown_table(size_rows)

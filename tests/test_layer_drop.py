@@ -85,3 +85,16 @@ def test_removing_every_block_fails_before_any_work():
     with pytest.raises(SlimlmError, match="cannot remove 2 of the model's 2 blocks"):
         drop(model, count=2)
     assert len(ModelAdapter(model).blocks) == 2
+
+
+def test_cli_drops_layers_and_the_output_loads_with_plain_transformers(tmp_path, tokenizer, capsys):
+    from slimlm.cli import main
+
+    source = tmp_path / "deep"
+    tiny_model("llama", vocab_size=len(tokenizer), blocks=4).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "shallow"
+    assert main(["compress", "--model", str(source), "--recipe", "drop-layers-2", "--out", str(out),
+                 "--calib-corpus", "pydoc", "--calib-samples", "2", "--calib-seqlen", "32"]) == 0
+    assert '"removed_blocks"' in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
