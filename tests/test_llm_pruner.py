@@ -61,3 +61,45 @@ def test_fused_qkv_models_are_refused_before_any_work():
     with pytest.raises(SlimlmError, match="fused qkv is not supported"):
         prune(model, ratio=0.2)
     assert len(ModelAdapter(model).blocks) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_removing_a_dead_attention_group_and_dead_channels_keeps_the_outputs(family):
+    model = tiny_model(family)
+    config = model.config
+    per_group = config.num_attention_heads // config.num_key_value_heads
+    head_dim = config.head_dim
+    with torch.no_grad():  # KV group 1 and MLP channels 64.. contribute nothing: zero o columns, down columns
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, per_group * head_dim :] = 0
+            layer.self_attn.q_proj.weight[per_group * head_dim :] = 0
+            layer.self_attn.k_proj.weight[head_dim:] = 0
+            layer.self_attn.v_proj.weight[head_dim:] = 0
+            layer.mlp.down_proj.weight[:, 64:] = 0
+            layer.mlp.up_proj.weight[64:] = 0
+            layer.mlp.gate_proj.weight[64:] = 0
+        reference = model(PROBE).logits
+    prune(model, ratio=0.5)
+    assert model.config.num_key_value_heads == 1 and model.config.intermediate_size == 64
+    with torch.no_grad():
+        assert torch.allclose(model(PROBE).logits, reference, atol=1e-5)
+
+
+def test_query_head_units_keep_every_kv_head_and_reload(tmp_path):
+    model = tiny_model("llama")  # 4 query heads over 2 KV heads
+    with torch.no_grad():  # query heads 1 and 3 (one in each group) contribute nothing
+        for layer in model.model.layers:
+            for head in (1, 3):
+                layer.self_attn.o_proj.weight[:, head * 16 : (head + 1) * 16] = 0
+                layer.self_attn.q_proj.weight[head * 16 : (head + 1) * 16] = 0
+    report = prune(model, ratio=0.5, attention_unit="query_head")
+    assert report.structure[0]["attention_heads"] == [4, 2] and report.structure[0]["kv_heads"] == [2, 2]
+    for layer in model.model.layers:  # the dead heads are the ones that went
+        assert layer.self_attn.q_proj.weight.reshape(2, -1).abs().sum(dim=1).min() > 0
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(PROBE).logits, model(PROBE).logits)
+        cached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=True)
+        uncached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)

@@ -300,6 +300,8 @@ class LLMPrunerStage(StageBase):
     ratio: float = Field(0.2, gt=0, lt=1, description="fraction of each block's KV-head groups and MLP channels removed")
     importance: Literal["element", "vector"] = "element"
     aggregation: Literal["sum", "mean", "max", "prod"] = "sum"
+    attention_unit: Literal["kv_group", "query_head"] = Field(
+        "kv_group", description="remove whole KV groups, or query heads (the same number in every group)")
     gradient_samples: int = Field(10, ge=1, description="calibration segments for the gradients (the paper: 10)")
     recovery: LoRARecovery | None = None
 

@@ -6,8 +6,10 @@ projections (Llama, Qwen2, Mistral, Gemma families):
 
 - discovery (Sec. 3.1): the coupled groups are fixed by the architecture. An attention group is
   one key/value head with the query heads that read it (grouped-query attention: a KV head and its
-  `num_attention_heads / num_key_value_heads` query heads) and the matching input columns of o;
-  an MLP group is one intermediate channel: row c of gate and up, column c of down;
+  `num_attention_heads / num_key_value_heads` query heads) and the matching input columns of o,
+  or (`attention_unit: query_head`) one query head with its o columns, the same number removed
+  from every KV group; an MLP group is one intermediate channel: row c of gate and up, column c
+  of down;
 - estimation (Sec. 3.2, Eq. 4-5): gradients of the language-model loss on the calibration
   segments; element-wise importance |dL/dW_k * W_k| (first-order Taylor) summed over the group's
   weights (`aggregation`: sum, mean, max or prod as in the authors' code), or vector-wise
@@ -73,20 +75,34 @@ def _importance(weight: torch.Tensor, groups: int, dim: int, vector_wise: bool) 
 
 
 def group_importance(block: BlockAdapter, heads: int, kv_heads: int, stage: LLMPrunerStage) -> tuple[torch.Tensor, torch.Tensor]:
-    """(importance of each KV group, importance of each MLP channel) from the gradients."""
+    """(importance of each attention unit, importance of each MLP channel) from the gradients. The
+    attention units are the KV groups (q, k, v rows and o columns of one KV head and its query heads)
+    or, with `attention_unit: query_head`, the query heads (q rows and o columns of one head)."""
     vector = stage.importance == "vector"
     lin = block.linears
     for role in ("q", "k", "v", "o", "up", "down"):
         if lin[role].weight.grad is None:
             raise SlimlmError(f"block {block.index}: {block.linear_names[role]} got no gradient")
-    attention = _aggregate(_importance(lin["q"].weight, kv_heads, 0, vector) + _importance(lin["k"].weight, kv_heads, 0, vector)
-                           + _importance(lin["v"].weight, kv_heads, 0, vector) + _importance(lin["o"].weight, kv_heads, 1, vector),
-                           stage.aggregation)
+    if stage.attention_unit == "kv_group":
+        parts = (_importance(lin["q"].weight, kv_heads, 0, vector) + _importance(lin["k"].weight, kv_heads, 0, vector)
+                 + _importance(lin["v"].weight, kv_heads, 0, vector) + _importance(lin["o"].weight, kv_heads, 1, vector))
+    else:
+        parts = _importance(lin["q"].weight, heads, 0, vector) + _importance(lin["o"].weight, heads, 1, vector)
     width = lin["up"].weight.shape[0]
     mlp_parts = _importance(lin["up"].weight, width, 0, vector) + _importance(lin["down"].weight, width, 1, vector)
     if "gate" in lin:
         mlp_parts += _importance(lin["gate"].weight, width, 0, vector)
-    return attention, _aggregate(mlp_parts, stage.aggregation)
+    return _aggregate(parts, stage.aggregation), _aggregate(mlp_parts, stage.aggregation)
+
+
+def _keep_query_heads(importance: torch.Tensor, kv_heads: int, ratio: float) -> torch.Tensor:
+    """Kept query heads (ascending): the same number removed from every KV group, so each KV head
+    still serves an equal share of query heads (what grouped-query attention requires)."""
+    per_group = len(importance) // kv_heads
+    remove = min(per_group - 1, round(ratio * per_group))
+    kept = [torch.argsort(importance[g * per_group : (g + 1) * per_group], descending=True)[: per_group - remove]
+            + g * per_group for g in range(kv_heads)]
+    return torch.sort(torch.cat(kept))[0]
 
 
 def _keep(importance: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -113,17 +129,17 @@ def _replace(block: BlockAdapter, role: str, new: nn.Module) -> None:
     setattr(block.module.get_submodule(parent_name) if parent_name else block.module, child, new)
 
 
-def prune_block_(block: BlockAdapter, kv_keep: torch.Tensor, channel_keep: torch.Tensor, heads: int, kv_heads: int,
+def prune_block_(block: BlockAdapter, q_keep: torch.Tensor, kv_keep: torch.Tensor, channel_keep: torch.Tensor,
                  head_dim: int) -> None:
-    """Cut the block's linears down to the kept KV groups and MLP channels."""
-    per_group = heads // kv_heads
-    q_rows = (kv_keep[:, None] * per_group * head_dim + torch.arange(per_group * head_dim)[None, :]).reshape(-1)
-    kv_rows = (kv_keep[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+    """Cut the block's linears down to the kept query heads, KV heads and MLP channels."""
+    def rows(heads: torch.Tensor) -> torch.Tensor:
+        return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
     lin = block.linears
-    _replace(block, "q", _sliced_linear(lin["q"], rows=q_rows))
-    _replace(block, "k", _sliced_linear(lin["k"], rows=kv_rows))
-    _replace(block, "v", _sliced_linear(lin["v"], rows=kv_rows))
-    _replace(block, "o", _sliced_linear(lin["o"], columns=q_rows))
+    _replace(block, "q", _sliced_linear(lin["q"], rows=rows(q_keep)))
+    _replace(block, "k", _sliced_linear(lin["k"], rows=rows(kv_keep)))
+    _replace(block, "v", _sliced_linear(lin["v"], rows=rows(kv_keep)))
+    _replace(block, "o", _sliced_linear(lin["o"], columns=rows(q_keep)))
     for role in ("gate", "up"):
         if role in lin:
             _replace(block, role, _sliced_linear(lin[role], rows=channel_keep))
@@ -140,26 +156,32 @@ def llm_pruner(model: PreTrainedModel, stage: LLMPrunerStage, calibration: torch
     width_key = next(key for key in MLP_WIDTH_KEYS if getattr(config, key, None))
     before = sum(p.numel() for p in model.parameters())
     accumulate_gradients(model, calibration[: stage.gradient_samples], batch_size, device)
-    kept_groups = kept_channels = None
+    per_group = heads // kv_heads
     with torch.no_grad():
         for block in adapter:
             attention, mlp = group_importance(block, heads, kv_heads, stage)
-            kv_keep, channel_keep = _keep(attention, stage.ratio), _keep(mlp, stage.ratio)
-            prune_block_(block, kv_keep, channel_keep, heads, kv_heads, head_dim)
-            kept_groups, kept_channels = len(kv_keep), len(channel_keep)
+            if stage.attention_unit == "kv_group":
+                kv_keep = _keep(attention, stage.ratio)
+                q_keep = (kv_keep[:, None] * per_group + torch.arange(per_group)[None, :]).reshape(-1)
+            else:
+                kv_keep, q_keep = torch.arange(kv_heads), _keep_query_heads(attention, kv_heads, stage.ratio)
+            channel_keep = _keep(mlp, stage.ratio)
+            prune_block_(block, q_keep, kv_keep, channel_keep, head_dim)
     model.zero_grad(set_to_none=True)
     config.head_dim = head_dim  # explicit: it no longer equals hidden_size / num_attention_heads
-    config.num_attention_heads = kept_groups * (heads // kv_heads)
+    config.num_attention_heads = len(q_keep)
     if hasattr(config, "num_key_value_heads"):
-        config.num_key_value_heads = kept_groups
-    setattr(config, width_key, kept_channels)
-    for module in model.modules():  # attention modules cache the head count some families read
+        config.num_key_value_heads = len(kv_keep)
+    setattr(config, width_key, len(channel_keep))
+    for module in model.modules():  # attention modules cache head counts at construction
         if hasattr(module, "num_heads"):
-            module.num_heads = config.num_attention_heads
+            module.num_heads = len(q_keep)
         if hasattr(module, "num_key_value_heads"):
-            module.num_key_value_heads = kept_groups
-    summary = {"method": "llm_pruner", "parameters_before": before, "kv_heads": [kv_heads, kept_groups],
-               "attention_heads": [heads, config.num_attention_heads], "mlp_width": [mlp.numel(), kept_channels]}
+            module.num_key_value_heads = len(kv_keep)
+        if hasattr(module, "num_key_value_groups"):
+            module.num_key_value_groups = len(q_keep) // len(kv_keep)
+    summary = {"method": "llm_pruner", "parameters_before": before, "kv_heads": [kv_heads, len(kv_keep)],
+               "attention_heads": [heads, len(q_keep)], "mlp_width": [mlp.numel(), len(channel_keep)]}
     if stage.recovery is not None:
         from slimlm.finetune.lora import add_lora, merge_lora_, train_lora
 
