@@ -9,6 +9,7 @@ from slimlm.errors import SlimlmError
 from slimlm.models.adapter import ModelAdapter
 from slimlm.models.tiny import TINY_FAMILIES, tiny_model
 from slimlm.prune.layer_drop import _perplexity, remove_blocks_
+from tests.helpers import assert_plain_transformers_roundtrip
 
 CALIBRATION = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -25,15 +26,7 @@ def test_dropped_model_saves_and_loads_with_plain_transformers(family, tmp_path)
     report = drop(model, count=2)
     assert len(ModelAdapter(model).blocks) == 2 == model.config.num_hidden_layers
     assert len(report.structure[0]["removed_blocks"]) == 2
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(PROBE).logits, model(PROBE).logits)
-        # The KV cache is indexed by each attention's layer_idx: cached greedy decoding must agree
-        # with recomputing the whole sequence.
-        cached = reloaded.generate(PROBE[:1], max_new_tokens=5, do_sample=False, use_cache=True)
-        uncached = reloaded.generate(PROBE[:1], max_new_tokens=5, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert_plain_transformers_roundtrip(model, tmp_path, PROBE)
 
 
 def test_angular_criterion_removes_the_blocks_that_change_the_residual_stream_least():

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from slimlm.compress import compress, load_recipe
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import ModelAdapter
 from slimlm.models.tiny import tiny_model
+from tests.helpers import assert_plain_transformers_roundtrip
 
 CALIBRATION = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -27,13 +27,7 @@ def test_pruned_model_is_smaller_and_loads_with_plain_transformers(family, tmp_p
     assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 2
     assert model.config.intermediate_size == 64
     assert summary["parameters_after"] == sum(p.numel() for p in model.parameters()) < before
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(PROBE).logits, model(PROBE).logits)
-        cached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=True)
-        uncached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert_plain_transformers_roundtrip(model, tmp_path, PROBE)
 
 
 def test_the_least_important_mlp_channels_go():
@@ -96,10 +90,4 @@ def test_query_head_units_keep_every_kv_head_and_reload(tmp_path):
     assert report.structure[0]["attention_heads"] == [4, 2] and report.structure[0]["kv_heads"] == [2, 2]
     for layer in model.model.layers:  # the dead heads are the ones that went
         assert layer.self_attn.q_proj.weight.reshape(2, -1).abs().sum(dim=1).min() > 0
-    model.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(PROBE).logits, model(PROBE).logits)
-        cached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=True)
-        uncached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert_plain_transformers_roundtrip(model, tmp_path, PROBE)
