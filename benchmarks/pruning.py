@@ -19,7 +19,6 @@ SliceGPT, FLAP, layer removal) is not in slimlm yet and so not in this benchmark
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import (  # noqa: E402
-    Progress, compress_job, evaluate_quality, llmcompressor_row, preamble_head, run_child, start)
+    compress_job, evaluate_quality, llmcompressor_row, preamble_head, run_child, start)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity": 0.7},

@@ -17,7 +17,6 @@ group-32 grid (Q4_1), so W4 g32 asymmetric would be lossless: it is not among th
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import (  # noqa: E402
-    Progress, compress_job, evaluate_quality, llmcompressor_row, preamble_head, run_child, start)
+    compress_job, evaluate_quality, llmcompressor_row, preamble_head, run_child, start)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {  # name -> (bits, group size)

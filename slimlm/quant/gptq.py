@@ -34,7 +34,6 @@ from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport,
 from slimlm.compress.hessian import SharedHessians, inverse_cholesky_upper, prepare_hessian
 from slimlm.compress.recipe import GPTQStage
 from slimlm.compress.sparsity import pruned_mask
-from slimlm.errors import SlimlmError
 from slimlm.models.adapter import MLP_ROLES
 from slimlm.quant.grid import QuantizedWeight, find_params, group_bounds
 from slimlm.quant.qlinear import QuantizedLinear
