@@ -42,9 +42,8 @@ def start(doc: str, configs: dict, methods: dict, name: str, prompt_tokens: int,
         return None
     proto = protocol(args, prompt_tokens)
     out = Path(args.out)
-    quick = "-quick" if args.quick else ""
-    progress = Progress(out.parent / f".{out.name}{quick.replace('-', '.')}.partial.json")
-    return args, proto, out, progress, token_files(args.data_dir, proto, f"{name}{quick}")
+    progress = Progress(out.parent / f".{out.name}{'.quick' if args.quick else ''}.partial.json")
+    return args, proto, out, progress, token_files(args.data_dir, proto, f"{name}-quick" if args.quick else name)
 
 
 def protocol(args: argparse.Namespace, prompt_tokens: int) -> dict:
@@ -148,11 +147,20 @@ def llmcompressor_row(tokens: dict, extra: list[str], config: str, algo: str, se
             "versions": peer.get("versions")}
 
 
-def preamble_head(title: str, result: dict) -> str:
-    """The first lines of a results page: title, command, machine, date."""
-    m, v = result["machine"], result["versions"]
-    return (f"# {title}: {result['model']}\n\nCommand: `{result['command']}`  \nMachine: {m['cpu']}, {m['cores']} "
-            f"cores; torch {v['torch']}, transformers {v['transformers']}  \nDate: {result['date']}\n\n")
+def preamble(title: str, result: dict, compressed: str) -> str:
+    """A results page's opening: title, command, machine, date and the protocol every benchmark shares
+    (`compressed` names the models compared with float32: "quantized", "pruned")."""
+    m, v, p = result["machine"], result["versions"], result["protocol"]
+    c, w = p["calibration"], p["perplexity"]
+    return (
+        f"# {title}: {result['model']}\n\nCommand: `{result['command']}`  \nMachine: {m['cpu']}, {m['cores']} "
+        f"cores; torch {v['torch']}, transformers {v['transformers']}  \nDate: {result['date']}\n\n"
+        f"Calibration: {c['samples']} x {c['seqlen']} tokens of {c['corpus']}, seed {c['seed']} (identical tokens "
+        f"for llm-compressor). Perplexity: token perplexity, GPTQ protocol, seqlen {w['seqlen']}, first "
+        f"{w['max_windows']} windows (WikiText-2 test; C4 docs 1000-1999). KL: mean KL(float32 || {compressed}) "
+        f"over the same WikiText-2 tokens. Zero-shot: first {p['zero_shot']['limit']} examples (PIQA and "
+        "HellaSwag acc_norm, ARC-Easy acc). "
+    )
 
 
 def llmcompressor(tokens: dict, extra: list[str]) -> dict:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import (  # noqa: E402
-    compress_job, evaluate_quality, llmcompressor_row, preamble_head, run_child, start)
+    compress_job, evaluate_quality, llmcompressor_row, preamble, run_child, start)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity": 0.7},
@@ -160,16 +160,11 @@ def _peer(tokens: dict, config: str, algo: str) -> dict:
 
 
 def _preamble(result: dict) -> str:
-    p = result["protocol"]
-    return preamble_head("Pruning", result) + (
-        f"Calibration: {p['calibration']['samples']} x {p['calibration']['seqlen']} tokens of {p['calibration']['corpus']}, "
-        f"seed {p['calibration']['seed']} (identical tokens for llm-compressor). Perplexity: GPTQ protocol, seqlen "
-        f"{p['perplexity']['seqlen']}, first {p['perplexity']['max_windows']} windows (WikiText-2 test; C4 docs "
-        f"1000-1999). KL: mean KL(float32 || pruned) over the same WikiText-2 tokens. Zero-shot: first "
-        f"{p['zero_shot']['limit']} examples (PIQA and HellaSwag acc_norm, ARC-Easy acc). Latency: prefill of "
-        f"{p['speed']['prompt_tokens']} tokens and decode at batch 1 with dense float32 kernels, so pruned weights "
-        "cost the same time as kept ones. Every decoder linear is pruned; DSnoT keeps its reference default of "
-        "leaving the MLP linears with their initial Wanda mask."
+    speed = result["protocol"]["speed"]
+    return preamble("Pruning", result, "pruned") + (
+        f"Latency: prefill of {speed['prompt_tokens']} tokens and decode at batch 1 with dense float32 kernels, "
+        "so pruned weights cost the same time as kept ones. Every decoder linear is pruned; DSnoT keeps its "
+        "reference default of leaving the MLP linears with their initial Wanda mask."
     )
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import (  # noqa: E402
-    compress_job, evaluate_quality, llmcompressor_row, preamble_head, run_child, start)
+    compress_job, evaluate_quality, llmcompressor_row, preamble, run_child, start)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {  # name -> (bits, group size)
@@ -122,13 +122,7 @@ def _peer(args, tokens: dict, config: str, algo: str) -> dict:
 
 
 def _preamble(result: dict) -> str:
-    p = result["protocol"]
-    return preamble_head("Weight-only quantization", result) + (
-        f"Calibration: {p['calibration']['samples']} x {p['calibration']['seqlen']} tokens of {p['calibration']['corpus']}, "
-        f"seed {p['calibration']['seed']} (identical tokens for llm-compressor). Perplexity: token perplexity, "
-        f"GPTQ protocol, seqlen {p['perplexity']['seqlen']}, first {p['perplexity']['max_windows']} windows "
-        f"(WikiText-2 test; C4 docs 1000-1999). KL: mean KL(float32 || quantized) over the same WikiText-2 "
-        f"tokens. Zero-shot: first {p['zero_shot']['limit']} examples (PIQA and HellaSwag acc_norm, ARC-Easy acc). "
+    return preamble("Weight-only quantization", result, "quantized") + (
         "All slimlm configurations are asymmetric; llm-compressor runs with --asymmetric, no act-order."
     )
 

@@ -228,7 +228,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     if args.sparse_storage:
         from slimlm.prune.sparse_linear import sparsify_model_
 
-        sparsify_model_(model, sparse_pattern or None)
+        sparsify_model_(model, sparse_pattern)
     save(model, args.out, tokenizer, recipe=recipe.model_dump(mode="json"), overwrite=args.overwrite)
     if args.export_ct:
         from slimlm.export.compressed_tensors import export_compressed_tensors
@@ -249,12 +249,14 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     return record, _compress_table(args, before, after, sizes, report)
 
 
-def _sparse_storage_pattern(recipe) -> tuple[int, int] | tuple[()]:
-    """The N:M pattern every pruning stage shares (stored packed), or () for CSR; an error without pruning."""
-    patterns = {getattr(stage, "n_m", None) for stage in recipe.stages if hasattr(stage, "sparsity")}
+def _sparse_storage_pattern(recipe) -> tuple[int, int] | None:
+    """The N:M pattern every pruning stage shares (stored packed), or None for CSR; an error without pruning."""
+    from slimlm.compress.recipe import PruneFields
+
+    patterns = {stage.n_m for stage in recipe.stages if isinstance(stage, PruneFields)}
     if not patterns:
         raise SlimlmError("--sparse-storage: the recipe has no pruning stage (magnitude, wanda, sparsegpt, dsnot)")
-    return patterns.pop() if len(patterns) == 1 and None not in patterns else ()
+    return patterns.pop() if len(patterns) == 1 else None
 
 
 def _compress_table(args, before: list[dict], after: list[dict], sizes: dict, report) -> str:

@@ -85,9 +85,10 @@ class BlockContext:
     # A method may set the next block's inputs itself (AWQ propagates float outputs); by default the
     # engine runs the compressed block to get them.
     next_inputs: list[torch.Tensor] | None = None
-    # The residual stream entering the MLP half, kept by collect(..., keep_residual=True) so that later
-    # MLP-only passes skip the attention half (valid while the attention half is unchanged).
+    # The residual stream entering the MLP half and the half itself, kept by collect(..., keep_residual=True)
+    # so that later MLP-only passes skip the attention half (valid while the attention half is unchanged).
     residual: list[torch.Tensor] | None = None
+    residual_mlp: ResidualMlp | None = None
     # This block's sparsity when a pruning stage plans one per block (OWL); None: the stage's own.
     sparsity: float | None = None
 
@@ -113,7 +114,7 @@ class BlockContext:
         With `keep_residual`, also keep the residual stream entering the MLP half (see `collect_mlp`)."""
         if self.inputs is None:
             raise SlimlmError("this method needs calibration data, but the run has none")
-        self.residual = None
+        self.residual = self.residual_mlp = None
         half = ResidualMlp.of(self.adapter[self.index]) if keep_residual else None
         if half is None:
             collect_block_inputs(self.block, self.inputs, modules, sink)
@@ -126,19 +127,19 @@ class BlockContext:
 
         collect_block_inputs(self.block, self.inputs, {**modules, key: half.norm}, split_sink)
         if half.reproduces(self.block, self.inputs, residual[0]):
-            self.residual = residual
+            self.residual, self.residual_mlp = residual, half
 
     def collect_mlp(self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> None:
         """`collect` for MLP linears: runs only the MLP half on the kept residual stream when there is one."""
         if self.residual is None:
             return self.collect(modules, sink)
-        collect_block_inputs(ResidualMlp.of(self.adapter[self.index]), _plain_inputs(self.residual), modules, sink)
+        collect_block_inputs(self.residual_mlp, _plain_inputs(self.residual), modules, sink)
 
     def run_mlp(self) -> list[torch.Tensor]:
         """`run` when only the MLP changed since the residual stream was kept: runs the MLP half alone."""
         if self.residual is None:
             return self.run()
-        return run_block(ResidualMlp.of(self.adapter[self.index]), _plain_inputs(self.residual))
+        return run_block(self.residual_mlp, _plain_inputs(self.residual))
 
     def names_with_roles(self, roles: tuple[str, ...]) -> list[str]:
         return [name for name, role in self.targets.items() if role in roles]

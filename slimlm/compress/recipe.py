@@ -29,6 +29,7 @@ from typing import Annotated, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slimlm.compress.sparsity import parse_n_m
 from slimlm.errors import SlimlmError
 
 
@@ -172,8 +173,6 @@ class PruneFields(StrictModel):
     @classmethod
     def _pattern(cls, pattern: str | None) -> str | None:
         if pattern is not None:
-            from slimlm.compress.sparsity import parse_n_m
-
             try:
                 parse_n_m(pattern)
             except SlimlmError as error:
@@ -185,7 +184,7 @@ class PruneFields(StrictModel):
         if self.pattern is not None:
             if self.owl is not None:
                 raise ValueError("OWL varies the sparsity per block; an N:M pattern fixes it: use one or the other")
-            n, m = (int(p) for p in self.pattern.split(":"))
+            n, m = self.n_m
             if "sparsity" in self.model_fields_set and abs(self.sparsity - (1 - n / m)) > 1e-9:
                 raise ValueError(f"pattern {self.pattern} means sparsity {1 - n / m:g}, not {self.sparsity:g}: drop `sparsity`")
             object.__setattr__(self, "sparsity", 1 - n / m)  # what the pattern means, for reports
@@ -193,7 +192,7 @@ class PruneFields(StrictModel):
 
     @property
     def n_m(self) -> tuple[int, int] | None:
-        return tuple(int(p) for p in self.pattern.split(":")) if self.pattern else None
+        return parse_n_m(self.pattern) if self.pattern else None
 
     def check_layer(self, name: str, in_features: int) -> None:
         if self.n_m and in_features % self.n_m[1]:

@@ -82,6 +82,13 @@ def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:-1], window[1:].to(logits.device), reduction="none")
 
 
+def next_token_loss(model: PreTrainedModel, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Float32 cross-entropy of tokens 2..L of each segment of `ids` (batch, L) given those before it.
+    Differentiable (no inference mode): the loss that LoRA training and gradient-based scores use."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction=reduction)
+
+
 def perplexity_of_ids(
     model: PreTrainedModel, ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None, desc: str = "ppl"
 ) -> tuple[float, int, int, int]:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimlm.errors import SlimlmError
+from slimlm.eval.perplexity import next_token_loss
 from slimlm.models.adapter import ModelAdapter, linear_shape
 from slimlm.progress import progress
 
@@ -111,8 +112,7 @@ def train_lora(model: nn.Module, segments: torch.Tensor, steps: int, batch_size:
         for step in progress(range(steps), desc="LoRA recovery", total=steps):
             rows = order[(torch.arange(batch_size) + step * batch_size) % len(segments)]
             ids = segments[rows].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+            loss = next_token_loss(model, ids)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -24,16 +24,13 @@ and the candidate pointers stop at the ends of their lists instead of running pa
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
+from slimlm.compress.engine import BlockContext, CompressionReport
 from slimlm.compress.hessian import HessianAccumulator, inverse_cholesky_upper, prepare_hessian
 from slimlm.compress.recipe import DSnoTStage
-from slimlm.compress.sparsity import apply_mask_
 from slimlm.compress.statistics import ChannelStatistics
-from slimlm.prune.common import block_sparsity, mask_from_score, wanda_score
+from slimlm.prune.common import block_sparsity, collect_statistics, mask_from_score, prune_targets, wanda_score
 
 
 class _Accumulators:
@@ -50,23 +47,20 @@ class _Accumulators:
 
 
 def dsnot_block(context: BlockContext, stage: DSnoTStage, report: CompressionReport) -> None:
-    from slimlm.compress.hessian import SharedInputs
-
     sparsity = block_sparsity(context, stage)
-    accumulators = SharedInputs(lambda columns: _Accumulators(columns, context.device, stage.initial == "sparsegpt"))
-    context.collect({name: context.module(name) for name in context.targets}, accumulators.add)
-    for name, role in context.targets.items():
-        start = time.perf_counter()
-        module = context.module(name)
-        weight = linear_weight(module)
+    accumulators = collect_statistics(context, lambda columns: _Accumulators(columns, context.device,
+                                                                             stage.initial == "sparsegpt"))
+
+    def mask_of(name: str, role: str, weight: torch.Tensor) -> torch.Tensor:
         acc = accumulators.pop(name)
         initial = _initial_score(weight, acc, stage)
         mask = mask_from_score(initial, stage, sparsity, per_row=True)
-        if role not in stage.skip_roles:
-            mask = dsnot_refine(weight.detach().float(), mask, initial, wanda_score(weight, acc.statistics),
-                                acc.statistics.sum_per_sample(), acc.statistics.variance(), stage)
-        apply_mask_(module, weight, mask)
-        report.layers.append(LayerReport(name, "dsnot", time.perf_counter() - start))
+        if role in stage.skip_roles:
+            return mask
+        return dsnot_refine(weight.detach().float(), mask, initial, wanda_score(weight, acc.statistics),
+                            acc.statistics.sum_per_sample(), acc.statistics.variance(), stage)
+
+    prune_targets(context, report, "dsnot", mask_of)
 
 
 def _initial_score(weight: torch.Tensor, acc: _Accumulators, stage: DSnoTStage) -> torch.Tensor:

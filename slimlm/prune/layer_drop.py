@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from slimlm.compress.engine import BlockInputs, CompressionReport, _on_device, capture_block_inputs, run_block
 from slimlm.compress.recipe import DropLayersStage
+from slimlm.eval.perplexity import next_token_loss
 from slimlm.models.adapter import ModelAdapter
 from slimlm.progress import progress
 
@@ -67,8 +68,7 @@ def _perplexity(model: PreTrainedModel, calibration: torch.Tensor, batch_size: i
     nll, count = 0.0, 0
     for start in range(0, len(calibration), batch_size):
         ids = calibration[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+        nll += float(next_token_loss(model, ids, reduction="sum"))
         count += ids[:, 1:].numel()
     return math.exp(nll / count)
 

@@ -29,13 +29,13 @@ pruned here, because transformers configs hold one head count and one MLP width 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
 from slimlm.compress.engine import CompressionReport
 from slimlm.compress.recipe import LLMPrunerStage
 from slimlm.errors import SlimlmError
+from slimlm.eval.perplexity import next_token_loss
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
 from slimlm.progress import progress
 
@@ -47,9 +47,7 @@ def accumulate_gradients(model: PreTrainedModel, calibration: torch.Tensor, batc
     model.zero_grad(set_to_none=True)
     batches = range(0, len(calibration), batch_size)
     for start in progress(batches, desc="LLM-Pruner gradients", total=len(batches)):
-        ids = calibration[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        loss = next_token_loss(model, calibration[start : start + batch_size].to(device), reduction="sum")
         (loss / (len(calibration) * (calibration.shape[1] - 1))).backward()
 
 
@@ -115,8 +113,8 @@ def _sliced_linear(module: nn.Linear, rows: torch.Tensor | None = None, columns:
     weight = module.weight.detach()
     weight = weight[rows] if rows is not None else weight
     weight = weight[:, columns] if columns is not None else weight
-    bias = module.bias.detach()[rows] if module.bias is not None and rows is not None else (
-        module.bias.detach() if module.bias is not None else None)
+    bias = None if module.bias is None else module.bias.detach()
+    bias = bias[rows] if bias is not None and rows is not None else bias
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device)
     new.weight.data.copy_(weight)
     if bias is not None:

@@ -18,7 +18,7 @@ from slimlm.compress.engine import BlockContext, BlockInputs, _block_targets, _o
 from slimlm.compress.recipe import PruneFields, StageBase
 from slimlm.models.adapter import ModelAdapter
 from slimlm.progress import progress
-from slimlm.prune.common import collect_channel_statistics, wanda_score
+from slimlm.prune.common import collect_statistics, wanda_score
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def outlier_ratios(model: PreTrainedModel, adapter: ModelAdapter, stage: StageBa
         with _on_device([block], device):
             targets = _block_targets(adapter, index, stage, selected)
             context = BlockContext(model, adapter, index, block, targets, inputs, device)
-            statistics = collect_channel_statistics(context, list(targets))
+            statistics = collect_statistics(context)
             scores = torch.cat([wanda_score(linear_weight(context.module(name)), statistics.pop(name)).flatten()
                                 for name in targets]) if targets else torch.zeros(1)
             ratios.append(float((scores > multiple * scores.mean()).float().mean()) * 100)

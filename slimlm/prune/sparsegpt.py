@@ -32,7 +32,8 @@ from slimlm.compress.hessian import SharedHessians, inverse_cholesky_upper, prep
 from slimlm.compress.recipe import JointQuantization, SparseGPTStage
 from slimlm.compress.sparsity import mark_pruned
 from slimlm.prune.common import block_sparsity
-from slimlm.quant.grid import QuantizedWeight
+from slimlm.quant.grid import QuantizedWeight, dequantize
+from slimlm.quant.grid import quantize as quantize_codes
 from slimlm.quant.gptq import SweepGrid
 from slimlm.quant.qlinear import QuantizedLinear
 
@@ -55,7 +56,6 @@ def sparsegpt_prune(
     if quantize is not None:
         grid = SweepGrid(W, identity, quantize.bits, quantize.group_columns, quantize.symmetric, quantize.clip,
                          per_tensor=quantize.granularity == "tensor")
-        max_code = 2**quantize.bits - 1
         codes_t = torch.zeros(columns, rows, dtype=torch.uint8, device=W.device)
     mask_t = torch.zeros(columns, rows, dtype=torch.bool, device=W.device)  # column-major, True = pruned
     loss = torch.zeros(rows, device=W.device)
@@ -82,10 +82,10 @@ def sparsegpt_prune(
             q = w.masked_fill(mask1[i], 0)
             if grid is not None:
                 scale, zero = grid.at(start + i, W1, i, W, end)
-                code = torch.clamp(torch.round(q / scale) + zero, 0, max_code)
-                code = torch.where(mask1[i], zero, code)  # the zero point dequantizes to exactly 0
+                # The zero point dequantizes to exactly 0: pruned weights get it.
+                code = torch.where(mask1[i], zero, quantize_codes(q, scale, zero, quantize.bits).float())
                 codes_t[start + i] = code.to(torch.uint8)
-                q = scale * (code - zero)
+                q = dequantize(code, scale, zero)
             Q1[i] = q
             err = (w - q) / Hinv1[i, i]
             loss += err.square() / 2

@@ -10,21 +10,13 @@ statistics of all its linears, they are pruned, and the pruned block's outputs f
 
 from __future__ import annotations
 
-import time
-
-from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
+from slimlm.compress.engine import BlockContext, CompressionReport
 from slimlm.compress.recipe import WandaStage
-from slimlm.compress.sparsity import apply_mask_
-from slimlm.prune.common import block_sparsity, collect_channel_statistics, mask_from_score, wanda_score
+from slimlm.prune.common import block_sparsity, collect_statistics, mask_from_score, prune_targets, wanda_score
 
 
 def wanda_block(context: BlockContext, stage: WandaStage, report: CompressionReport) -> None:
     sparsity = block_sparsity(context, stage)
-    statistics = collect_channel_statistics(context, list(context.targets))
-    for name in context.targets:
-        start = time.perf_counter()
-        module = context.module(name)
-        weight = linear_weight(module)
-        mask = mask_from_score(wanda_score(weight, statistics.pop(name)), stage, sparsity, per_row=True)
-        apply_mask_(module, weight, mask)
-        report.layers.append(LayerReport(name, "wanda", time.perf_counter() - start))
+    statistics = collect_statistics(context)
+    prune_targets(context, report, "wanda", lambda name, _role, weight: mask_from_score(
+        wanda_score(weight, statistics.pop(name)), stage, sparsity, per_row=True))
