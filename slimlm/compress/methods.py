@@ -10,10 +10,12 @@ from slimlm.compress.engine import BlockInputs, BlockMethod
 from slimlm.compress.recipe import StageBase
 from slimlm.models.adapter import ModelAdapter
 from slimlm.prune.dsnot import dsnot_block
+from slimlm.prune.flap import flap
 from slimlm.prune.layer_drop import drop_layers
 from slimlm.prune.llm_pruner import llm_pruner
 from slimlm.prune.magnitude import magnitude_block
 from slimlm.prune.owl import plan_owl
+from slimlm.prune.slicegpt import slicegpt
 from slimlm.prune.sparsegpt import sparsegpt_block
 from slimlm.prune.wanda import wanda_block
 from slimlm.quant.awq import awq_block
@@ -26,7 +28,7 @@ METHOD_FUNCTIONS: dict[str, BlockMethod] = {
 }
 
 # Stages that change the architecture run on the whole model before the block-by-block pass.
-STRUCTURAL_FUNCTIONS = {"drop_layers": drop_layers, "llm_pruner": llm_pruner}
+STRUCTURAL_FUNCTIONS = {"drop_layers": drop_layers, "llm_pruner": llm_pruner, "slicegpt": slicegpt, "flap": flap}
 
 
 def plan_stage(model: PreTrainedModel, adapter: ModelAdapter, stage: StageBase, selected: set[str],

@@ -311,8 +311,49 @@ class LLMPrunerStage(StageBase):
                               f"model has {sorted(roles)} (fused qkv is not supported)")
 
 
+class SliceGPTStage(StageBase):
+    """SliceGPT (Ashkboos et al., 2024): rotate the residual stream onto its principal axes, delete the weakest."""
+
+    method: Literal["slicegpt"] = "slicegpt"
+    structural: ClassVar[bool] = True
+    slicing: float | None = Field(None, ge=0, lt=1, description="fraction of the hidden size deleted")
+    parameter_reduction: float | None = Field(
+        None, gt=0, lt=1, description="or: the fraction of the model's parameters to remove (the width is solved for)")
+    round_to: int = Field(8, ge=1, description="the new hidden size is a multiple of this")
+    dampening: float = Field(0.01, ge=0, lt=1, description="fraction of the mean covariance diagonal added before PCA")
+
+    @model_validator(mode="after")
+    def _slicing_or_reduction(self):
+        if (self.slicing is None) == (self.parameter_reduction is None):
+            raise ValueError("give exactly one of `slicing` (fraction of the hidden size) and `parameter_reduction`")
+        return self
+
+    def check_model(self, adapter) -> None:
+        from slimlm.prune.slicegpt import check_slicegpt_model
+
+        check_slicegpt_model(adapter)
+
+
+class FLAPStage(StageBase):
+    """FLAP (An et al., 2024): fluctuation-based structured pruning with bias compensation."""
+
+    method: Literal["flap"] = "flap"
+    structural: ClassVar[bool] = True
+    ratio: float = Field(0.2, gt=0, lt=1, description="fraction of the blocks' attention and MLP parameters removed")
+    metric: Literal["WIFV", "IFV", "WIFN"] = Field("WIFV", description="the paper's fluctuation metric, or its ablations")
+    structure: Literal["AL-AM", "UL-UM"] = Field(
+        "AL-AM", description="adaptive widths across blocks and modules (the paper), or the same fraction everywhere")
+    bias_compensation: bool = True
+
+    def check_model(self, adapter) -> None:
+        roles = set(adapter[0].linears)
+        if not {"q", "k", "v", "o", "up", "down"} <= roles:
+            raise SlimlmError(f"flap needs separate q/k/v/o and up/down projections; this {adapter.family} "
+                              f"model has {sorted(roles)} (fused qkv is not supported)")
+
+
 _STAGES = (RTNStage, GPTQStage, AWQStage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage,
-           LLMPrunerStage)
+           LLMPrunerStage, SliceGPTStage, FLAPStage)
 Stage = Annotated[Union[_STAGES], Field(discriminator="method")]
 STAGE_CLASSES = {cls.model_fields["method"].default: cls for cls in _STAGES}
 METHODS = tuple(STAGE_CLASSES)

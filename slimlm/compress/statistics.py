@@ -17,10 +17,10 @@ class ChannelStatistics:
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Inputs (batch, seq, in_features) or (tokens, in_features)."""
         self.samples += inputs.shape[0] if inputs.dim() == 3 else 1
-        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        x = inputs.reshape(-1, inputs.shape[-1]).double()  # float64 sums: the variance subtracts two of them
         self.tokens += x.shape[0]
-        self.sum += x.sum(0).double()
-        self.sum_squares += x.square().sum(0).double()
+        self.sum += x.sum(0)
+        self.sum_squares += x.square().sum(0)
 
     def squared_norm_per_sample(self) -> torch.Tensor:
         """||X_j||^2 over all tokens / number of sequences: Wanda's `scaler_row` (its score uses the square root)."""

@@ -69,10 +69,30 @@ def save(
                 name: module.meta() for name, module in model.named_modules()
                 if isinstance(module, (QuantizedLinear, SparseLinear))
             },
+            "resized_linears": resized_linears(model),
             "recipe": recipe,
         }
         (staging / SLIMLM_CONFIG).write_text(json.dumps(section, indent=2) + "\n")
     return Path(directory).expanduser()
+
+
+def resized_linears(model: PreTrainedModel) -> dict[str, list[int | bool]]:
+    """Plain linears whose shape differs from what the config builds ([in, out, has bias] by name):
+    structured pruning with a different width per block (FLAP), or a bias it added, which a
+    transformers config cannot express."""
+    try:
+        with torch.device("meta"):
+            reference = dict(AutoModelForCausalLM.from_config(model.config).named_modules())
+    except Exception:  # noqa: BLE001 - an architecture the config cannot rebuild; load reports any mismatch
+        return {}
+    resized = {}
+    for name, module in model.named_modules():
+        built = reference.get(name)
+        if type(module) is nn.Linear and isinstance(built, nn.Linear):
+            shape = [module.in_features, module.out_features, module.bias is not None]
+            if shape != [built.in_features, built.out_features, built.bias is not None]:
+                resized[name] = shape
+    return resized
 
 
 def refuse_non_empty(directory: str | os.PathLike[str], overwrite: bool = False) -> Path:
@@ -165,6 +185,9 @@ def load(
         parent_name, _, child = name.rpartition(".")
         kind = SparseLinear if meta.get("kind") == "sparse" else QuantizedLinear
         setattr(model.get_submodule(parent_name), child, kind.empty(meta).to(dtype))
+    for name, (in_features, out_features, bias) in section.get("resized_linears", {}).items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, nn.Linear(in_features, out_features, bias=bias, dtype=dtype))
     # load_state_dict copies into the model's tensors, widening narrowed floats back to their dtype.
     missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS), strict=False)
     model.tie_weights()

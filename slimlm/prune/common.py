@@ -7,12 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
 from slimlm.compress.hessian import SharedInputs
 from slimlm.compress.recipe import PruneFields
 from slimlm.compress.sparsity import apply_mask_, n_m_mask, unstructured_mask
 from slimlm.compress.statistics import ChannelStatistics
+from slimlm.models.adapter import BlockAdapter
 
 
 def block_sparsity(context: BlockContext, stage: PruneFields) -> float:
@@ -49,3 +51,62 @@ def prune_targets(context: BlockContext, report: CompressionReport, method: str,
 def wanda_score(weight: torch.Tensor, statistics: ChannelStatistics) -> torch.Tensor:
     """|W_ij| * ||X_j||_2 (Wanda, Eq. 1)."""
     return weight.detach().abs().float() * statistics.squared_norm_per_sample().sqrt()[None, :]
+
+
+# Structured pruning (LLM-Pruner, FLAP): cut whole heads and channels out of a block's linears.
+
+def sliced_linear(module: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
+    weight = module.weight.detach()
+    weight = weight[rows] if rows is not None else weight
+    weight = weight[:, columns] if columns is not None else weight
+    bias = None if module.bias is None else module.bias.detach()
+    bias = bias[rows] if bias is not None and rows is not None else bias
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def replace_linear(block: BlockAdapter, role: str, new: nn.Module) -> None:
+    parent_name, _, child = block.linear_names[role].rpartition(".")
+    setattr(block.module.get_submodule(parent_name) if parent_name else block.module, child, new)
+    block.linears[role] = new
+
+
+def prune_block_(block: BlockAdapter, q_keep: torch.Tensor, kv_keep: torch.Tensor, channel_keep: torch.Tensor,
+                 head_dim: int) -> None:
+    """Cut the block's linears down to the kept query heads, KV heads and MLP channels."""
+    def rows(heads: torch.Tensor) -> torch.Tensor:
+        return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
+
+    lin = dict(block.linears)
+    replace_linear(block, "q", sliced_linear(lin["q"], rows=rows(q_keep)))
+    replace_linear(block, "k", sliced_linear(lin["k"], rows=rows(kv_keep)))
+    replace_linear(block, "v", sliced_linear(lin["v"], rows=rows(kv_keep)))
+    replace_linear(block, "o", sliced_linear(lin["o"], columns=rows(q_keep)))
+    for role in ("gate", "up"):
+        if role in lin:
+            replace_linear(block, role, sliced_linear(lin[role], rows=channel_keep))
+    replace_linear(block, "down", sliced_linear(lin["down"], columns=channel_keep))
+
+
+MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
+
+
+def set_block_shape_(model: nn.Module, heads: int, kv_heads: int, width: int, head_dim: int) -> None:
+    """Make the config (and the attention modules' cached counts) describe blocks that all have
+    `heads` query heads, `kv_heads` KV heads and an MLP `width`, so plain `from_pretrained` rebuilds them."""
+    config = model.config
+    config.head_dim = head_dim  # explicit: it no longer equals hidden_size / num_attention_heads
+    config.num_attention_heads = heads
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = kv_heads
+    setattr(config, next(key for key in MLP_WIDTH_KEYS if getattr(config, key, None)), width)
+    for module in model.modules():  # attention modules cache head counts at construction
+        if hasattr(module, "num_heads"):
+            module.num_heads = heads
+        if hasattr(module, "num_key_value_heads"):
+            module.num_key_value_heads = kv_heads
+        if hasattr(module, "num_key_value_groups"):
+            module.num_key_value_groups = heads // kv_heads

@@ -38,9 +38,7 @@ from slimlm.errors import SlimlmError
 from slimlm.eval.perplexity import next_token_loss
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
 from slimlm.progress import progress
-
-MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
-
+from slimlm.prune.common import prune_block_, set_block_shape_
 
 def accumulate_gradients(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int, device: torch.device) -> None:
     """dL/dW of the mean next-token loss over the calibration segments, left in each weight's .grad."""
@@ -109,41 +107,6 @@ def _keep(importance: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.sort(torch.argsort(importance, descending=True)[: len(importance) - remove])[0]
 
 
-def _sliced_linear(module: nn.Linear, rows: torch.Tensor | None = None, columns: torch.Tensor | None = None) -> nn.Linear:
-    weight = module.weight.detach()
-    weight = weight[rows] if rows is not None else weight
-    weight = weight[:, columns] if columns is not None else weight
-    bias = None if module.bias is None else module.bias.detach()
-    bias = bias[rows] if bias is not None and rows is not None else bias
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device)
-    new.weight.data.copy_(weight)
-    if bias is not None:
-        new.bias.data.copy_(bias)
-    return new
-
-
-def _replace(block: BlockAdapter, role: str, new: nn.Module) -> None:
-    parent_name, _, child = block.linear_names[role].rpartition(".")
-    setattr(block.module.get_submodule(parent_name) if parent_name else block.module, child, new)
-
-
-def prune_block_(block: BlockAdapter, q_keep: torch.Tensor, kv_keep: torch.Tensor, channel_keep: torch.Tensor,
-                 head_dim: int) -> None:
-    """Cut the block's linears down to the kept query heads, KV heads and MLP channels."""
-    def rows(heads: torch.Tensor) -> torch.Tensor:
-        return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).reshape(-1)
-
-    lin = block.linears
-    _replace(block, "q", _sliced_linear(lin["q"], rows=rows(q_keep)))
-    _replace(block, "k", _sliced_linear(lin["k"], rows=rows(kv_keep)))
-    _replace(block, "v", _sliced_linear(lin["v"], rows=rows(kv_keep)))
-    _replace(block, "o", _sliced_linear(lin["o"], columns=rows(q_keep)))
-    for role in ("gate", "up"):
-        if role in lin:
-            _replace(block, role, _sliced_linear(lin[role], rows=channel_keep))
-    _replace(block, "down", _sliced_linear(lin["down"], columns=channel_keep))
-
-
 def llm_pruner(model: PreTrainedModel, stage: LLMPrunerStage, calibration: torch.Tensor, batch_size: int,
                device: torch.device, report: CompressionReport) -> None:
     adapter = ModelAdapter(model)
@@ -151,7 +114,6 @@ def llm_pruner(model: PreTrainedModel, stage: LLMPrunerStage, calibration: torch
     config = model.config
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    width_key = next(key for key in MLP_WIDTH_KEYS if getattr(config, key, None))
     before = sum(p.numel() for p in model.parameters())
     accumulate_gradients(model, calibration[: stage.gradient_samples], batch_size, device)
     per_group = heads // kv_heads
@@ -166,18 +128,7 @@ def llm_pruner(model: PreTrainedModel, stage: LLMPrunerStage, calibration: torch
             channel_keep = _keep(mlp, stage.ratio)
             prune_block_(block, q_keep, kv_keep, channel_keep, head_dim)
     model.zero_grad(set_to_none=True)
-    config.head_dim = head_dim  # explicit: it no longer equals hidden_size / num_attention_heads
-    config.num_attention_heads = len(q_keep)
-    if hasattr(config, "num_key_value_heads"):
-        config.num_key_value_heads = len(kv_keep)
-    setattr(config, width_key, len(channel_keep))
-    for module in model.modules():  # attention modules cache head counts at construction
-        if hasattr(module, "num_heads"):
-            module.num_heads = len(q_keep)
-        if hasattr(module, "num_key_value_heads"):
-            module.num_key_value_heads = len(kv_keep)
-        if hasattr(module, "num_key_value_groups"):
-            module.num_key_value_groups = len(q_keep) // len(kv_keep)
+    set_block_shape_(model, len(q_keep), len(kv_keep), len(channel_keep), head_dim)
     summary = {"method": "llm_pruner", "parameters_before": before, "kv_heads": [kv_heads, len(kv_keep)],
                "attention_heads": [heads, len(q_keep)], "mlp_width": [mlp.numel(), len(channel_keep)]}
     if stage.recovery is not None:
