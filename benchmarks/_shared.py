@@ -16,7 +16,10 @@ PEERS = Path(__file__).resolve().parent / "peers"
 ZERO_SHOT = ("piqa", "arc_easy", "hellaswag")
 
 
-def parse_arguments(doc: str, configs: dict, methods: dict, out: Path) -> argparse.Namespace:
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_arguments(doc: str, configs: dict, methods: dict, out: Path, add_options=None) -> argparse.Namespace:
     """The options every compression benchmark takes."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
@@ -30,19 +33,23 @@ def parse_arguments(doc: str, configs: dict, methods: dict, out: Path) -> argpar
     parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     parser.add_argument("--out", default=str(out))
     parser.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one slimlm job and print its JSON
+    if add_options is not None:  # a script's own options
+        add_options(parser)
     return parser.parse_args()
 
 
-def start(doc: str, configs: dict, methods: dict, name: str, prompt_tokens: int, run_job):
+def start(doc: str, configs: dict, methods: dict, name: str, prompt_tokens: int, run_job, add_options=None):
     """A benchmark script's opening: parse its options; as a job child, run the job, print it and
     return None; else return (args, protocol, output path, Progress, token files)."""
-    args = parse_arguments(doc, configs, methods, Path(__file__).resolve().parent / "results" / name)
+    args = parse_arguments(doc, configs, methods, RESULTS_DIR / name, add_options)
     if args.job:
         print("RESULT " + json.dumps(run_job(json.loads(args.job))), flush=True)
         return None
     proto = protocol(args, prompt_tokens)
     out = Path(args.out)
-    progress = Progress(out.parent / f".{out.name}{'.quick' if args.quick else ''}.partial.json")
+    if args.quick and out.parent == RESULTS_DIR:  # a script check never replaces committed results
+        out = out.with_name(out.name + "-quick")
+    progress = Progress(out.parent / f".{out.name}.partial.json")
     return args, proto, out, progress, token_files(args.data_dir, proto, f"{name}-quick" if args.quick else name)
 
 

@@ -13,8 +13,15 @@ LM head and embedding kept; WikiText-2 test perplexity and KL divergence from fl
 512 over the first 40 windows; C4 documents 1000-1999 perplexity, same windows; PIQA, ARC-Easy
 and HellaSwag on their first `--limit` examples; prefill latency of a 128-token prompt and decode
 tokens/s at batch 1 (dense float32 kernels: zeros cost the same as any weight); a separate table
-times PyTorch's sparse CPU matmul against dense on a pruned layer. Structured pruning (LLM-Pruner,
-SliceGPT, FLAP, layer removal) is not in slimlm yet and so not in this benchmark.
+times PyTorch's sparse CPU matmul against dense on a pruned layer.
+
+Structured pruning (a second table) at 10, 20 and 30 % fewer parameters than the dense model, each
+method's knob set from the model's shapes: LLM-Pruner (ratio of block units = target / share of
+block parameters; KV groups and MLP channels; without and with LoRA recovery of 20 steps x 4 x 512
+tokens), SliceGPT (the width solved for the target, LM head untied), FLAP (AL-AM, ratio of block
+parameters as for LLM-Pruner) and layer removal (ShortGPT angular criterion, the nearest number of
+blocks). Each structured row also records whether plain transformers `from_pretrained` loads the
+saved model and gives the same logits.
 """
 
 from __future__ import annotations
@@ -36,6 +43,32 @@ METHODS = {"magnitude": {"method": "magnitude"}, "Wanda": {"method": "wanda"},
            "SparseGPT": {"method": "sparsegpt"}, "DSnoT (Wanda)": {"method": "dsnot", "initial": "wanda"},
            "Wanda + OWL": {"method": "wanda", "owl": {}}}
 PEER_ALGOS = {"SparseGPT": "sparsegpt", "Wanda": "wanda"}
+LEVELS = {"-10% params": 0.10, "-20% params": 0.20, "-30% params": 0.30}
+STRUCTURED = ("LLM-Pruner", "LLM-Pruner + LoRA", "SliceGPT", "FLAP", "layer removal")
+LORA = {"steps": 20, "batch_size": 4}
+
+
+def structured_stage(method: str, level: float, model_dir: str) -> dict:
+    """The stage that removes about `level` of the model's parameters with `method`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slimlm.models.adapter import ModelAdapter
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    adapter = ModelAdapter(model)
+    total = sum(p.numel() for p in model.parameters())
+    blocks = sum(p.numel() for p in adapter.blocks.parameters())
+    block_ratio = level * total / blocks  # of the blocks' parameters, what removes `level` of the model's
+    if method == "SliceGPT":
+        return {"method": "slicegpt", "parameter_reduction": level}
+    if method == "FLAP":
+        return {"method": "flap", "ratio": block_ratio}
+    if method == "layer removal":
+        return {"method": "drop_layers", "count": round(block_ratio * len(adapter))}
+    stage = {"method": "llm_pruner", "ratio": block_ratio}
+    return {**stage, "recovery": LORA} if method.endswith("LoRA") else stage
 
 
 def run_job(spec: dict) -> dict:
@@ -56,7 +89,10 @@ def run_job(spec: dict) -> dict:
     latency = measure_latency(model, speed["prompt_tokens"], speed["new_tokens"], 1, speed["repeats"])
     result["prefill_ms"] = latency.prefill_s * 1000
     result["decode_tokens_per_s"] = latency.decode_tokens_per_s
-    if spec["stage"] is not None:  # the same model with its pruned linears stored compressed (N:M or CSR)
+    if report is not None and report.structure:
+        result["structure"] = report.structure
+        result["plain_transformers_load"] = plain_transformers_load(model)
+    elif spec["stage"] is not None:  # the same model with its pruned linears stored compressed (N:M or CSR)
         from slimlm.prune.sparse_linear import sparsify_model_
 
         pattern = spec["stage"].get("pattern")
@@ -64,6 +100,23 @@ def run_job(spec: dict) -> dict:
         with tempfile.TemporaryDirectory() as directory:
             result["disk_bytes_sparse_storage"] = model_bytes(save(model, Path(directory) / "m", tokenizer))
     return result
+
+
+def plain_transformers_load(model) -> str:
+    """Whether `save_pretrained` + plain `from_pretrained` rebuild the model (same logits on a probe)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    probe = torch.arange(1, 33)[None, :]
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        try:
+            reloaded = AutoModelForCausalLM.from_pretrained(directory).eval()
+        except Exception as error:  # noqa: BLE001 - the refusal is what we record
+            return f"refused: {type(error).__name__}: {str(error)[:120]}"
+        with torch.no_grad():
+            same = torch.equal(reloaded(probe).logits, model(probe).logits)
+    return "same logits" if same else "loads, different logits (use slimlm.load)"
 
 
 def sparse_kernels(quick: bool) -> list[dict]:
@@ -116,7 +169,11 @@ def semi_structured_on_cpu() -> str:
 
 
 def main() -> None:
-    started = start(__doc__, CONFIGS, METHODS, "pruning", 128, run_job)
+    def structured_options(parser) -> None:
+        parser.add_argument("--structured", default=",".join(STRUCTURED),
+                            help="comma-separated subset of " + ", ".join(STRUCTURED) + ' ("" for none)')
+
+    started = start(__doc__, CONFIGS, METHODS, "pruning", 128, run_job, structured_options)
     if started is None:
         return
     args, proto, out, progress, tokens = started
@@ -141,6 +198,12 @@ def main() -> None:
                 if method in methods:
                     rows.append(progress.record(f"{config}/llm-compressor {algo}",
                                                 lambda c=config, a=algo: _peer(tokens, c, a)))
+    structured = [m.strip() for m in args.structured.split(",") if m.strip()]
+    for level_name, level in LEVELS.items():
+        for method in structured:
+            stage = structured_stage(method, level, str(tokens["model_dir"]))
+            rows.append(progress.record(f"{level_name}/{method}",
+                                        lambda c=level_name, m=method, s=stage: child(c, m, s)))
     kernels = progress.record("sparse kernels", lambda: {"rows": sparse_kernels(args.quick),
                                                          "semi_structured": semi_structured_on_cpu()})
     kernels, semi_structured = kernels["rows"], kernels["semi_structured"]
@@ -183,7 +246,18 @@ def _tables(rows: list[dict], kernels: list[dict], semi_structured: str) -> str:
             peers.append({"config": r["config"], "tool": r["method"], "status": r["status"],
                           "ppl": r.get("wikitext2_ppl"), "slimlm_ppl": mine and mine.get("wikitext2_ppl"),
                           "seconds": r.get("pruning_seconds"), "slimlm_seconds": mine and mine.get("pruning_seconds")})
-    parts = ["## Quality, size, speed\n", markdown_table([r for r in rows if not r["method"].startswith("llm-")], columns)]
+    unstructured = [r for r in rows if not r["method"].startswith("llm-") and r["config"] not in LEVELS]
+    parts = ["## Unstructured and N:M: quality, size, speed\n", markdown_table(unstructured, columns)]
+    dense = ours.get(("dense", "-"))
+    structured = [{**r, "parameter_reduction": 1 - r["parameters"] / dense["parameters"],
+                   "prefill_speedup": dense["prefill_ms"] / r["prefill_ms"]}
+                  for r in rows if r["config"] in LEVELS and dense is not None]
+    if structured:
+        parts += ["\n## Structured: fewer parameters, a smaller dense model\n", markdown_table(
+            [dense, *structured], ("config", "method", "parameters", "parameter_reduction", "wikitext2_ppl", "c4_ppl",
+                                   "kl_mean", "piqa_acc_norm", "arc_easy_acc", "hellaswag_acc_norm", "disk_bytes",
+                                   "prefill_ms", "prefill_speedup", "decode_tokens_per_s", "pruning_seconds",
+                                   "plain_transformers_load"))]
     if peers:
         parts += ["\n## llm-compressor beside slimlm (same tokens, same windows)\n", markdown_table(peers)]
     parts += ["\n## Sparse CPU matmul against dense (one 1536 x 576 layer, float32)\n", markdown_table(kernels),

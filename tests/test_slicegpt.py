@@ -47,7 +47,7 @@ def test_sliced_model_is_narrower_and_loads_with_plain_transformers(family, tmp_
     model = _with_norm_scales(tiny_model(family))
     hidden, before = model.config.hidden_size, sum(p.numel() for p in model.parameters())
     report = slice_model(model, slicing=0.25)
-    width = sliced_width(hidden, 0.25, 8)
+    width = sliced_width(model, hidden, 0.25, 8)
     assert model.config.hidden_size == width < hidden
     assert report.structure[0]["hidden_size"] == [hidden, width]
     assert report.structure[0]["parameters_after"] == sum(p.numel() for p in model.parameters()) < before
@@ -90,16 +90,31 @@ def test_principal_axes_lose_less_than_a_random_basis_of_the_same_width():
     assert error(pca) < 0.8 * error(random)
 
 
-def test_parameter_reduction_solves_for_the_width():
+def test_parameter_reduction_picks_the_width_closest_to_the_target():
     model = tiny_model("llama")
     before = sum(p.numel() for p in model.parameters())
-    adapter = ModelAdapter(model)
+    counts = {w: parameters_after(model, ModelAdapter(model), w) for w in range(8, 65, 8)}
     report = slice_model(model, parameter_reduction=0.2)
-    width = model.config.hidden_size
     after = sum(p.numel() for p in model.parameters())
-    assert after <= 0.8 * before
-    assert report.structure[0]["parameter_reduction"] >= 0.2
-    assert width % 8 == 0
+    assert after == counts[model.config.hidden_size]
+    assert all(abs(after - 0.8 * before) <= abs(n - 0.8 * before) for n in counts.values())
+    assert report.structure[0]["parameter_reduction"] == pytest.approx(1 - after / before)
+
+
+def test_width_is_a_multiple_of_the_head_count_where_the_config_demands_it(tmp_path):
+    """LlamaConfig refuses a hidden size that is not a multiple of num_attention_heads (SmolLM2: 9 heads)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", vocab_size=256, hidden_size=144, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    slice_model(model, slicing=0.25)
+    assert model.config.hidden_size == 72  # 136, 128, ... 80 are multiples of 8 but not of 9
+    assert_plain_transformers_roundtrip(model, tmp_path, PROBE)
+    with pytest.raises(SlimlmError, match="no hidden size of at most"):
+        slice_model(AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "llama", vocab_size=256, hidden_size=72, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=9, num_key_value_heads=3)), slicing=0.25)
 
 
 def test_parameter_count_formula_matches_the_sliced_model():

@@ -318,8 +318,8 @@ class SliceGPTStage(StageBase):
     structural: ClassVar[bool] = True
     slicing: float | None = Field(None, ge=0, lt=1, description="fraction of the hidden size deleted")
     parameter_reduction: float | None = Field(
-        None, gt=0, lt=1, description="or: the fraction of the model's parameters to remove (the width is solved for)")
-    round_to: int = Field(8, ge=1, description="the new hidden size is a multiple of this")
+        None, gt=0, lt=1, description="or: the fraction of the model's parameters to remove (the closest width is chosen)")
+    round_to: int = Field(8, ge=1, description="the new hidden size is a multiple of this (and of what the config demands)")
     dampening: float = Field(0.01, ge=0, lt=1, description="fraction of the mean covariance diagonal added before PCA")
 
     @model_validator(mode="after")

@@ -39,6 +39,7 @@ sandwich norms do not commute with a rotation; both are refused with a clear err
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -78,9 +79,42 @@ def _epsilon_attribute(norm: nn.Module) -> str | None:
     return next((name for name in ("variance_epsilon", "eps") if isinstance(getattr(norm, name, None), float)), None)
 
 
-def sliced_width(hidden: int, slicing: float, multiple: int) -> int:
-    """d' = (1 - slicing) d rounded down to a multiple of `multiple` (at least `multiple`)."""
-    return max(multiple, int((1 - slicing) * hidden) // multiple * multiple)
+def _text_config(model: PreTrainedModel):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def config_accepts_width(model: PreTrainedModel, width: int) -> bool:
+    """Whether the model's config class accepts this hidden size (Llama's demands a multiple of the head count)."""
+    config = copy.deepcopy(_text_config(model))
+    config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config.hidden_size = width
+    try:
+        if hasattr(config, "validate_architecture"):
+            config.validate_architecture()
+    except ValueError:
+        return False
+    return True
+
+
+def candidate_widths(model: PreTrainedModel, hidden: int, multiple: int) -> list[int]:
+    """Hidden sizes slicing can produce, widest first: multiples of `multiple` the config accepts."""
+    widths = [w for w in range(hidden // multiple * multiple, 0, -multiple) if config_accepts_width(model, w)]
+    if not widths:
+        raise SlimlmError(f"slicegpt: no hidden size below {hidden} is a multiple of {multiple} that this "
+                          f"{type(model.config).__name__} accepts; choose another round_to")
+    return widths
+
+
+def sliced_width(model: PreTrainedModel, hidden: int, slicing: float, multiple: int) -> int:
+    """The widest accepted hidden size of at most (1 - slicing) d (d itself for slicing 0)."""
+    if slicing == 0:
+        return hidden
+    target = (1 - slicing) * hidden
+    width = next((w for w in candidate_widths(model, hidden, multiple) if w <= target), None)
+    if width is None:
+        raise SlimlmError(f"slicegpt: no hidden size of at most {target:.0f} is a multiple of {multiple} that this "
+                          f"{type(model.config).__name__} accepts; slice less or choose another round_to")
+    return width
 
 
 def parameters_after(model: PreTrainedModel, adapter: ModelAdapter, width: int) -> int:
@@ -98,13 +132,10 @@ def parameters_after(model: PreTrainedModel, adapter: ModelAdapter, width: int) 
 
 
 def width_for_reduction(model: PreTrainedModel, adapter: ModelAdapter, reduction: float, multiple: int) -> int:
-    """The widest d' (a multiple of `multiple`) whose model has at most (1 - reduction) of today's parameters."""
+    """The accepted hidden size whose model's parameter count is closest to (1 - reduction) of today's."""
     before = sum(p.numel() for p in model.parameters())
-    hidden = adapter.embedding.weight.shape[1]
-    for width in range(hidden // multiple * multiple, 0, -multiple):
-        if parameters_after(model, adapter, width) <= (1 - reduction) * before:
-            return width
-    raise SlimlmError(f"slicegpt: no width removes {reduction:.0%} of the parameters; choose a smaller reduction")
+    widths = candidate_widths(model, adapter.embedding.weight.shape[1], multiple)
+    return min(widths, key=lambda w: abs(parameters_after(model, adapter, w) - (1 - reduction) * before))
 
 
 @torch.no_grad()
@@ -197,7 +228,7 @@ def rotate_and_slice_(model: PreTrainedModel, adapter: ModelAdapter, Q: torch.Te
 
 
 def _update_config(model: PreTrainedModel, hidden: int, width: int) -> None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     config.head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     config.hidden_size = width
     config.rms_norm_eps = config.rms_norm_eps * hidden / width
@@ -222,7 +253,7 @@ def slicegpt(model: PreTrainedModel, stage: SliceGPTStage, calibration: torch.Te
     if stage.parameter_reduction is not None:
         width = width_for_reduction(model, adapter, stage.parameter_reduction, stage.round_to)
     else:
-        width = sliced_width(hidden, stage.slicing, stage.round_to) if stage.slicing else hidden
+        width = sliced_width(model, hidden, stage.slicing, stage.round_to)
     _untie(model, adapter)
     with torch.no_grad():
         fold_norm_scales_(adapter)
