@@ -18,7 +18,8 @@ times PyTorch's sparse CPU matmul against dense on a pruned layer.
 Structured pruning (a second table) at 10, 20 and 30 % fewer parameters than the dense model, each
 method's knob set from the model's shapes: LLM-Pruner (ratio of block units = target / share of
 block parameters; KV groups and MLP channels; without and with LoRA recovery of 20 steps x 4 x 512
-tokens), SliceGPT (the width solved for the target, LM head untied), FLAP (AL-AM, ratio of block
+tokens), SliceGPT (the paper's per-block rotations with shortcut matrices, and one shared rotation;
+the accepted width whose parameter count is closest to the target, LM head untied), FLAP (AL-AM, ratio of block
 parameters as for LLM-Pruner) and layer removal (ShortGPT angular criterion, the nearest number of
 blocks). Each structured row also records whether plain transformers `from_pretrained` loads the
 saved model and gives the same logits.
@@ -44,7 +45,7 @@ METHODS = {"magnitude": {"method": "magnitude"}, "Wanda": {"method": "wanda"},
            "Wanda + OWL": {"method": "wanda", "owl": {}}}
 PEER_ALGOS = {"SparseGPT": "sparsegpt", "Wanda": "wanda"}
 LEVELS = {"-10% params": 0.10, "-20% params": 0.20, "-30% params": 0.30}
-STRUCTURED = ("LLM-Pruner", "LLM-Pruner + LoRA", "SliceGPT", "FLAP", "layer removal")
+STRUCTURED = ("LLM-Pruner", "LLM-Pruner + LoRA", "SliceGPT", "SliceGPT one rotation", "FLAP", "layer removal")
 LORA = {"steps": 20, "batch_size": 4}
 
 
@@ -61,8 +62,9 @@ def structured_stage(method: str, level: float, model_dir: str) -> dict:
     total = sum(p.numel() for p in model.parameters())
     blocks = sum(p.numel() for p in adapter.blocks.parameters())
     block_ratio = level * total / blocks  # of the blocks' parameters, what removes `level` of the model's
-    if method == "SliceGPT":
-        return {"method": "slicegpt", "parameter_reduction": level}
+    if method.startswith("SliceGPT"):
+        rotation = "global" if method.endswith("one rotation") else "per_block"
+        return {"method": "slicegpt", "parameter_reduction": level, "rotation": rotation}
     if method == "FLAP":
         return {"method": "flap", "ratio": block_ratio}
     if method == "layer removal":
@@ -187,6 +189,12 @@ def main() -> None:
     configs = [c.strip() for c in args.configs.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
     rows = [progress.record("dense", lambda: child("dense", "-", None))]
+    structured = [m.strip() for m in args.structured.split(",") if m.strip()]
+    for level_name, level in LEVELS.items():
+        for method in structured:
+            stage = structured_stage(method, level, str(tokens["model_dir"]))
+            rows.append(progress.record(f"{level_name}/{method}",
+                                        lambda c=level_name, m=method, s=stage: child(c, m, s)))
     for config in configs:
         for method in methods:
             if method == "Wanda + OWL" and "pattern" in CONFIGS[config]:
@@ -198,12 +206,6 @@ def main() -> None:
                 if method in methods:
                     rows.append(progress.record(f"{config}/llm-compressor {algo}",
                                                 lambda c=config, a=algo: _peer(tokens, c, a)))
-    structured = [m.strip() for m in args.structured.split(",") if m.strip()]
-    for level_name, level in LEVELS.items():
-        for method in structured:
-            stage = structured_stage(method, level, str(tokens["model_dir"]))
-            rows.append(progress.record(f"{level_name}/{method}",
-                                        lambda c=level_name, m=method, s=stage: child(c, m, s)))
     kernels = progress.record("sparse kernels", lambda: {"rows": sparse_kernels(args.quick),
                                                          "semi_structured": semi_structured_on_cpu()})
     kernels, semi_structured = kernels["rows"], kernels["semi_structured"]

@@ -51,3 +51,6 @@ for _percent in (10, 20, 30):
 for _percent in (10, 20, 30):
     PRESETS[f"flap-{_percent}"] = {"stages": [{"method": "flap", "ratio": _percent / 100}]}
     PRESETS[f"flap-{_percent}-uniform"] = {"stages": [{"method": "flap", "ratio": _percent / 100, "structure": "UL-UM"}]}
+for _percent in (25, 30):
+    PRESETS[f"slicegpt-global-{_percent}"] = {"stages": [{"method": "slicegpt", "slicing": _percent / 100,
+                                                           "rotation": "global"}]}

@@ -321,6 +321,9 @@ class SliceGPTStage(StageBase):
         None, gt=0, lt=1, description="or: the fraction of the model's parameters to remove (the closest width is chosen)")
     round_to: int = Field(8, ge=1, description="the new hidden size is a multiple of this (and of what the config demands)")
     dampening: float = Field(0.01, ge=0, lt=1, description="fraction of the mean covariance diagonal added before PCA")
+    rotation: Literal["per_block", "global"] = Field(
+        "per_block", description="the paper's rotation per block (shortcut matrices on the residual connections; "
+        "a slimlm checkpoint), or one rotation for all blocks (a plain transformers model)")
 
     @model_validator(mode="after")
     def _slicing_or_reduction(self):

@@ -70,6 +70,9 @@ def save(
                 if isinstance(module, (QuantizedLinear, SparseLinear))
             },
             "resized_linears": resized_linears(model),
+            "residual_shortcuts": {name: {"parts": module.slicegpt_parts, "attn": list(module.attn_shortcut.shape),
+                                          "mlp": list(module.mlp_shortcut.shape)}
+                                   for name, module in model.named_modules() if hasattr(module, "slicegpt_parts")},
             "recipe": recipe,
         }
         (staging / SLIMLM_CONFIG).write_text(json.dumps(section, indent=2) + "\n")
@@ -188,6 +191,10 @@ def load(
     for name, (in_features, out_features, bias) in section.get("resized_linears", {}).items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, nn.Linear(in_features, out_features, bias=bias, dtype=dtype))
+    from slimlm.prune.slicegpt import install_shortcuts_  # here: slicegpt imports the engine, which imports this
+
+    for name, meta in section.get("residual_shortcuts", {}).items():
+        install_shortcuts_(model.get_submodule(name), meta["parts"], tuple(meta["attn"]), tuple(meta["mlp"]), dtype)
     # load_state_dict copies into the model's tensors, widening narrowed floats back to their dtype.
     missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS), strict=False)
     model.tie_weights()

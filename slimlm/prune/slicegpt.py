@@ -17,22 +17,27 @@ Ashkboos et al., "SliceGPT: Compress Large Language Models by Deleting Rows and 
 The sliced norm keeps normalising by the *original* width d, as the reference code's RMSN does:
 x' / sqrt(|x'|^2 / d + eps). A transformers RMSNorm of width d' computes x' / sqrt(|x'|^2 / d' +
 eps'), so the sliced model sets every norm weight to sqrt(d / d') and eps' = eps d / d', which is
-the same function; the result is a plain, narrower transformers model.
+the same function.
 
-Deviation from the paper, and why: the paper computes one Q per block (and one between attention
-and MLP), which makes the residual connections carry the matrices Q_l^T Q_{l+1} ("shortcut
-matrices", Sec. 3.4). No transformers architecture has such a matrix, so that model could not be
-loaded by plain `from_pretrained`, which this toolkit requires of structured pruning. Here one Q,
-shared by every block, comes from the PCA of the signal pooled over every norm input (both norms
-of every block and the final norm), each token's vector divided by its RMS first so that the late
-blocks' larger residual norms do not decide the basis alone (the norms only see directions). With
-one Q the shortcut matrices are identities and disappear. Expect somewhat higher perplexity than
-the paper's per-block rotations at the same slicing ratio.
+Two rotation modes (`rotation`):
+
+- `per_block` (default; the paper's Sec. 3.4 and the reference code's sequential rotate-and-slice):
+  a PCA of the signal entering each block (Q_in) and of the one entering its MLP norm (Q_mid),
+  each computed on the model sliced so far and expressed in the original basis, unnormalised
+  and dampened as the reference's `pca_calc`; the residual connections then carry the shortcut
+  matrices Q_in^T Q_mid and Q_mid^T Q_out (sliced), installed on each block with a forward that
+  applies them. No transformers architecture has them, so this model is a slimlm checkpoint
+  (`slimlm.save` records the shortcuts, `slimlm.load` reinstalls them).
+- `global` (a variant, not the paper): one Q shared by every block, from the PCA of the signal
+  pooled over every norm input, each token divided by its RMS first so that the late blocks'
+  larger residual norms do not decide the basis alone. The shortcut matrices are identities and
+  disappear: the result is a plain, narrower transformers model.
 
 Models with tied embeddings are untied: the LM head absorbs the final norm's scale and the input
 embedding must not, so they no longer hold the same matrix (the untied head costs V x d'
-parameters; `parameter_reduction` accounts for it). Only RMSNorm families without norm offsets
-or branch-output norms (Llama, Mistral, Qwen2, Qwen3, SmolLM) are supported: LayerNorm models
+parameters; `parameter_reduction` accounts for it). The head is sliced too (the reference's
+`do_slice_head` option; its default keeps the last block's output and the head at full width).
+Only RMSNorm families without norm offsets or branch-output norms (Llama, Mistral, Qwen2, Qwen3, SmolLM) are supported: LayerNorm models
 (OPT, GPT-2) need the mean-subtraction absorption of Sec. 3.2, and Gemma's (1 + w) norms and
 sandwich norms do not commute with a rotation; both are refused with a clear error.
 """
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 
 import torch
 from torch import nn
@@ -49,7 +55,7 @@ from transformers import PreTrainedModel
 from slimlm.compress.engine import BlockInputs, CompressionReport, _on_device, capture_block_inputs, run_block
 from slimlm.compress.recipe import SliceGPTStage
 from slimlm.errors import SlimlmError
-from slimlm.models.adapter import ModelAdapter
+from slimlm.models.adapter import BlockAdapter, ModelAdapter
 from slimlm.progress import progress
 
 READ_ROLES = ("q", "k", "v", "gate", "up")  # linears that read the residual stream (through a norm)
@@ -117,8 +123,9 @@ def sliced_width(model: PreTrainedModel, hidden: int, slicing: float, multiple: 
     return width
 
 
-def parameters_after(model: PreTrainedModel, adapter: ModelAdapter, width: int) -> int:
-    """The parameter count once the residual stream is `width` wide (the LM head untied)."""
+def parameters_after(model: PreTrainedModel, adapter: ModelAdapter, width: int, shortcuts: bool = False) -> int:
+    """The parameter count once the residual stream is `width` wide (the LM head untied; with `shortcuts`,
+    two width x width matrices per block)."""
     hidden = adapter.embedding.weight.shape[1]
     total = sum(p.numel() for p in model.parameters())
     if adapter.tied_embeddings:
@@ -128,14 +135,15 @@ def parameters_after(model: PreTrainedModel, adapter: ModelAdapter, width: int) 
         per_dim += sum(block.linears[r].out_features for r in READ_ROLES if r in block.linears)
         per_dim += sum(block.linears[r].in_features + (block.linears[r].bias is not None) for r in WRITE_ROLES)
         per_dim += sum(1 for role in ("attn_norm", "mlp_norm") if role in block.norms)
-    return total - per_dim * (hidden - width)
+    return total - per_dim * (hidden - width) + (2 * width * width * len(adapter) if shortcuts else 0)
 
 
-def width_for_reduction(model: PreTrainedModel, adapter: ModelAdapter, reduction: float, multiple: int) -> int:
+def width_for_reduction(model: PreTrainedModel, adapter: ModelAdapter, reduction: float, multiple: int,
+                        shortcuts: bool = False) -> int:
     """The accepted hidden size whose model's parameter count is closest to (1 - reduction) of today's."""
     before = sum(p.numel() for p in model.parameters())
     widths = candidate_widths(model, adapter.embedding.weight.shape[1], multiple)
-    return min(widths, key=lambda w: abs(parameters_after(model, adapter, w) - (1 - reduction) * before))
+    return min(widths, key=lambda w: abs(parameters_after(model, adapter, w, shortcuts) - (1 - reduction) * before))
 
 
 @torch.no_grad()
@@ -198,33 +206,139 @@ def fold_norm_scales_(adapter: ModelAdapter) -> None:
     norm.weight.data.fill_(1.0)
 
 
+def _rotate(weight: torch.Tensor, Q: torch.Tensor, reads: bool) -> torch.Tensor:
+    """W Q for a weight that reads the stream (columns), Q^T W for one that writes it (rows), in float64."""
+    q, w = Q.to(weight.device, torch.float64), weight.double()
+    return (w @ q if reads else q.T @ w).to(weight.dtype)
+
+
+def rotate_reader_(module: nn.Module, Q: torch.Tensor) -> None:
+    _set_weight(module, _rotate(module.weight.data, Q, reads=True))
+
+
+def rotate_writer_(linear: nn.Linear, Q: torch.Tensor) -> None:
+    _set_weight(linear, _rotate(linear.weight.data, Q, reads=False))
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(_rotate(linear.bias.data[:, None], Q, reads=False)[:, 0])
+
+
+def slice_norm_(norm: nn.Module, hidden: int, width: int) -> None:
+    """A width-d' RMSNorm that divides by the original width d: weight sqrt(d / d'), eps scaled by d / d'."""
+    norm.weight = nn.Parameter(torch.full((width,), math.sqrt(hidden / width), dtype=norm.weight.dtype,
+                                          device=norm.weight.device))
+    attribute = _epsilon_attribute(norm)
+    setattr(norm, attribute, getattr(norm, attribute) * hidden / width)
+
+
 def rotate_and_slice_(model: PreTrainedModel, adapter: ModelAdapter, Q: torch.Tensor) -> None:
-    """Express the residual stream in the basis Q (hidden x width, orthonormal columns), in place."""
+    """Express the whole residual stream in the basis Q (hidden x width, orthonormal columns), in place."""
     hidden, width = Q.shape
-
-    def rotated(weight: torch.Tensor, reads: bool) -> torch.Tensor:
-        q = Q.to(weight.device, torch.float64)
-        w = weight.double()
-        return (w @ q if reads else q.T @ w).to(weight.dtype)
-
-    embedding = adapter.embedding
-    _set_weight(embedding, rotated(embedding.weight.data, reads=True))
-    _set_weight(adapter.lm_head, rotated(adapter.lm_head.weight.data, reads=True))
+    rotate_reader_(adapter.embedding, Q)
+    rotate_reader_(adapter.lm_head, Q)
     for block in adapter:
         for role in READ_ROLES:
             if role in block.linears:
-                _set_weight(block.linears[role], rotated(block.linears[role].weight.data, reads=True))
+                rotate_reader_(block.linears[role], Q)
         for role in WRITE_ROLES:
-            linear = block.linears[role]
-            _set_weight(linear, rotated(linear.weight.data, reads=False))
-            if linear.bias is not None:
-                linear.bias = nn.Parameter(rotated(linear.bias.data[:, None], reads=False)[:, 0])
-    # A width-d' RMSNorm that divides by the original width d: weight sqrt(d / d'), eps scaled by d / d'.
+            rotate_writer_(block.linears[role], Q)
     for norm in [adapter.final_norm, *(block.norms[r] for block in adapter for r in ("attn_norm", "mlp_norm"))]:
-        weight = torch.full((width,), math.sqrt(hidden / width), dtype=norm.weight.dtype, device=norm.weight.device)
-        norm.weight = nn.Parameter(weight)
-        attribute = _epsilon_attribute(norm)
-        setattr(norm, attribute, getattr(norm, attribute) * hidden / width)
+        slice_norm_(norm, hidden, width)
+
+
+# Per-block rotations (the paper): the residual connections carry shortcut matrices.
+
+def shortcut_block_forward(self: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A pre-norm decoder block whose residual connections are multiplied by `attn_shortcut` and
+    `mlp_shortcut` (Q_in^T Q_mid and Q_mid^T Q_out, sliced): SliceGPT Sec. 3.4."""
+    if args:
+        raise SlimlmError("a SliceGPT block takes its attention arguments by keyword")
+    attention, mlp, attn_norm, mlp_norm = (self.get_submodule(name) for name in self.slicegpt_parts)
+    residual = hidden_states @ self.attn_shortcut
+    hidden_states = residual + attention(hidden_states=attn_norm(hidden_states), **kwargs)[0]
+    return hidden_states @ self.mlp_shortcut + mlp(mlp_norm(hidden_states))
+
+
+def install_shortcuts_(block: nn.Module, parts: list[str], attn_shape: tuple[int, int], mlp_shape: tuple[int, int],
+                       dtype: torch.dtype = torch.float32) -> None:
+    """Give a decoder block residual shortcut matrices (of the given shapes, uninitialised) and the forward that uses them."""
+    device = next(block.parameters()).device
+    block.attn_shortcut = nn.Parameter(torch.empty(attn_shape, dtype=dtype, device=device), requires_grad=False)
+    block.mlp_shortcut = nn.Parameter(torch.empty(mlp_shape, dtype=dtype, device=device), requires_grad=False)
+    block.slicegpt_parts = list(parts)
+    block.forward = types.MethodType(shortcut_block_forward, block)
+
+
+def block_parts(block: BlockAdapter) -> list[str]:
+    """Paths of the attention module, the MLP module and the two norms inside the block."""
+    mlp = block.mlp_module()
+    if mlp is None:
+        raise SlimlmError("slicegpt per_block needs the MLP linears inside one submodule (Llama's `mlp`)")
+    mlp_name = next(name for name, module in block.module.named_modules() if module is mlp)
+    return [block.linear_names["o"].rpartition(".")[0], mlp_name, block.norm_names["attn_norm"], block.norm_names["mlp_norm"]]
+
+
+def _covariance(hidden: list[torch.Tensor]) -> torch.Tensor:
+    """sum of X^T X over the batches (float64), X the signal entering the norm, unnormalised (the reference's pca_calc)."""
+    width = hidden[0].shape[-1]
+    covariance = torch.zeros(width, width, dtype=torch.float64)
+    for h in hidden:
+        x = h.reshape(-1, width).double()
+        covariance += (x.T @ x).cpu()
+    return covariance
+
+
+@torch.no_grad()
+def slice_per_block_(model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int,
+                     device: torch.device, width: int, dampening: float) -> list[float]:
+    """The reference's sequential rotate-and-slice: each PCA sees the signal of the model sliced so far,
+    expressed in the original basis. Returns the variance kept at each PCA."""
+    hidden = adapter.embedding.weight.shape[1]
+    kept = []
+
+    def axes(signal: list[torch.Tensor]) -> torch.Tensor:
+        covariance = _covariance(signal)
+        values = torch.linalg.eigvalsh(covariance).flip(0)
+        kept.append(float(values[:width].sum() / values.sum()))
+        return principal_axes(covariance, dampening)[:, :width]
+
+    inputs = capture_block_inputs(model, adapter, calibration, batch_size, device)
+    Q = axes(inputs.hidden)
+    rotate_reader_(adapter.embedding, Q)
+    hidden_in = [h @ Q.to(h) for h in inputs.hidden]
+    for block in progress(adapter, desc="slicegpt blocks", total=len(adapter)):
+        module = block.module
+        dtype = block.linears["o"].weight.dtype
+        install_shortcuts_(module, block_parts(block), (width, hidden), (hidden, hidden), dtype)
+        module.attn_shortcut.copy_(Q.T)  # back to the original basis while o still writes in it
+        module.mlp_shortcut.copy_(torch.eye(hidden))
+        for role in ("q", "k", "v"):
+            rotate_reader_(block.linears[role], Q)
+        slice_norm_(block.norms["attn_norm"], hidden, width)
+        signal: list[torch.Tensor] = []
+        hook = block.norms["mlp_norm"].register_forward_pre_hook(lambda _m, args: signal.append(args[0].detach()))
+        batches = BlockInputs(hidden_in, inputs.args, inputs.kwargs)
+        with _on_device([module], device):
+            try:
+                run_block(module, batches)
+            finally:
+                hook.remove()
+            Q_mid = axes(signal)
+            module.attn_shortcut = nn.Parameter((Q.T @ Q_mid).to(dtype), requires_grad=False)
+            rotate_writer_(block.linears["o"], Q_mid)
+            for role in ("gate", "up"):
+                if role in block.linears:
+                    rotate_reader_(block.linears[role], Q_mid)
+            slice_norm_(block.norms["mlp_norm"], hidden, width)
+            module.mlp_shortcut = nn.Parameter(Q_mid.T.to(dtype), requires_grad=False)
+            outputs = run_block(module, batches)  # in the original basis: down still writes in it
+            Q_next = axes(outputs)
+            module.mlp_shortcut = nn.Parameter((Q_mid.T @ Q_next).to(dtype), requires_grad=False)
+            rotate_writer_(block.linears["down"], Q_next)
+        hidden_in = [o @ Q_next.to(o) for o in outputs]
+        Q = Q_next
+    rotate_reader_(adapter.lm_head, Q)
+    slice_norm_(adapter.final_norm, hidden, width)
+    return kept
 
 
 def _update_config(model: PreTrainedModel, hidden: int, width: int) -> None:
@@ -251,20 +365,24 @@ def slicegpt(model: PreTrainedModel, stage: SliceGPTStage, calibration: torch.Te
     hidden = adapter.embedding.weight.shape[1]
     before = sum(p.numel() for p in model.parameters())
     if stage.parameter_reduction is not None:
-        width = width_for_reduction(model, adapter, stage.parameter_reduction, stage.round_to)
+        width = width_for_reduction(model, adapter, stage.parameter_reduction, stage.round_to,
+                                    shortcuts=stage.rotation == "per_block")
     else:
         width = sliced_width(model, hidden, stage.slicing, stage.round_to)
     _untie(model, adapter)
     with torch.no_grad():
         fold_norm_scales_(adapter)
-        covariance = signal_covariance(model, adapter, calibration, batch_size, device)
-        Q = principal_axes(covariance, stage.dampening)[:, :width]
-        rotate_and_slice_(model, adapter, Q)
+        if stage.rotation == "per_block":
+            kept = slice_per_block_(model, adapter, calibration, batch_size, device, width, stage.dampening)
+        else:
+            covariance = signal_covariance(model, adapter, calibration, batch_size, device)
+            rotate_and_slice_(model, adapter, principal_axes(covariance, stage.dampening)[:, :width])
+            eigenvalues = torch.linalg.eigvalsh(covariance).flip(0)
+            kept = [float(eigenvalues[:width].sum() / eigenvalues.sum())]
     _update_config(model, hidden, width)
     after = sum(p.numel() for p in model.parameters())
-    eigenvalues = torch.linalg.eigvalsh(covariance).flip(0)
     report.structure.append({
-        "method": "slicegpt", "hidden_size": [hidden, width], "slicing": 1 - width / hidden,
-        "kept_variance": float(eigenvalues[:width].sum() / eigenvalues.sum()),
-        "parameters_before": before, "parameters_after": after, "parameter_reduction": 1 - after / before,
+        "method": "slicegpt", "rotation": stage.rotation, "hidden_size": [hidden, width], "slicing": 1 - width / hidden,
+        "kept_variance": sum(kept) / len(kept), "parameters_before": before, "parameters_after": after,
+        "parameter_reduction": 1 - after / before,
     })
