@@ -6,7 +6,10 @@ A saved directory holds
 - `model.safetensors`: every tensor of the model's state dict: float weights, and for each
   compressed linear its packed codes, scales, zero points and group index;
 - `slimlm.json`: the quantization section, i.e. which modules are compressed and the metadata to
-  rebuild each one (bits, group size, format, shapes), plus the recipe and the slimlm version.
+  rebuild each one (bits, group size, format, shapes), plus the recipe and the slimlm version;
+  and what a transformers config cannot say about structurally pruned models: plain linears whose
+  shape differs from the config's (FLAP's per-block widths and compensation biases) and SliceGPT's
+  residual shortcut matrices.
 
 Loading rebuilds the architecture from the config, swaps in the compressed modules, and loads the
 tensors strictly: a reloaded model computes bitwise the same outputs as the model that was saved.

@@ -91,11 +91,10 @@ def unit_costs(block: BlockAdapter, kv_heads: int) -> tuple[int, int]:
 def _keep_adaptive(scores: list[tuple[torch.Tensor, torch.Tensor]], costs: list[tuple[int, int]],
                    ratio: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """AL-AM: one ranking of every unit of every block; keep the best until (1 - ratio) of the parameters."""
-    values, weights, owners = [], [], []
-    for index, ((attention, mlp), (attention_cost, mlp_cost)) in enumerate(zip(scores, costs)):
+    values, weights = [], []
+    for (attention, mlp), (attention_cost, mlp_cost) in zip(scores, costs):
         values += [attention, mlp]
         weights += [torch.full_like(attention, attention_cost), torch.full_like(mlp, mlp_cost)]
-        owners += [torch.full_like(attention, 2 * index), torch.full_like(mlp, 2 * index + 1)]
     values, weights = torch.cat(values), torch.cat(weights).double()
     order = torch.argsort(values, descending=True)
     kept_cost = torch.cumsum(weights[order], 0)
@@ -151,13 +150,13 @@ def flap(model: PreTrainedModel, stage: FLAPStage, calibration: torch.Tensor, ba
             kv_keep = torch.nonzero(attention_keep)[:, 0]
             q_keep = (kv_keep[:, None] * per_group + torch.arange(per_group)[None, :]).reshape(-1)
             channel_keep = torch.nonzero(mlp_keep)[:, 0]
-            o_removed = ~attention_keep.repeat_interleave(per_group * head_dim)
-            biases = {"o": _compensated_bias(block.linears["o"], o_removed, stats["o"].sum / stats["o"].tokens),
-                      "down": _compensated_bias(block.linears["down"], ~mlp_keep, stats["down"].sum / stats["down"].tokens)}
+            removed = {"o": ~attention_keep.repeat_interleave(per_group * head_dim), "down": ~mlp_keep}
+            biases = {role: _compensated_bias(block.linears[role], gone, stats[role].sum / stats[role].tokens)
+                      for role, gone in removed.items()
+                      if stage.bias_compensation and (gone.any() or block.linears[role].bias is not None)}
             prune_block_(block, q_keep, kv_keep, channel_keep, head_dim)
-            if stage.bias_compensation:
-                for role, bias in biases.items():
-                    block.linears[role].bias = torch.nn.Parameter(bias)
+            for role, bias in biases.items():
+                block.linears[role].bias = torch.nn.Parameter(bias)
             shapes.append((len(q_keep), len(kv_keep), len(channel_keep)))
     if len(set(shapes)) == 1:
         set_block_shape_(model, *shapes[0], head_dim)
