@@ -42,15 +42,15 @@ for _percent in (10, 20, 30):
     PRESETS[f"llm-pruner-{_percent}"] = {"stages": [{"method": "llm_pruner", "ratio": _percent / 100}]}
     PRESETS[f"llm-pruner-{_percent}-lora"] = {"stages": [{"method": "llm_pruner", "ratio": _percent / 100,
                                                           "recovery": {"steps": 100}}]}
-# SliceGPT: slice 25 / 30 % of the hidden size, or remove 10 / 20 / 30 % of the parameters.
+# SliceGPT: slice 25 / 30 % of the hidden size (per-block rotations, or one global rotation), or remove
+# 10 / 20 / 30 % of the parameters.
 for _percent in (25, 30):
     PRESETS[f"slicegpt-{_percent}"] = {"stages": [{"method": "slicegpt", "slicing": _percent / 100}]}
+    PRESETS[f"slicegpt-global-{_percent}"] = {"stages": [{"method": "slicegpt", "slicing": _percent / 100,
+                                                           "rotation": "global"}]}
 for _percent in (10, 20, 30):
     PRESETS[f"slicegpt-params-{_percent}"] = {"stages": [{"method": "slicegpt", "parameter_reduction": _percent / 100}]}
 # FLAP: adaptive structure (the paper's AL-AM) with bias compensation; a ratio of the blocks' parameters.
 for _percent in (10, 20, 30):
     PRESETS[f"flap-{_percent}"] = {"stages": [{"method": "flap", "ratio": _percent / 100}]}
     PRESETS[f"flap-{_percent}-uniform"] = {"stages": [{"method": "flap", "ratio": _percent / 100, "structure": "UL-UM"}]}
-for _percent in (25, 30):
-    PRESETS[f"slicegpt-global-{_percent}"] = {"stages": [{"method": "slicegpt", "slicing": _percent / 100,
-                                                           "rotation": "global"}]}

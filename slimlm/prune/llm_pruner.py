@@ -29,7 +29,6 @@ pruned here, because transformers configs hold one head count and one MLP width 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 
 from slimlm.compress.engine import CompressionReport
@@ -39,6 +38,7 @@ from slimlm.eval.perplexity import next_token_loss
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
 from slimlm.progress import progress
 from slimlm.prune.common import prune_block_, set_block_shape_
+
 
 def accumulate_gradients(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int, device: torch.device) -> None:
     """dL/dW of the mean next-token loss over the calibration segments, left in each weight's .grad."""
