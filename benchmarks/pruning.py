@@ -49,8 +49,8 @@ STRUCTURED = ("LLM-Pruner", "LLM-Pruner + LoRA", "SliceGPT", "SliceGPT one rotat
 LORA = {"steps": 20, "batch_size": 4}
 
 
-def structured_stage(method: str, level: float, model_dir: str) -> dict:
-    """The stage that removes about `level` of the model's parameters with `method`."""
+def block_share(model_dir: str) -> tuple[float, int]:
+    """(the blocks' share of the model's parameters, the number of blocks), from the config alone."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -59,16 +59,20 @@ def structured_stage(method: str, level: float, model_dir: str) -> dict:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     adapter = ModelAdapter(model)
-    total = sum(p.numel() for p in model.parameters())
     blocks = sum(p.numel() for p in adapter.blocks.parameters())
-    block_ratio = level * total / blocks  # of the blocks' parameters, what removes `level` of the model's
+    return blocks / sum(p.numel() for p in model.parameters()), len(adapter)
+
+
+def structured_stage(method: str, level: float, share: float, blocks: int) -> dict:
+    """The stage that removes about `level` of the model's parameters with `method`."""
+    block_ratio = level / share  # of the blocks' parameters, what removes `level` of the model's
     if method.startswith("SliceGPT"):
         rotation = "global" if method.endswith("one rotation") else "per_block"
         return {"method": "slicegpt", "parameter_reduction": level, "rotation": rotation}
     if method == "FLAP":
         return {"method": "flap", "ratio": block_ratio}
     if method == "layer removal":
-        return {"method": "drop_layers", "count": round(block_ratio * len(adapter))}
+        return {"method": "drop_layers", "count": round(block_ratio * blocks)}
     stage = {"method": "llm_pruner", "ratio": block_ratio}
     return {**stage, "recovery": LORA} if method.endswith("LoRA") else stage
 
@@ -190,9 +194,10 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",")]
     rows = [progress.record("dense", lambda: child("dense", "-", None))]
     structured = [m.strip() for m in args.structured.split(",") if m.strip()]
+    share, blocks = block_share(str(tokens["model_dir"])) if structured else (1.0, 0)
     for level_name, level in LEVELS.items():
         for method in structured:
-            stage = structured_stage(method, level, str(tokens["model_dir"]))
+            stage = structured_stage(method, level, share, blocks)
             rows.append(progress.record(f"{level_name}/{method}",
                                         lambda c=level_name, m=method, s=stage: child(c, m, s)))
     for config in configs:

@@ -7,10 +7,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from slimlm.compress import compress, load_recipe
 from slimlm.compress.statistics import ChannelStatistics
 from slimlm.errors import SlimlmError
-from slimlm.export.native import load, save
 from slimlm.models.tiny import TINY_CONFIGS, tiny_model
 from slimlm.prune.flap import channel_metric
-from tests.helpers import assert_plain_transformers_roundtrip
+from tests.helpers import assert_plain_transformers_roundtrip, assert_slimlm_roundtrip
 
 CALIBRATION = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -82,13 +81,7 @@ def test_adaptive_structure_meets_the_ratio_and_round_trips_through_slimlm_save(
     assert all(k >= 1 for k in summary["kv_heads_per_block"]) and all(w >= 1 for w in summary["mlp_width_per_block"])
     for layer, width in zip(model.model.layers, summary["mlp_width_per_block"]):
         assert layer.mlp.down_proj.in_features == width and layer.mlp.down_proj.bias is not None
-    save(model, tmp_path / "m")
-    reloaded, _ = load(tmp_path / "m")
-    with torch.no_grad():
-        assert torch.equal(reloaded(PROBE).logits, model(PROBE).logits)
-        cached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=True)
-        uncached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert_slimlm_roundtrip(model, tmp_path / "m", PROBE)
 
 
 def test_uniform_structure_without_bias_loads_with_plain_transformers(tmp_path):

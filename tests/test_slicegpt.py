@@ -8,7 +8,7 @@ from slimlm.errors import SlimlmError
 from slimlm.models.tiny import tiny_model
 from slimlm.prune.slicegpt import parameters_after, sliced_width
 from slimlm.models.adapter import ModelAdapter
-from tests.helpers import assert_plain_transformers_roundtrip
+from tests.helpers import assert_plain_transformers_roundtrip, assert_slimlm_roundtrip
 
 CALIBRATION = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -149,8 +149,6 @@ def test_bad_slicegpt_recipes_fail_with_a_clear_message(stage, message):
 def test_per_block_rotation_at_slicing_zero_reproduces_the_dense_model(family, tmp_path):
     """The paper's per-block rotations with shortcut matrices are exact before slicing, and a slimlm
     checkpoint of the sliced model reloads bitwise (the shortcuts are recorded in slimlm.json)."""
-    from slimlm.export.native import load, save
-
     model = _with_norm_scales(tiny_model(family))
     with torch.no_grad():
         dense = model(PROBE).logits
@@ -163,11 +161,5 @@ def test_per_block_rotation_at_slicing_zero_reproduces_the_dense_model(family, t
     assert model.config.hidden_size == 48
     assert model.model.layers[0].attn_shortcut.shape == (48, 48)
     assert report.structure[0]["parameters_after"] == sum(p.numel() for p in model.parameters()) == expected
-    save(model, tmp_path / "m")
-    reloaded, _ = load(tmp_path / "m")
-    with torch.no_grad():
-        assert torch.equal(reloaded(PROBE).logits, model(PROBE).logits)
-        cached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=True)
-        uncached = reloaded.generate(PROBE[:1], max_new_tokens=4, do_sample=False, use_cache=False)
-    assert torch.equal(cached, uncached)
+    assert_slimlm_roundtrip(model, tmp_path / "m", PROBE)
 

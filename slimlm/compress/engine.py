@@ -221,6 +221,27 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def dense_block_passes(
+    model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int, device: torch.device,
+    desc: str, pre_hooks: Callable[[BlockAdapter], list[tuple[nn.Module, Callable]]] | None = None,
+) -> Iterator[tuple[BlockAdapter, BlockInputs, list[torch.Tensor]]]:
+    """Run the calibration segments through the blocks in turn (each on `device` for its turn), with the
+    forward pre-hooks `pre_hooks(block)` names attached during its pass; yield (block, what entered it,
+    what left it). The model is not changed: each block reads the previous block's outputs."""
+    inputs = capture_block_inputs(model, adapter, calibration, batch_size, device)
+    for block in progress(adapter, desc=desc, total=len(adapter)):
+        handles = [module.register_forward_pre_hook(hook) for module, hook in (pre_hooks(block) if pre_hooks else [])]
+        try:
+            with _on_device([block.module], device):
+                outputs = run_block(block.module, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        yield block, inputs, outputs
+        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
+
+
+@torch.no_grad()
 def capture_block_inputs(
     model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int, device: torch.device
 ) -> BlockInputs:

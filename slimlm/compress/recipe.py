@@ -291,6 +291,14 @@ class LoRARecovery(StrictModel):
     batch_size: int = Field(4, ge=1)
 
 
+def require_separate_projections(adapter, method: str) -> None:
+    """Structured pruning that cuts heads and channels needs separate q/k/v/o and up/down linears."""
+    roles = set(adapter[0].linears)
+    if not {"q", "k", "v", "o", "up", "down"} <= roles:
+        raise SlimlmError(f"{method} needs separate q/k/v/o and up/down projections; this {adapter.family} "
+                          f"model has {sorted(roles)} (fused qkv is not supported)")
+
+
 class LLMPrunerStage(StageBase):
     """LLM-Pruner (Ma et al., 2023): coupled attention groups and MLP channels by first-order Taylor importance."""
 
@@ -305,10 +313,7 @@ class LLMPrunerStage(StageBase):
     recovery: LoRARecovery | None = None
 
     def check_model(self, adapter) -> None:
-        roles = set(adapter[0].linears)
-        if not {"q", "k", "v", "o", "up", "down"} <= roles:
-            raise SlimlmError(f"llm_pruner needs separate q/k/v/o and up/down projections; this {adapter.family} "
-                              f"model has {sorted(roles)} (fused qkv is not supported)")
+        require_separate_projections(adapter, self.method)
 
 
 class SliceGPTStage(StageBase):
@@ -349,10 +354,7 @@ class FLAPStage(StageBase):
     bias_compensation: bool = True
 
     def check_model(self, adapter) -> None:
-        roles = set(adapter[0].linears)
-        if not {"q", "k", "v", "o", "up", "down"} <= roles:
-            raise SlimlmError(f"flap needs separate q/k/v/o and up/down projections; this {adapter.family} "
-                              f"model has {sorted(roles)} (fused qkv is not supported)")
+        require_separate_projections(adapter, self.method)
 
 
 _STAGES = (RTNStage, GPTQStage, AWQStage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage,

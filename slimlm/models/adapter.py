@@ -64,6 +64,11 @@ FAMILY_OVERRIDES: dict[str, dict[str, str]] = {
 NORM_WEIGHT_OFFSET: dict[str, float] = {"gemma": 1.0, "gemma2": 1.0, "gemma3": 1.0, "gemma3_text": 1.0}
 
 
+def text_config(model: PreTrainedModel):
+    """The config that describes the decoder (a multimodal model's text config, else the model's own)."""
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def is_linear(module: nn.Module) -> bool:
     """A weight matrix applied to the hidden state: nn.Linear, GPT-2's transposed Conv1D, or a
     compressed replacement (a module that declares `is_compressed_linear = True`)."""

@@ -94,6 +94,13 @@ def prune_block_(block: BlockAdapter, q_keep: torch.Tensor, kv_keep: torch.Tenso
 MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 
 
+def attention_shape(config) -> tuple[int, int, int]:
+    """(query heads, KV heads, head dimension) a config describes (KV heads = query heads without GQA)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
 def set_block_shape_(model: nn.Module, heads: int, kv_heads: int, width: int, head_dim: int) -> None:
     """Make the config (and the attention modules' cached counts) describe blocks that all have
     `heads` query heads, `kv_heads` KV heads and an MLP `width`, so plain `from_pretrained` rebuilds them."""

@@ -36,32 +36,25 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from slimlm.compress.engine import BlockInputs, CompressionReport, _on_device, capture_block_inputs, run_block
+from slimlm.compress.engine import CompressionReport, dense_block_passes
 from slimlm.compress.recipe import FLAPStage
 from slimlm.compress.statistics import ChannelStatistics
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
-from slimlm.progress import progress
-from slimlm.prune.common import prune_block_, set_block_shape_
+from slimlm.prune.common import attention_shape, prune_block_, set_block_shape_
 
 
 @torch.no_grad()
 def output_projection_statistics(model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor,
                                  batch_size: int, device: torch.device) -> list[dict[str, ChannelStatistics]]:
     """Per block, the channel statistics of what enters its attention output (`o`) and MLP `down` projections."""
-    inputs = capture_block_inputs(model, adapter, calibration, batch_size, device)
     result = []
-    for block in progress(adapter, desc="FLAP statistics", total=len(adapter)):
-        stats = {role: ChannelStatistics(block.linears[role].in_features) for role in ("o", "down")}
-        hooks = [block.linears[role].register_forward_pre_hook(lambda _m, args, s=s: s.add_batch(args[0].cpu()))
-                 for role, s in stats.items()]
-        try:
-            with _on_device([block.module], device):
-                outputs = run_block(block.module, inputs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        result.append(stats)
-        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
+
+    def hooks(block: BlockAdapter) -> list:
+        result.append({role: ChannelStatistics(block.linears[role].in_features) for role in ("o", "down")})
+        return [(block.linears[role], lambda _m, args, s=s: s.add_batch(args[0].cpu())) for role, s in result[-1].items()]
+
+    for _ in dense_block_passes(model, adapter, calibration, batch_size, device, "FLAP statistics", hooks):
+        pass
     return result
 
 
@@ -129,9 +122,7 @@ def flap(model: PreTrainedModel, stage: FLAPStage, calibration: torch.Tensor, ba
          device: torch.device, report: CompressionReport) -> None:
     adapter = ModelAdapter(model)
     stage.check_model(adapter)
-    config = model.config
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads, kv_heads, head_dim = attention_shape(model.config)
     per_group = heads // kv_heads
     before = sum(p.numel() for p in model.parameters())
     statistics = output_projection_statistics(model, adapter, calibration, batch_size, device)

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from slimlm.compress.engine import BlockInputs, CompressionReport, _on_device, capture_block_inputs, run_block
+from slimlm.compress.engine import CompressionReport, dense_block_passes
 from slimlm.compress.recipe import DropLayersStage
 from slimlm.eval.perplexity import next_token_loss
-from slimlm.models.adapter import ModelAdapter
+from slimlm.models.adapter import ModelAdapter, text_config
 from slimlm.progress import progress
 
 
@@ -36,14 +36,10 @@ from slimlm.progress import progress
 def angular_importance(model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor,
                        batch_size: int, device: torch.device) -> list[float]:
     """ShortGPT's Block Influence of every block (higher = more important)."""
-    inputs = capture_block_inputs(model, adapter, calibration, batch_size, device)
     influence = []
-    for block in progress(adapter.blocks, desc="block influence", total=len(adapter)):
-        with _on_device([block], device):
-            outputs = run_block(block, inputs)
+    for _block, inputs, outputs in dense_block_passes(model, adapter, calibration, batch_size, device, "block influence"):
         similarity = sum(float(F.cosine_similarity(h.float(), o.float(), dim=-1).sum()) for h, o in zip(inputs.hidden, outputs))
         influence.append(1 - similarity / inputs.tokens)
-        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
     return influence
 
 
@@ -83,7 +79,7 @@ def remove_blocks_(model: PreTrainedModel, adapter: ModelAdapter, indices: list[
         for module in block.modules():
             if hasattr(module, "layer_idx"):
                 module.layer_idx = new_index
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in drop]
     config.num_hidden_layers = len(kept)

@@ -37,7 +37,7 @@ from slimlm.errors import SlimlmError
 from slimlm.eval.perplexity import next_token_loss
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
 from slimlm.progress import progress
-from slimlm.prune.common import prune_block_, set_block_shape_
+from slimlm.prune.common import attention_shape, prune_block_, set_block_shape_
 
 
 def accumulate_gradients(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int, device: torch.device) -> None:
@@ -111,9 +111,7 @@ def llm_pruner(model: PreTrainedModel, stage: LLMPrunerStage, calibration: torch
                device: torch.device, report: CompressionReport) -> None:
     adapter = ModelAdapter(model)
     stage.check_model(adapter)
-    config = model.config
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    heads, kv_heads, head_dim = attention_shape(model.config)
     before = sum(p.numel() for p in model.parameters())
     accumulate_gradients(model, calibration[: stage.gradient_samples], batch_size, device)
     per_group = heads // kv_heads

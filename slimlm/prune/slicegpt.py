@@ -52,11 +52,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from slimlm.compress.engine import BlockInputs, CompressionReport, _on_device, capture_block_inputs, run_block
+from slimlm.compress.engine import (
+    BlockInputs, CompressionReport, _on_device, capture_block_inputs, dense_block_passes, run_block)
 from slimlm.compress.recipe import SliceGPTStage
 from slimlm.errors import SlimlmError
-from slimlm.models.adapter import BlockAdapter, ModelAdapter
+from slimlm.models.adapter import BlockAdapter, ModelAdapter, text_config
 from slimlm.progress import progress
+from slimlm.prune.common import attention_shape
 
 READ_ROLES = ("q", "k", "v", "gate", "up")  # linears that read the residual stream (through a norm)
 WRITE_ROLES = ("o", "down")  # linears that write to it
@@ -85,14 +87,10 @@ def _epsilon_attribute(norm: nn.Module) -> str | None:
     return next((name for name in ("variance_epsilon", "eps") if isinstance(getattr(norm, name, None), float)), None)
 
 
-def _text_config(model: PreTrainedModel):
-    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-
-
 def config_accepts_width(model: PreTrainedModel, width: int) -> bool:
     """Whether the model's config class accepts this hidden size (Llama's demands a multiple of the head count)."""
-    config = copy.deepcopy(_text_config(model))
-    config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config = copy.deepcopy(text_config(model))
+    config.head_dim = attention_shape(config)[2]
     config.hidden_size = width
     try:
         if hasattr(config, "validate_architecture"):
@@ -158,29 +156,28 @@ def signal_covariance(model: PreTrainedModel, adapter: ModelAdapter, calibration
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-12)
         covariance.add_((x.T @ x).cpu().double())
 
-    inputs = capture_block_inputs(model, adapter, calibration, batch_size, device)
-    for block in progress(adapter, desc="slicegpt signals", total=len(adapter)):
-        hooks = [block.norms[role].register_forward_pre_hook(lambda _m, args: accumulate(args[0]))
-                 for role in ("attn_norm", "mlp_norm") if role in block.norms]
-        try:
-            with _on_device([block.module], device):
-                outputs = run_block(block.module, inputs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
-    for hidden_states in inputs.hidden:  # what enters the final norm
+    def hooks(block: BlockAdapter) -> list:
+        return [(block.norms[role], lambda _m, args: accumulate(args[0]))
+                for role in ("attn_norm", "mlp_norm") if role in block.norms]
+
+    for _block, _inputs, outputs in dense_block_passes(model, adapter, calibration, batch_size, device,
+                                                        "slicegpt signals", hooks):
+        pass
+    for hidden_states in outputs:  # what leaves the last block enters the final norm
         accumulate(hidden_states)
     return covariance
 
 
-def principal_axes(covariance: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Eigenvectors of the dampened covariance, by decreasing eigenvalue (columns)."""
+def principal_axes(covariance: torch.Tensor, dampening: float, width: int) -> tuple[torch.Tensor, float]:
+    """The `width` leading eigenvectors of the dampened covariance (columns, by decreasing eigenvalue) and
+    the share of the undampened covariance's trace they hold (dampening shifts every eigenvalue alike)."""
     if not torch.isfinite(covariance).all():
         raise SlimlmError("slicegpt: the calibration signal has NaN or inf values; check the model and the data")
-    damped = covariance + dampening * covariance.diagonal().mean() * torch.eye(len(covariance), dtype=covariance.dtype)
-    values, vectors = torch.linalg.eigh(damped)
-    return vectors[:, torch.argsort(values, descending=True)]
+    damp = dampening * covariance.diagonal().mean()
+    values, vectors = torch.linalg.eigh(covariance + damp * torch.eye(len(covariance), dtype=covariance.dtype))
+    order = torch.argsort(values, descending=True)[:width]
+    kept = float((values[order] - damp).sum() / covariance.diagonal().sum())
+    return vectors[:, order], kept
 
 
 def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
@@ -296,10 +293,9 @@ def slice_per_block_(model: PreTrainedModel, adapter: ModelAdapter, calibration:
     kept = []
 
     def axes(signal: list[torch.Tensor]) -> torch.Tensor:
-        covariance = _covariance(signal)
-        values = torch.linalg.eigvalsh(covariance).flip(0)
-        kept.append(float(values[:width].sum() / values.sum()))
-        return principal_axes(covariance, dampening)[:, :width]
+        Q, share = principal_axes(_covariance(signal), dampening, width)
+        kept.append(share)
+        return Q
 
     inputs = capture_block_inputs(model, adapter, calibration, batch_size, device)
     Q = axes(inputs.hidden)
@@ -342,8 +338,8 @@ def slice_per_block_(model: PreTrainedModel, adapter: ModelAdapter, calibration:
 
 
 def _update_config(model: PreTrainedModel, hidden: int, width: int) -> None:
-    config = _text_config(model)
-    config.head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    config = text_config(model)
+    config.head_dim = attention_shape(config)[2]  # explicit before hidden_size changes
     config.hidden_size = width
     config.rms_norm_eps = config.rms_norm_eps * hidden / width
     config.tie_word_embeddings = False
@@ -376,9 +372,9 @@ def slicegpt(model: PreTrainedModel, stage: SliceGPTStage, calibration: torch.Te
             kept = slice_per_block_(model, adapter, calibration, batch_size, device, width, stage.dampening)
         else:
             covariance = signal_covariance(model, adapter, calibration, batch_size, device)
-            rotate_and_slice_(model, adapter, principal_axes(covariance, stage.dampening)[:, :width])
-            eigenvalues = torch.linalg.eigvalsh(covariance).flip(0)
-            kept = [float(eigenvalues[:width].sum() / eigenvalues.sum())]
+            Q, share = principal_axes(covariance, stage.dampening, width)
+            rotate_and_slice_(model, adapter, Q)
+            kept = [share]
     _update_config(model, hidden, width)
     after = sum(p.numel() for p in model.parameters())
     report.structure.append({
