@@ -92,6 +92,24 @@ def test_uniform_structure_without_bias_loads_with_plain_transformers(tmp_path):
     assert_plain_transformers_roundtrip(model, tmp_path, PROBE)
 
 
+def test_uniform_structure_with_bias_loads_with_plain_transformers_where_the_config_has_bias_switches(tmp_path):
+    model = tiny_model("llama", blocks=3)
+    run_flap(model, ratio=0.5, structure="UL-UM")
+    assert model.config.attention_bias and model.config.mlp_bias
+    block = model.model.layers[0]
+    assert torch.count_nonzero(block.self_attn.q_proj.bias) == 0  # added zero: outputs unchanged
+    assert torch.count_nonzero(block.mlp.down_proj.bias) > 0  # the compensation itself
+    assert_plain_transformers_roundtrip(model, tmp_path, PROBE)
+
+
+def test_bias_switches_stay_off_where_the_architecture_has_none():
+    model = tiny_model("mistral", blocks=2)
+    run_flap(model, ratio=0.5, structure="UL-UM")
+    assert not hasattr(model.config, "attention_bias") or model.config.attention_bias is False
+    assert model.model.layers[0].self_attn.q_proj.bias is None
+    assert model.model.layers[0].mlp.down_proj.bias is not None
+
+
 def test_standardisation_makes_the_global_ranking_insensitive_to_each_block_scale():
     """Scaling one block's down projection by 1e-3 and another's by 10 must not send the whole cut to
     the first block: each block's scores are standardised before the global ranking."""

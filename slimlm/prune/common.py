@@ -14,7 +14,7 @@ from slimlm.compress.hessian import SharedInputs
 from slimlm.compress.recipe import PruneFields
 from slimlm.compress.sparsity import apply_mask_, n_m_mask, unstructured_mask
 from slimlm.compress.statistics import ChannelStatistics
-from slimlm.models.adapter import BlockAdapter
+from slimlm.models.adapter import BlockAdapter, ModelAdapter
 
 
 def block_sparsity(context: BlockContext, stage: PruneFields) -> float:
@@ -117,3 +117,33 @@ def set_block_shape_(model: nn.Module, heads: int, kv_heads: int, width: int, he
             module.num_key_value_heads = kv_heads
         if hasattr(module, "num_key_value_groups"):
             module.num_key_value_groups = heads // kv_heads
+
+
+BIAS_SWITCHES = {"attention_bias": ("q", "k", "v", "o"), "mlp_bias": ("gate", "up", "down")}
+
+
+def declare_biases_(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Where some linears gained a bias (FLAP's compensation) and the config has an off switch for
+    that family's biases, turn it on and give the other linears it governs a zero bias, so plain
+    `from_pretrained` builds the same modules; the outputs do not change. Kept only if the model
+    class really builds exactly those biases (checked on the meta device), else undone."""
+    config = model.config
+    for switch, roles in BIAS_SWITCHES.items():
+        linears = [block.linears[r] for block in adapter for r in roles if r in block.linears]
+        if getattr(config, switch, None) is not False or all(linear.bias is None for linear in linears):
+            continue
+        setattr(config, switch, True)
+        if not _builds_biases(model, roles):
+            setattr(config, switch, False)
+            continue
+        for linear in linears:
+            if linear.bias is None:
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                       device=linear.weight.device))
+
+
+def _builds_biases(model: nn.Module, roles: tuple[str, ...]) -> bool:
+    """Whether the model class, built from the current config, puts a bias on every linear of `roles`."""
+    with torch.device("meta"):
+        fresh = ModelAdapter(type(model)(model.config))[0]
+    return all(fresh.linears[r].bias is not None for r in roles if r in fresh.linears)

@@ -27,8 +27,10 @@ least one attention unit and one MLP channel is kept in every block (the code do
 The result has a different width in each block (AL-AM) and biases on the output projections,
 which a transformers config cannot describe: it is saved and loaded by `slimlm.save` /
 `slimlm.load` (which record each resized linear), not by plain `from_pretrained`. With `UL-UM`
-and `bias_compensation: false` every block has the same shape, the config is updated, and plain
-transformers loads it.
+every block has the same shape and the config is updated; plain transformers then loads it
+without bias compensation, or with it where the config has switches for biases (LLaMA's
+`attention_bias` and `mlp_bias`: they are turned on and the linears they govern that had no bias
+get a zero one, so the outputs do not change).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from slimlm.compress.engine import CompressionReport, dense_block_passes
 from slimlm.compress.recipe import FLAPStage
 from slimlm.compress.statistics import ChannelStatistics
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
-from slimlm.prune.common import attention_shape, prune_block_, set_block_shape_
+from slimlm.prune.common import attention_shape, declare_biases_, prune_block_, set_block_shape_
 
 
 @torch.no_grad()
@@ -151,6 +153,7 @@ def flap(model: PreTrainedModel, stage: FLAPStage, calibration: torch.Tensor, ba
             shapes.append((len(q_keep), len(kv_keep), len(channel_keep)))
     if len(set(shapes)) == 1:
         set_block_shape_(model, *shapes[0], head_dim)
+        declare_biases_(model, adapter)
     after = sum(p.numel() for p in model.parameters())
     report.structure.append({
         "method": "flap", "structure": stage.structure, "metric": stage.metric,
