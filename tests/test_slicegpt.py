@@ -163,3 +163,25 @@ def test_per_block_rotation_at_slicing_zero_reproduces_the_dense_model(family, t
     assert report.structure[0]["parameters_after"] == sum(p.numel() for p in model.parameters()) == expected
     assert_slimlm_roundtrip(model, tmp_path / "m", PROBE)
 
+
+
+def test_a_checkpoint_plain_transformers_would_misread_refuses_plain_loading(tmp_path):
+    """slimlm.save names the weights file of a per-block SliceGPT model (shortcuts that a transformers
+    config cannot describe) so that plain from_pretrained fails instead of dropping the shortcuts;
+    a plainly loadable model (one rotation) keeps model.safetensors and plain loading still works."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.export.native import save
+
+    model = _with_norm_scales(tiny_model("llama"))
+    slice_model(model, slicing=0.25, rotation="per_block")
+    save(model, tmp_path / "per_block")
+    assert not (tmp_path / "per_block" / "model.safetensors").exists()
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "per_block")
+    model = _with_norm_scales(tiny_model("llama"))
+    slice_model(model, slicing=0.25, rotation="global")
+    save(model, tmp_path / "global")
+    with torch.no_grad():
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "global").eval()
+        assert torch.equal(reloaded(PROBE).logits, model(PROBE).logits)

@@ -4,7 +4,11 @@ A saved directory holds
 
 - `config.json` and the tokenizer files: the model's ordinary Hugging Face config;
 - `model.safetensors`: every tensor of the model's state dict: float weights, and for each
-  compressed linear its packed codes, scales, zero points and group index;
+  compressed linear its packed codes, scales, zero points and group index. When the model holds
+  anything plain transformers would misread (compressed linears, resized linears, residual
+  shortcuts), the file is named `slimlm-model.safetensors` instead, so that a plain
+  `from_pretrained` fails with "no model file" rather than silently building a different model
+  (dropping SliceGPT's shortcuts, say); plainly loadable models keep `model.safetensors`;
 - `slimlm.json`: the quantization section, i.e. which modules are compressed and the metadata to
   rebuild each one (bits, group size, format, shapes), plus the recipe and the slimlm version;
   and what a transformers config cannot say about structurally pruned models: plain linears whose
@@ -39,12 +43,13 @@ from slimlm.quant.qlinear import QuantizedLinear
 
 SLIMLM_CONFIG = "slimlm.json"
 WEIGHTS = "model.safetensors"
+SLIMLM_ONLY_WEIGHTS = "slimlm-model.safetensors"  # for checkpoints only slimlm.load reads correctly
 FORMAT_VERSION = 1
 
 
 def model_bytes(directory: str | os.PathLike[str]) -> int:
     """Bytes on disk of a checkpoint's weights and configs (tokenizer files left out)."""
-    names = (WEIGHTS, SLIMLM_CONFIG, "config.json", "generation_config.json")
+    names = (WEIGHTS, SLIMLM_ONLY_WEIGHTS, SLIMLM_CONFIG, "config.json", "generation_config.json")
     return sum((Path(directory) / name).stat().st_size for name in names if (Path(directory) / name).is_file())
 
 
@@ -63,7 +68,6 @@ def save(
     with atomic_directory(directory, overwrite) as staging:
         model.config.save_pretrained(staging)
         save_extras(staging, model, tokenizer)
-        save_file(storage_state_dict(model), str(staging / WEIGHTS), metadata={"format": "pt", "producer": "slimlm"})
         section = {
             "format_version": FORMAT_VERSION,
             "slimlm_version": slimlm.__version__,
@@ -78,6 +82,10 @@ def save(
                                    for name, module in model.named_modules() if hasattr(module, "slicegpt_parts")},
             "recipe": recipe,
         }
+        plain = not (section["compressed_modules"] or section["resized_linears"] or section["residual_shortcuts"])
+        section["weights_file"] = WEIGHTS if plain else SLIMLM_ONLY_WEIGHTS
+        save_file(storage_state_dict(model), str(staging / section["weights_file"]),
+                  metadata={"format": "pt", "producer": "slimlm"})
         (staging / SLIMLM_CONFIG).write_text(json.dumps(section, indent=2) + "\n")
     return Path(directory).expanduser()
 
@@ -199,13 +207,16 @@ def load(
     for name, meta in section.get("residual_shortcuts", {}).items():
         install_shortcuts_(model.get_submodule(name), meta["parts"], tuple(meta["attn"]), tuple(meta["mlp"]), dtype)
     # load_state_dict copies into the model's tensors, widening narrowed floats back to their dtype.
-    missing, unexpected = model.load_state_dict(load_file(directory / WEIGHTS), strict=False)
+    weights = directory / section.get("weights_file", WEIGHTS)
+    if not weights.is_file():
+        raise SlimlmError(f"{directory}: its weights file {weights.name} is missing; the checkpoint is incomplete")
+    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
     model.tie_weights()
     state = model.state_dict()
     loaded = {_alias_key(state[key]) for key in state if key not in missing}
     missing = [key for key in missing if _alias_key(state[key]) not in loaded]  # tied aliases are fine
     if missing or unexpected:
-        raise SlimlmError(f"{directory / WEIGHTS} does not match its config: missing {missing[:5]}, "
+        raise SlimlmError(f"{weights} does not match its config: missing {missing[:5]}, "
                           f"unexpected {unexpected[:5]}")
     model.to(device).eval()
     tokenizer = None
