@@ -69,9 +69,10 @@ def main() -> None:
             compress(pruned, {"stages": [stage], "calibration": {"batch_size": 8}}, calibration=calibration)
             dense_s, pruned_s = paired_prefill_seconds(dense.model, pruned, prompt, args.pairs)
             ratios = [d / p for d, p in zip(dense_s, pruned_s)]
+            parameters = count_parameters(pruned)
             rows.append({
-                "level": level_name, "method": method, "parameters": count_parameters(pruned),
-                "parameter_reduction": 1 - count_parameters(pruned) / dense_parameters,
+                "level": level_name, "method": method, "parameters": parameters,
+                "parameter_reduction": 1 - parameters / dense_parameters,
                 "dense_prefill_ms": 1000 * statistics.median(dense_s),
                 "pruned_prefill_ms": 1000 * statistics.median(pruned_s),
                 "median_speedup": statistics.median(ratios),

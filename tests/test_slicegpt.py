@@ -164,7 +164,6 @@ def test_per_block_rotation_at_slicing_zero_reproduces_the_dense_model(family, t
     assert_slimlm_roundtrip(model, tmp_path / "m", PROBE)
 
 
-
 def test_a_checkpoint_plain_transformers_would_misread_refuses_plain_loading(tmp_path):
     """slimlm.save names the weights file of a per-block SliceGPT model (shortcuts that a transformers
     config cannot describe) so that plain from_pretrained fails instead of dropping the shortcuts;
