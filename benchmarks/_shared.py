@@ -109,7 +109,8 @@ def compress_job(spec: dict, seconds_key: str):
     if spec["stage"] is not None:
         calibration = torch.load(spec["calibration"], weights_only=True)
         start = time.perf_counter()
-        report = compress(lm.model, {"stages": [spec["stage"]], "calibration": {"batch_size": 8}}, calibration=calibration)
+        batch = {"batch_size": spec.get("calibration_batch_size", 8)}
+        report = compress(lm.model, {"stages": [spec["stage"]], "calibration": batch}, calibration=calibration)
         result[seconds_key] = time.perf_counter() - start
         result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return lm.model, lm.tokenizer, result, report

@@ -7,7 +7,7 @@ slimlm writes the token files, so both tools see identical tokens:
     benchmarks/peers/.venv-llmcompressor/bin/python benchmarks/peers/llmcompressor_run.py \
         --model DIR --calib calib.safetensors --eval eval.safetensors \
         --scheme W4G64 --algo gptq [--actorder [static|group]] [--symmetric|--asymmetric] \
-        [--dampening 0.01] [--eval-float] [--save DIR] [--threads N] --out result.json
+        [--dampening 0.01] [--eval-float] [--save DIR] [--dump-weights FILE] [--threads N] --out result.json
 
 - `--model`: a plain Hugging Face float32 checkpoint directory (safetensors + tokenizer).
 - `--calib`: safetensors with one int64 tensor `input_ids` of shape (N, L): calibration segments.
@@ -24,6 +24,9 @@ slimlm writes the token files, so both tools see identical tokens:
   of its original group). "group" (dynamic groups, g_idx) is deprecated in llm-compressor 0.14 and
   refused by its GPTQ. Without the flag no reordering is done (llm-compressor's own default would
   be "static": this script always passes its choice explicitly).
+
+`--dump-weights FILE`: after compression, write every compressed Linear's weight (float32, the model's
+parameter names) to a safetensors file, so another tool's masks can be compared with these.
 
 Perplexity: for each window, logits = model(window[None]).logits[0];
 nll += cross_entropy(logits[:-1], window[1:], reduction="sum"); ppl = exp(nll / (W * (S - 1))).
@@ -88,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=128, help="GPTQ block size (default 128)")
     p.add_argument("--eval-float", action="store_true", help="also evaluate the uncompressed model")
     p.add_argument("--save", default=None, help="save the compressed model (compressed-tensors format) here")
+    p.add_argument("--dump-weights", default=None, help="write the compressed linears' float32 weights here")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", required=True, help="result JSON path")
     args = p.parse_args(argv)
@@ -170,6 +174,20 @@ def load_tokens(path: str, what: str):
             f"{what} file {path}: input_ids must be int64 of shape (N, L>=2), got {ids.dtype} {tuple(ids.shape)}"
         )
     return ids
+
+
+def dump_weights(model, path: str) -> None:
+    """Every Linear's weight except lm_head's, float32, atomically (temp file, then rename)."""
+    import torch
+    from safetensors.torch import save_file
+
+    weights = {f"{name}.weight": module.weight.detach().float().cpu().contiguous()
+               for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")}
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    save_file(weights, str(tmp))
+    os.replace(tmp, target)
 
 
 def perplexity(model, windows) -> float:
@@ -288,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_seconds": None,
         "eval_float_seconds": None,
         "saved_to": None,
+        "weights_dumped_to": None,
     }
 
     def finish(status: str, error: str | None = None, code: int = 0) -> int:
@@ -389,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         result["ppl"] = perplexity(model, windows)
         result["eval_seconds"] = time.perf_counter() - t
         print(f"compressed ppl {result['ppl']:.4f} ({result['eval_seconds']:.1f}s)", flush=True)
+        if args.dump_weights:
+            dump_weights(model, args.dump_weights)
+            result["weights_dumped_to"] = str(Path(args.dump_weights).resolve())
         if args.save:
             # Saving packs the weights in place, so it comes after the evaluation.
             model.save_pretrained(args.save, save_compressed=True)
