@@ -19,9 +19,9 @@ Structured pruning (a second table) at 10, 20 and 30 % fewer parameters than the
 method's knob set from the model's shapes: LLM-Pruner (ratio of block units = target / share of
 block parameters; KV groups and MLP channels; without and with LoRA recovery of 20 steps x 4 x 512
 tokens), SliceGPT (the paper's per-block rotations with shortcut matrices, and one shared rotation;
-the accepted width whose parameter count is closest to the target, LM head untied), FLAP (AL-AM, ratio of block
-parameters as for LLM-Pruner) and layer removal (ShortGPT angular criterion, the nearest number of
-blocks). Each structured row also records whether plain transformers `from_pretrained` loads the
+the accepted width whose parameter count is closest to the target, LM head untied), FLAP (the
+paper's AL-AM, and the uniform UL-UM of slimlm's presets; ratio of block parameters as for
+LLM-Pruner) and layer removal (ShortGPT angular criterion, the nearest number of blocks). Each structured row also records whether plain transformers `from_pretrained` loads the
 saved model and gives the same logits.
 """
 
@@ -45,7 +45,8 @@ METHODS = {"magnitude": {"method": "magnitude"}, "Wanda": {"method": "wanda"},
            "Wanda + OWL": {"method": "wanda", "owl": {}}}
 PEER_ALGOS = {"SparseGPT": "sparsegpt", "Wanda": "wanda"}
 LEVELS = {"-10% params": 0.10, "-20% params": 0.20, "-30% params": 0.30}
-STRUCTURED = ("LLM-Pruner", "LLM-Pruner + LoRA", "SliceGPT", "SliceGPT one rotation", "FLAP", "layer removal")
+STRUCTURED = ("LLM-Pruner", "LLM-Pruner + LoRA", "SliceGPT", "SliceGPT one rotation", "FLAP", "FLAP uniform",
+              "layer removal")
 LORA = {"steps": 20, "batch_size": 4}
 
 
@@ -69,8 +70,8 @@ def structured_stage(method: str, level: float, share: float, blocks: int) -> di
     if method.startswith("SliceGPT"):
         rotation = "global" if method.endswith("one rotation") else "per_block"
         return {"method": "slicegpt", "parameter_reduction": level, "rotation": rotation}
-    if method == "FLAP":
-        return {"method": "flap", "ratio": block_ratio}
+    if method.startswith("FLAP"):
+        return {"method": "flap", "ratio": block_ratio, "structure": "UL-UM" if method.endswith("uniform") else "AL-AM"}
     if method == "layer removal":
         return {"method": "drop_layers", "count": round(block_ratio * blocks)}
     stage = {"method": "llm_pruner", "ratio": block_ratio}

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pruning import LEVELS, block_share, structured_stage  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("LLM-Pruner", "SliceGPT", "SliceGPT one rotation", "FLAP", "layer removal")
+METHODS = ("LLM-Pruner", "SliceGPT", "SliceGPT one rotation", "FLAP", "FLAP uniform", "layer removal")
 
 
 def main() -> None:

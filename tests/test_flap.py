@@ -73,7 +73,7 @@ def test_adaptive_structure_meets_the_ratio_and_round_trips_through_slimlm_save(
     model = tiny_model(family, blocks=4)
     block_parameters = sum(p.numel() for p in model.model.layers.parameters())
     before = sum(p.numel() for p in model.parameters())
-    report = run_flap(model, ratio=0.3)
+    report = run_flap(model, ratio=0.3, structure="AL-AM")
     summary = report.structure[0]
     removed = before - sum(p.numel() for p in model.parameters())
     # within one attention unit (a KV group: 64 * 16 * 4 + 32 * 64 weights) of the target, biases aside
@@ -117,7 +117,7 @@ def test_standardisation_makes_the_global_ranking_insensitive_to_each_block_scal
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(1e-3)
         model.model.layers[1].mlp.down_proj.weight.mul_(10.0)
-    summary = run_flap(model, ratio=0.3).structure[0]
+    summary = run_flap(model, ratio=0.3, structure="AL-AM").structure[0]
     widths = summary["mlp_width_per_block"]
     assert abs(widths[0] - widths[1]) <= 0.25 * 128
 

@@ -261,3 +261,15 @@ def test_sparse_storage_refuses_a_weight_without_the_pattern():
 
     with pytest.raises(SlimlmError, match="does not hold 2:4"):
         SparseLinear.from_dense(torch.ones(4, 8), n_m=(2, 4))
+
+
+@pytest.mark.parametrize("preset", ["slicegpt-25", "llm-pruner-20", "flap-20", "drop-layers-4"])
+def test_structured_presets_give_smaller_models_that_plain_transformers_loads(preset, tmp_path):
+    from tests.helpers import assert_plain_transformers_roundtrip
+
+    model = tiny_model("llama", blocks=6)
+    before = sum(p.numel() for p in model.parameters())
+    compress(model, load_recipe({**load_recipe(preset).model_dump(), "calibration": {"batch_size": 4}}),
+             calibration=CALIBRATION)
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert_plain_transformers_roundtrip(model, tmp_path, PROBE)

@@ -16,7 +16,6 @@ RMS_FAMILIES = ("llama", "qwen2", "mistral")
 
 
 def slice_model(model, **stage):
-    stage.setdefault("rotation", "global")
     recipe = load_recipe({"stages": [{"method": "slicegpt", **stage}], "calibration": {"batch_size": 2}})
     return compress(model, recipe, calibration=CALIBRATION)
 

@@ -42,15 +42,19 @@ for _percent in (10, 20, 30):
     PRESETS[f"llm-pruner-{_percent}"] = {"stages": [{"method": "llm_pruner", "ratio": _percent / 100}]}
     PRESETS[f"llm-pruner-{_percent}-lora"] = {"stages": [{"method": "llm_pruner", "ratio": _percent / 100,
                                                           "recovery": {"steps": 100}}]}
-# SliceGPT: slice 25 / 30 % of the hidden size (per-block rotations, or one global rotation), or remove
-# 10 / 20 / 30 % of the parameters.
+# Structured presets give plain transformers models (`from_pretrained` loads them); the paper forms whose
+# blocks differ from one another (SliceGPT's per-block rotations, FLAP's adaptive widths) are slimlm
+# checkpoints and have their own names.
+# SliceGPT: slice 25 / 30 % of the hidden size (one global rotation, or the paper's per-block rotations),
+# or remove 10 / 20 / 30 % of the parameters.
 for _percent in (25, 30):
     PRESETS[f"slicegpt-{_percent}"] = {"stages": [{"method": "slicegpt", "slicing": _percent / 100}]}
-    PRESETS[f"slicegpt-global-{_percent}"] = {"stages": [{"method": "slicegpt", "slicing": _percent / 100,
-                                                           "rotation": "global"}]}
+    PRESETS[f"slicegpt-per-block-{_percent}"] = {"stages": [{"method": "slicegpt", "slicing": _percent / 100,
+                                                              "rotation": "per_block"}]}
 for _percent in (10, 20, 30):
     PRESETS[f"slicegpt-params-{_percent}"] = {"stages": [{"method": "slicegpt", "parameter_reduction": _percent / 100}]}
-# FLAP: adaptive structure (the paper's AL-AM) with bias compensation; a ratio of the blocks' parameters.
+# FLAP with bias compensation, a ratio of the blocks' parameters: the same fraction of every block, or
+# the paper's adaptive structure (AL-AM).
 for _percent in (10, 20, 30):
     PRESETS[f"flap-{_percent}"] = {"stages": [{"method": "flap", "ratio": _percent / 100}]}
-    PRESETS[f"flap-{_percent}-uniform"] = {"stages": [{"method": "flap", "ratio": _percent / 100, "structure": "UL-UM"}]}
+    PRESETS[f"flap-{_percent}-adaptive"] = {"stages": [{"method": "flap", "ratio": _percent / 100, "structure": "AL-AM"}]}

@@ -327,8 +327,8 @@ class SliceGPTStage(StageBase):
     round_to: int = Field(8, ge=1, description="the new hidden size is a multiple of this (and of what the config demands)")
     dampening: float = Field(0.01, ge=0, lt=1, description="fraction of the mean covariance diagonal added before PCA")
     rotation: Literal["per_block", "global"] = Field(
-        "per_block", description="the paper's rotation per block (shortcut matrices on the residual connections; "
-        "a slimlm checkpoint), or one rotation for all blocks (a plain transformers model)")
+        "global", description="one rotation for all blocks (a plain transformers model; the default), or the "
+        "paper's rotation per block (shortcut matrices on the residual connections: a slimlm checkpoint)")
 
     @model_validator(mode="after")
     def _slicing_or_reduction(self):
@@ -350,7 +350,8 @@ class FLAPStage(StageBase):
     ratio: float = Field(0.2, gt=0, lt=1, description="fraction of the blocks' attention and MLP parameters removed")
     metric: Literal["WIFV", "IFV", "WIFN"] = Field("WIFV", description="the paper's fluctuation metric, or its ablations")
     structure: Literal["AL-AM", "UL-UM"] = Field(
-        "AL-AM", description="adaptive widths across blocks and modules (the paper), or the same fraction everywhere")
+        "UL-UM", description="the same fraction in every block and module (equal blocks: plain transformers loads "
+        "them; the default), or the paper's adaptive widths across blocks and modules (a slimlm checkpoint)")
     bias_compensation: bool = True
 
     def check_model(self, adapter) -> None:

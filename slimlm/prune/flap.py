@@ -14,7 +14,8 @@ Models", AAAI 2024 (arXiv:2312.11983), following the authors' code (CASIA-IVA-La
   in decreasing score until their parameters are closest to (1 - ratio) of the blocks' attention
   and MLP parameters, each unit weighted by its parameter count (the code's 512/3 for a LLaMA head
   against an MLP channel). `UL-UM` removes floor(ratio * n) of the lowest-scoring units of each
-  module of each block instead (the paper's uniform baseline);
+  module of each block instead (the paper's uniform baseline, and slimlm's default, because
+  only equal blocks load with plain transformers);
 - bias compensation (Sec. 3.4, Eq. 6): the removed input channels are replaced by their
   calibration mean, folded into a bias of the projection: b = W_:,removed @ mean(X_removed).
 

@@ -21,14 +21,15 @@ the same function.
 
 Two rotation modes (`rotation`):
 
-- `per_block` (default; the paper's Sec. 3.4 and the reference code's sequential rotate-and-slice):
+- `per_block` (the paper's Sec. 3.4 and the reference code's sequential rotate-and-slice):
   a PCA of the signal entering each block (Q_in) and of the one entering its MLP norm (Q_mid),
   each computed on the model sliced so far and expressed in the original basis, unnormalised
   and dampened as the reference's `pca_calc`; the residual connections then carry the shortcut
   matrices Q_in^T Q_mid and Q_mid^T Q_out (sliced), installed on each block with a forward that
   applies them. No transformers architecture has them, so this model is a slimlm checkpoint
   (`slimlm.save` records the shortcuts, `slimlm.load` reinstalls them).
-- `global` (a variant, not the paper): one Q shared by every block, from the PCA of the signal
+- `global` (the default, because its result loads with plain transformers; a variant, not the
+  paper's method): one Q shared by every block, from the PCA of the signal
   pooled over every norm input, each token divided by its RMS first so that the late blocks'
   larger residual norms do not decide the basis alone. The shortcut matrices are identities and
   disappear: the result is a plain, narrower transformers model.
