@@ -1,4 +1,4 @@
-"""Command line: `slimlm eval`, `slimlm info`, `slimlm bench`, `slimlm compress`.
+"""Command line: `slimlm eval`, `slimlm info`, `slimlm bench`, `slimlm compress`, `slimlm generate`.
 
 Every command loads a model (`--model`: an embedded name, a directory, a .gguf file or a hub id),
 prints a table, and with `--json FILE` writes the full record (model, protocol, machine, library
@@ -89,7 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--max-windows", type=_positive_int, help="first N perplexity windows for --eval")
     squeeze.add_argument("--limit", type=_positive_int, help="first N examples of zero-shot tasks for --eval")
     squeeze.add_argument("--batch-size", type=_positive_int, default=16, help="zero-shot batch size for --eval")
+    _add_generate_parser(commands, common)
     return parser
+
+
+def _add_generate_parser(commands, common: argparse.ArgumentParser) -> None:
+    generation = commands.add_parser("generate", parents=[common],
+                                     help="generate text (sampling, paged or sink caches, speculative decoding)")
+    generation.add_argument("--prompt", action="append", required=True,
+                            help="prompt text; repeat for a batch of prompts")
+    generation.add_argument("--max-new-tokens", type=int, default=64)
+    generation.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generation.add_argument("--top-k", type=int)
+    generation.add_argument("--top-p", type=float, default=1.0)
+    generation.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generation.add_argument("--cache", choices=["contiguous", "paged", "sinks"],
+                            help="KV cache (default contiguous; sinks when --sink-tokens or --window is given)")
+    generation.add_argument("--block-size", type=int, default=16, help="paged cache block size in tokens")
+    generation.add_argument("--sink-tokens", type=int, help="attention sinks kept by the sinks cache (default 4)")
+    generation.add_argument("--window", type=int, help="recent tokens kept by the sinks cache (default 256)")
+    generation.add_argument("--draft", metavar="MODEL", help="draft model for speculative decoding")
+    generation.add_argument("--gamma", type=int, default=4, help="draft tokens per target forward")
+    generation.add_argument("--adaptive-gamma", action="store_true",
+                            help="grow gamma after a full acceptance, shrink it after a first-token rejection")
+    generation.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,7 +300,75 @@ def _compress_table(args, before: list[dict], after: list[dict], sizes: dict, re
     return header + quality + markdown_table(size_rows)
 
 
-COMMANDS = {"eval": run_eval, "info": run_info, "bench": run_bench, "compress": run_compress}
+def _generation_settings(args: argparse.Namespace):
+    """Every generation argument checked before a model is loaded."""
+    from slimlm.infer import CacheSettings, SamplingSettings
+    from slimlm.infer.engine import validate_request
+    from slimlm.infer.speculative import check_gamma
+
+    sampling = SamplingSettings(args.temperature, args.top_k, args.top_p, args.seed)
+    sinks_given = args.sink_tokens is not None or args.window is not None
+    kind = args.cache or ("sinks" if sinks_given else "contiguous")
+    if sinks_given and kind != "sinks":
+        raise SlimlmError(f"--sink-tokens and --window apply to the sinks cache, not --cache {kind}")
+    cache = CacheSettings(kind, args.block_size, 4 if args.sink_tokens is None else args.sink_tokens,
+                          256 if args.window is None else args.window)
+    validate_request([[0] if p else [] for p in args.prompt], args.max_new_tokens)
+    if args.draft:
+        check_gamma(args.gamma)
+        if kind == "sinks":
+            raise SlimlmError("speculative decoding (--draft) needs a cache it can roll back: contiguous or paged")
+    return sampling, cache
+
+
+def run_generate(args: argparse.Namespace) -> tuple[dict, str]:
+    from slimlm.infer import generate, speculative_generate
+
+    sampling, cache = _generation_settings(args)
+    loaded = _load(args.model, args)
+    stream = len(args.prompt) == 1 and not args.draft
+
+    def show(_index: int, piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    if args.draft:
+        draft = _load(args.draft, args)
+        result, per_prompt = speculative_generate(
+            loaded.model, draft.model, loaded.tokenizer, args.prompt, args.max_new_tokens, args.gamma, sampling,
+            cache, draft_tokenizer=draft.tokenizer, adaptive=args.adaptive_gamma, stop_at_eos=not args.no_stop)
+        metrics = {"speculative": [s.to_dict() for s in per_prompt]}
+    else:
+        if stream:
+            print(args.prompt[0], end="", flush=True)
+        result = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, sampling, cache,
+                          stop_at_eos=not args.no_stop, on_text=show if stream else None)
+        metrics = {}
+    metrics.update(stats=result.stats.to_dict(), texts=result.texts, tokens=result.tokens)
+    protocol = {"max_new_tokens": args.max_new_tokens, "sampling": vars(sampling), "cache": vars(cache),
+                "draft": args.draft, "gamma": args.gamma if args.draft else None, "dtype": args.dtype}
+    record = make_record(args.model, "generate", protocol, metrics)
+    lines = ["\n"] if stream else [f"[{i}] {p}{t}\n" for i, (p, t) in enumerate(zip(args.prompt, result.texts))]
+    rows = [{"quantity": k, "value": v} for k, v in _generation_summary(result.stats, metrics).items()]
+    return record, "".join(lines) + "\n" + markdown_table(rows)
+
+
+def _generation_summary(stats, metrics: dict) -> dict:
+    summary = {"cache": stats.cache, "new_tokens": sum(stats.new_tokens),
+               "time_to_first_token_s": stats.time_to_first_token_s, "tokens_per_s": stats.tokens_per_s}
+    if "speculative" in metrics:
+        runs = metrics["speculative"]
+        drafted = sum(r["drafted"] for r in runs)
+        summary["acceptance_rate"] = sum(r["accepted"] for r in runs) / drafted if drafted else None
+        forwards = sum(r["iterations"] for r in runs)
+        summary["tokens_per_target_forward"] = sum(r["new_tokens"] for r in runs) / max(1, forwards)
+    else:
+        summary.update(per_token_s=stats.per_token_s, kv_bytes_held=stats.kv_bytes_held,
+                       kv_bytes_wasted=stats.kv_bytes_wasted)
+    return summary
+
+
+COMMANDS = {"eval": run_eval, "info": run_info, "bench": run_bench, "compress": run_compress,
+            "generate": run_generate}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,21 @@
+"""Efficient generation: slimlm's own decoder runner, KV caches (contiguous, paged, attention sinks),
+sampling, streaming and speculative decoding. See docs/generation.md.
+
+    from slimlm.infer import generate, SamplingSettings, CacheSettings
+    result = generate(lm.model, lm.tokenizer, ["Hello", "Once upon a time"], max_new_tokens=32,
+                      sampling=SamplingSettings(temperature=0.7, top_p=0.9, seed=1),
+                      cache=CacheSettings("paged"))
+"""
+
+from slimlm.infer.cache import CacheShape, ContiguousCache, PagedCache
+from slimlm.infer.engine import (CACHE_KINDS, CacheSettings, GenerationResult, GenerationStats, TokenEvent,
+                                 generate, generate_ids, stream_ids, stream_text)
+from slimlm.infer.runner import SUPPORTED_FAMILIES, ModelRunner
+from slimlm.infer.sampling import SamplingSettings, next_token_probs
+from slimlm.infer.speculative import SpeculativeStats, speculative_decode, speculative_generate
+from slimlm.infer.streaming import SinkWindowCache, streaming_perplexity
+
+__all__ = ["CACHE_KINDS", "CacheSettings", "CacheShape", "ContiguousCache", "GenerationResult", "GenerationStats",
+           "ModelRunner", "PagedCache", "SUPPORTED_FAMILIES", "SamplingSettings", "SinkWindowCache",
+           "SpeculativeStats", "TokenEvent", "generate", "generate_ids", "next_token_probs", "speculative_decode",
+           "speculative_generate", "stream_ids", "stream_text", "streaming_perplexity"]
