@@ -20,6 +20,13 @@ for _bits in (2, 3, 4, 8):
             PRESETS[f"{_method}-w{_bits}{_suffix}"] = _weight_only(_method, _bits, _group)
         PRESETS[f"gptq-w{_bits}{_suffix}-actorder"] = _weight_only("gptq", _bits, _group, act_order=True)
 
+# W8A8 (`slimlm.quant.w8a8`): int8 symmetric per-channel weights, int8 activations per token (dynamic)
+# or per tensor (static, calibrated), multiplied by an integer GEMM.
+_W8 = {"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True}
+PRESETS["rtn-w8a8"] = {"stages": [{**_W8, "activations": {"bits": 8, "granularity": "per_token", "symmetric": True}}]}
+PRESETS["rtn-w8a8-static"] = {"stages": [{**_W8, "activations": {"bits": 8, "granularity": "per_tensor",
+                                                                   "symmetric": True}}]}
+
 # Pruning: unstructured at 50/60/70%, N:M 2:4 and 4:8; DSnoT refines a Wanda mask; OWL ratios.
 for _method in ("magnitude", "wanda", "sparsegpt", "dsnot"):
     for _percent in (50, 60, 70):

@@ -107,15 +107,41 @@ def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, at_most + 1) if n % d == 0)
 
 
+class ActivationQuantConfig(StrictModel):
+    """Integer quantization of the linears' inputs (W8A8, `slimlm.quant.activation`)."""
+
+    bits: int = Field(8, description="activation bits, 2 to 8 (codes are multiplied as int8)")
+    granularity: Literal["per_token", "per_tensor"] = Field(
+        "per_token", description="per_token: dynamic, a range per token at run time; per_tensor: static, calibrated")
+    symmetric: bool = True
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, bits: int) -> int:
+        if not 2 <= bits <= 8:
+            raise ValueError(f"activation bits must be between 2 and 8 (got {bits}); codes are multiplied as int8")
+        return bits
+
+
 class RTNStage(StageBase, WeightQuantFields):
-    """Round-to-nearest weight quantization (data-free baseline)."""
+    """Round-to-nearest weight quantization (data-free baseline); with `activations`, W8A8 (`Int8Linear`)."""
 
     method: Literal["rtn"] = "rtn"
     clip: Literal["minmax", "mse"] = "minmax"
+    activations: ActivationQuantConfig | None = Field(
+        None, description="also quantize the inputs: int8 weights x int8 activations with an integer GEMM")
+
+    @model_validator(mode="after")
+    def _w8a8_weights(self):
+        if self.activations is not None and (self.bits, self.group_size, self.symmetric) != (8, "channel", True):
+            raise ValueError("activation quantization runs an int8 x int8 GEMM, which needs 8-bit symmetric "
+                             "per-channel weights: set bits: 8, group_size: channel, symmetric: true "
+                             f"(got bits: {self.bits}, group_size: {self.group_size}, symmetric: {self.symmetric})")
+        return self
 
     @property
     def needs_calibration(self) -> bool:
-        return False
+        return self.activations is not None and self.activations.granularity == "per_tensor"
 
 
 class GPTQStage(StageBase, WeightQuantFields):
@@ -407,6 +433,8 @@ def _explain(error: ValidationError, data: dict) -> str:
         if item["type"] == "extra_forbidden":
             valid = _valid_keys(item["loc"], data)
             message = f"unknown key {item['loc'][-1]!r}" + (f"; valid keys: {', '.join(valid)}" if valid else "")
+            if item["loc"][-1] == "activations":
+                message += "; activation quantization (W8A8) is a setting of the rtn stage only"
         elif item["type"] == "union_tag_invalid":
             message = f"unknown method {item['input'].get('method') if isinstance(item['input'], dict) else item['input']!r}; choose one of {', '.join(METHODS)}"
         elif item["type"] == "union_tag_not_found":
@@ -420,6 +448,8 @@ def _valid_keys(loc: tuple, data: dict) -> list[str]:
     if loc[0] == "stages" and len(loc) >= 4:
         method = loc[2]
         model = STAGE_CLASSES.get(str(method))
+        if model is RTNStage and len(loc) >= 5 and loc[3] == "activations":
+            model = ActivationQuantConfig
         return sorted(model.model_fields) if model else []
     if loc[0] == "calibration":
         return sorted(CalibrationConfig.model_fields)

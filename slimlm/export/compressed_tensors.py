@@ -51,6 +51,9 @@ FORMAT = "pack-quantized"
 def check_recipe_exportable(recipe, in_features: dict[str, int], selections: list[set[str]]) -> None:
     """Before any work: refuse recipes whose result this format cannot hold."""
     for stage, names in zip(recipe.stages, selections):
+        if getattr(stage, "activations", None) is not None:
+            raise SlimlmError("--export-ct: W8A8 activation quantization (Int8Linear) is not exported to "
+                              "compressed-tensors yet; save the slimlm checkpoint only")
         size = getattr(stage, "group_columns", None)
         for name in names:
             if size is not None and in_features[name] % size:

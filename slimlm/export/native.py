@@ -40,6 +40,7 @@ import slimlm
 from slimlm.errors import SlimlmError
 from slimlm.prune.sparse_linear import SparseLinear
 from slimlm.quant.qlinear import QuantizedLinear
+from slimlm.quant.w8a8 import Int8Linear
 
 SLIMLM_CONFIG = "slimlm.json"
 WEIGHTS = "model.safetensors"
@@ -74,7 +75,7 @@ def save(
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "compressed_modules": {
                 name: module.meta() for name, module in model.named_modules()
-                if isinstance(module, (QuantizedLinear, SparseLinear))
+                if isinstance(module, (QuantizedLinear, SparseLinear, Int8Linear))
             },
             "resized_linears": resized_linears(model),
             "residual_shortcuts": {name: {"parts": module.slicegpt_parts, "attn": list(module.attn_shortcut.shape),
@@ -197,8 +198,11 @@ def load(
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, meta in section["compressed_modules"].items():
         parent_name, _, child = name.rpartition(".")
-        kind = SparseLinear if meta.get("kind") == "sparse" else QuantizedLinear
-        setattr(model.get_submodule(parent_name), child, kind.empty(meta).to(dtype))
+        if meta.get("kind") == "int8":  # its scales and calibrated range stay float32 whatever the model's dtype
+            module = Int8Linear.empty(meta)
+        else:
+            module = (SparseLinear if meta.get("kind") == "sparse" else QuantizedLinear).empty(meta).to(dtype)
+        setattr(model.get_submodule(parent_name), child, module)
     for name, (in_features, out_features, bias) in section.get("resized_linears", {}).items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, nn.Linear(in_features, out_features, bias=bias, dtype=dtype))

@@ -150,9 +150,15 @@ def _range_to_params(xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool) -> 
 
 
 def _minmax_range(w: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:
-    zeros = torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
-    xmin = torch.minimum(w.min(dim=1).values, zeros)
-    xmax = torch.maximum(w.max(dim=1).values, zeros)
+    return widen_range(w.min(dim=1).values, w.max(dim=1).values, symmetric)
+
+
+def widen_range(xmin: Tensor, xmax: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """The clipping range of observed minima / maxima (any shape): widened to hold 0, centred when
+    symmetric, an all-zero range widened to [-1, 1] (the reference quantizer's rules)."""
+    zeros = torch.zeros_like(xmin)
+    xmin = torch.minimum(xmin, zeros)
+    xmax = torch.maximum(xmax, zeros)
     if symmetric:
         xmax = torch.maximum(-xmin, xmax)
         xmin = -xmax
@@ -161,6 +167,15 @@ def _minmax_range(w: Tensor, symmetric: bool) -> tuple[Tensor, Tensor]:
     xmin = torch.where(degenerate, -torch.ones_like(xmin), xmin)
     xmax = torch.where(degenerate, torch.ones_like(xmax), xmax)
     return xmin, xmax
+
+
+def range_params(xmin: Tensor, xmax: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Integer-grid scale and zero (float, integer-valued) for observed ranges of any shape: the
+    min-max rule of `find_params` applied to ranges gathered elsewhere (per token at run time, or
+    over a calibration set: `slimlm.quant.activation`)."""
+    check_format(bits, "int")
+    xmin, xmax = widen_range(xmin.float(), xmax.float(), symmetric)
+    return _range_to_params(xmin, xmax, bits, symmetric)
 
 
 def _lp_error(w: Tensor, approx: Tensor) -> Tensor:
@@ -205,6 +220,23 @@ def quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     scale, zero = _as_rows(scale, w), _as_rows(zero, w)
     q = torch.clamp(torch.round(w.float() / scale) + zero, 0, _max_code(bits))
     return q.to(torch.uint8)
+
+
+def signed_offset(bits: int) -> int:
+    """2^(bits-1): subtracted from unsigned codes [0, 2^bits - 1] it gives signed codes that fit int8."""
+    return 2 ** (bits - 1)
+
+
+def quantize_signed(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """int8 codes quantize(x, scale, zero, bits) - 2^(bits-1), in one pass for matmul kernels.
+
+    scale and zero broadcast against x as they are (no per-row reshaping). Shifting the integer
+    zero point before rounding gives exactly the same integers: round(v) + z - o = round(v) + (z - o).
+    """
+    offset = signed_offset(bits)
+    q = x.float() / scale
+    q = q.round_().add_(zero - offset).clamp_(-offset, _max_code(bits) - offset)
+    return q.to(torch.int8)
 
 
 def dequantize(q: Tensor, scale: Tensor, zero: Tensor | float) -> Tensor:
