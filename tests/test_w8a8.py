@@ -218,7 +218,7 @@ def test_w8a8_recipes_fail_before_any_work():
         ({"stages": [{"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True,
                       "activations": {"granularity": "per_channel"}}]}, "per_token"),
         ({"stages": [{"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True,
-                      "activations": {"bitz": 8}}]}, "valid keys: bits, granularity, symmetric"),
+                      "activations": {"bitz": 8}}]}, "valid keys: bits, granularity, outlier_threshold, symmetric"),
     ]
     for data, message in cases:
         with pytest.raises(SlimlmError, match=message):

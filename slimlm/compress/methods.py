@@ -21,9 +21,10 @@ from slimlm.prune.wanda import wanda_block
 from slimlm.quant.awq import awq_block
 from slimlm.quant.gptq import gptq_block
 from slimlm.quant.rtn import rtn_block
+from slimlm.quant.smoothquant import smoothquant_block
 
 METHOD_FUNCTIONS: dict[str, BlockMethod] = {
-    "rtn": rtn_block, "gptq": gptq_block, "awq": awq_block,
+    "rtn": rtn_block, "smoothquant": smoothquant_block, "gptq": gptq_block, "awq": awq_block,
     "magnitude": magnitude_block, "wanda": wanda_block, "sparsegpt": sparsegpt_block, "dsnot": dsnot_block,
 }
 

@@ -26,6 +26,14 @@ _W8 = {"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True}
 PRESETS["rtn-w8a8"] = {"stages": [{**_W8, "activations": {"bits": 8, "granularity": "per_token", "symmetric": True}}]}
 PRESETS["rtn-w8a8-static"] = {"stages": [{**_W8, "activations": {"bits": 8, "granularity": "per_tensor",
                                                                    "symmetric": True}}]}
+# LLM.int8() (`slimlm.quant.llm_int8`): per-token W8A8 plus the float path for outlier columns (|x| >= 6).
+PRESETS["llm-int8"] = {"stages": [{**_W8, "activations": {"bits": 8, "granularity": "per_token", "symmetric": True,
+                                                           "outlier_threshold": 6.0}}]}
+
+# SmoothQuant (`slimlm.quant.smoothquant`): alpha = 0.5 smoothing of the linears after each norm, then W8A8
+# with per-token dynamic activations.
+PRESETS["smoothquant-w8a8"] = {"stages": [{"method": "smoothquant", "alpha": 0.5,
+                                          "activations": {"bits": 8, "granularity": "per_token", "symmetric": True}}]}
 
 # Pruning: unstructured at 50/60/70%, N:M 2:4 and 4:8; DSnoT refines a Wanda mask; OWL ratios.
 for _method in ("magnitude", "wanda", "sparsegpt", "dsnot"):

@@ -114,6 +114,9 @@ class ActivationQuantConfig(StrictModel):
     granularity: Literal["per_token", "per_tensor"] = Field(
         "per_token", description="per_token: dynamic, a range per token at run time; per_tensor: static, calibrated")
     symmetric: bool = True
+    outlier_threshold: float | None = Field(
+        None, description="LLM.int8(): input columns with any |x| >= this go through a float16-weight path "
+        "(the paper: 6.0; needs per_token)")
 
     @field_validator("bits")
     @classmethod
@@ -121,6 +124,20 @@ class ActivationQuantConfig(StrictModel):
         if not 2 <= bits <= 8:
             raise ValueError(f"activation bits must be between 2 and 8 (got {bits}); codes are multiplied as int8")
         return bits
+
+    @field_validator("outlier_threshold")
+    @classmethod
+    def _outlier_threshold(cls, threshold: float | None) -> float | None:
+        if threshold is not None and not threshold > 0:  # NaN fails too
+            raise ValueError(f"outlier_threshold must be a positive number (got {threshold}); LLM.int8() uses 6.0")
+        return threshold
+
+    @model_validator(mode="after")
+    def _outliers_per_token(self):
+        if self.outlier_threshold is not None and self.granularity != "per_token":
+            raise ValueError("outlier_threshold (LLM.int8()) finds outlier columns per call: it needs "
+                             "granularity: per_token (a static per_tensor range would still hold the outliers)")
+        return self
 
 
 class RTNStage(StageBase, WeightQuantFields):
@@ -142,6 +159,44 @@ class RTNStage(StageBase, WeightQuantFields):
     @property
     def needs_calibration(self) -> bool:
         return self.activations is not None and self.activations.granularity == "per_tensor"
+
+
+class SmoothQuantStage(StageBase):
+    """SmoothQuant (Xiao et al., ICML 2023): move activation outliers into the weights, then W8A8 (`Int8Linear`)."""
+
+    method: Literal["smoothquant"] = "smoothquant"
+    alpha: float = Field(0.5, description="migration strength in [0, 1]: s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)")
+    alpha_grid: list[float] | None = Field(
+        None, description="search alpha per block among these values (e.g. [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]) by the "
+        "mean squared error of the quantized block's output against the float block; replaces `alpha`")
+    activations: ActivationQuantConfig = Field(default_factory=ActivationQuantConfig,
+                                               description="the activation grid (default: 8-bit per-token dynamic)")
+    clip: Literal["minmax", "mse"] = Field("minmax", description="the int8 weight grid's range")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, alpha: float) -> float:
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1] (got {alpha}); the paper uses 0.5 for most models")
+        return alpha
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _alpha_grid(cls, grid: list[float] | None) -> list[float] | None:
+        if grid is not None:
+            if not grid:
+                raise ValueError("alpha_grid is empty: give values in [0, 1], e.g. [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]")
+            bad = [a for a in grid if not 0 <= a <= 1]
+            if bad:
+                raise ValueError(f"alpha_grid values must be in [0, 1] (got {bad})")
+        return grid
+
+    @model_validator(mode="after")
+    def _no_outlier_decomposition(self):
+        if self.activations.outlier_threshold is not None:
+            raise ValueError("outlier_threshold (LLM.int8()) is a setting of the rtn stage; SmoothQuant removes "
+                             "the outliers by smoothing instead")
+        return self
 
 
 class GPTQStage(StageBase, WeightQuantFields):
@@ -384,7 +439,7 @@ class FLAPStage(StageBase):
         require_separate_projections(adapter, self.method)
 
 
-_STAGES = (RTNStage, GPTQStage, AWQStage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage,
+_STAGES = (RTNStage, SmoothQuantStage, GPTQStage, AWQStage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage,
            LLMPrunerStage, SliceGPTStage, FLAPStage)
 Stage = Annotated[Union[_STAGES], Field(discriminator="method")]
 STAGE_CLASSES = {cls.model_fields["method"].default: cls for cls in _STAGES}
@@ -434,7 +489,8 @@ def _explain(error: ValidationError, data: dict) -> str:
             valid = _valid_keys(item["loc"], data)
             message = f"unknown key {item['loc'][-1]!r}" + (f"; valid keys: {', '.join(valid)}" if valid else "")
             if item["loc"][-1] == "activations":
-                message += "; activation quantization (W8A8) is a setting of the rtn stage only"
+                message += ("; activation quantization (W8A8) is a setting of the rtn stage only "
+                            "(and of smoothquant, which always quantizes activations)")
         elif item["type"] == "union_tag_invalid":
             message = f"unknown method {item['input'].get('method') if isinstance(item['input'], dict) else item['input']!r}; choose one of {', '.join(METHODS)}"
         elif item["type"] == "union_tag_not_found":
@@ -448,7 +504,7 @@ def _valid_keys(loc: tuple, data: dict) -> list[str]:
     if loc[0] == "stages" and len(loc) >= 4:
         method = loc[2]
         model = STAGE_CLASSES.get(str(method))
-        if model is RTNStage and len(loc) >= 5 and loc[3] == "activations":
+        if model in (RTNStage, SmoothQuantStage) and len(loc) >= 5 and loc[3] == "activations":
             model = ActivationQuantConfig
         return sorted(model.model_fields) if model else []
     if loc[0] == "calibration":

@@ -40,6 +40,7 @@ import slimlm
 from slimlm.errors import SlimlmError
 from slimlm.prune.sparse_linear import SparseLinear
 from slimlm.quant.qlinear import QuantizedLinear
+from slimlm.quant.llm_int8 import LLMInt8Linear
 from slimlm.quant.w8a8 import Int8Linear
 
 SLIMLM_CONFIG = "slimlm.json"
@@ -198,8 +199,8 @@ def load(
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, meta in section["compressed_modules"].items():
         parent_name, _, child = name.rpartition(".")
-        if meta.get("kind") == "int8":  # its scales and calibrated range stay float32 whatever the model's dtype
-            module = Int8Linear.empty(meta)
+        if meta.get("kind") in ("int8", "llm_int8"):  # scales, range and fp16 weights keep their dtypes
+            module = (LLMInt8Linear if meta["kind"] == "llm_int8" else Int8Linear).empty(meta)
         else:
             module = (SparseLinear if meta.get("kind") == "sparse" else QuantizedLinear).empty(meta).to(dtype)
         setattr(model.get_submodule(parent_name), child, module)

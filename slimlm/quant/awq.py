@@ -111,7 +111,7 @@ def awq_block(context: BlockContext, stage: AWQStage, report: CompressionReport)
                                   "check the model in float32 before quantizing it")
             for name, module in layers.items():  # the search left its last candidate in the live modules
                 linear_weight(module).copy_(weights[name].to(linear_weight(module).dtype))
-        _apply_scales(group, layers, scales, context.adapter.norm_weight_offset)
+        apply_scales(group, layers, scales, context.adapter.norm_weight_offset)
         for name in group.layers:  # the clipping search sees the inputs the scaled layers now get
             linear_inputs[name] = [x / scales.to(x.dtype) for x in linear_inputs[name]]
 
@@ -246,7 +246,9 @@ def search_scales(
     return best[1]
 
 
-def _apply_scales(group: ScalingGroup, layers: dict[str, nn.Module], scales: torch.Tensor, norm_offset: float) -> None:
+def apply_scales(group: ScalingGroup, layers: dict[str, nn.Module], scales: torch.Tensor, norm_offset: float) -> None:
+    """Fold per-input-channel scales into a group: the preceding op's output / s, the linears' columns * s
+    (the float model is unchanged). Shared with SmoothQuant."""
     if group.prev_is_norm:
         divide_norm_(group.prev, scales, norm_offset)
     else:

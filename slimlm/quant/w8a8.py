@@ -2,7 +2,7 @@
 
 The scheme of ZeroQuant (Yao et al., NeurIPS 2022: group-wise weights, token-wise activations;
 here one group per output channel) and of LLM.int8()'s vector-wise quantization (Dettmers et al.,
-NeurIPS 2022: a scale per row of X and per column of W^T; without its fp16 outlier decomposition).
+NeurIPS 2022: a scale per row of X and per column of W^T; its outlier decomposition: `llm_int8.py`).
 
 Weights: symmetric 8-bit grid of `slimlm.quant.grid`, one scale per output channel,
 W^_ij = s_w,i q_ij with signed codes q_ij in [-128, 127]. Activations: `ActivationQuantizer`
@@ -127,16 +127,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise SlimlmError(f"input has {x.shape[-1]} features, this layer expects {self.in_features}")
-        rows = x.reshape(-1, self.in_features)
-        if self._int8_applies(x):
-            self.last_path = "int8"
-            y = self._forward_int8(rows)
-        else:
-            self.last_path = "reference"
-            y = self._forward_reference(rows)
+        y = self._product(x.reshape(-1, self.in_features), self._int8_applies(x))
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _product(self, rows: Tensor, int8: bool) -> Tensor:
+        """(tokens, out) float32 X^ W^T of (tokens, in) rows, without the bias; subclasses add terms."""
+        self.last_path = "int8" if int8 else "reference"
+        return self._forward_int8(rows) if int8 else self._forward_reference(rows)
 
     def _int8_applies(self, x: Tensor) -> bool:
         if not (self.use_int8_kernel and _HAS_INT_MM and x.device.type == "cpu" and x.numel()):
