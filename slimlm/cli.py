@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-windows", type=_positive_int, help="use only the first N perplexity windows")
     evaluate.add_argument("--limit", type=_positive_int, help="evaluate only the first N examples of zero-shot tasks")
     evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="zero-shot batch size")
+    evaluate.add_argument("--kv-cache", metavar="NAME",
+                          help="perplexity through a quantized KV cache <method>-<bits>bit (e.g. kivi-2bit, "
+                               "naive-4bit), each window fed in --kv-chunk token chunks")
+    evaluate.add_argument("--kv-chunk", type=_positive_int, default=128, help="tokens per step with --kv-cache")
+    evaluate.add_argument("--kv-group-size", type=int, default=32, help="quantized KV cache group size")
+    evaluate.add_argument("--kv-residual", type=int, default=128, help="KIVI full-precision recent tokens")
     evaluate.add_argument("--kl-reference", metavar="MODEL",
                           help="also report KL divergence from this model on each perplexity corpus")
 
@@ -108,6 +114,13 @@ def _add_generate_parser(commands, common: argparse.ArgumentParser) -> None:
     generation.add_argument("--block-size", type=int, default=16, help="paged cache block size in tokens")
     generation.add_argument("--sink-tokens", type=int, help="attention sinks kept by the sinks cache (default 4)")
     generation.add_argument("--window", type=int, help="recent tokens kept by the sinks cache (default 256)")
+    generation.add_argument("--kv-cache", metavar="NAME",
+                            help="quantized KV cache <method>-<bits>bit: naive-4bit, naive-2bit, kivi-4bit, "
+                                 "kivi-2bit, ...")
+    generation.add_argument("--kv-group-size", type=int, default=32,
+                            help="quantized KV cache: channels (per token) or tokens (KIVI keys) per scale")
+    generation.add_argument("--kv-residual", type=int, default=128,
+                            help="KIVI: recent tokens kept in full precision (a multiple of --kv-group-size)")
     generation.add_argument("--draft", metavar="MODEL", help="draft model for speculative decoding")
     generation.add_argument("--gamma", type=int, default=4, help="draft tokens per target forward")
     generation.add_argument("--adaptive-gamma", action="store_true",
@@ -150,7 +163,11 @@ def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.eval.runner import EvalSettings, TABLE_COLUMNS, evaluate, parse_tasks
 
     tasks = parse_tasks(args.tasks)  # fail on a bad name before loading anything
-    settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir)
+    settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir,
+                            args.kv_cache, args.kv_chunk, args.kv_group_size, args.kv_residual)
+    settings.kv_spec()  # bad KV cache settings fail before the model is loaded
+    if args.kv_cache is not None and args.kl_reference:
+        raise SlimlmError("the KL divergence is computed without a KV cache: drop --kl-reference or --kv-cache")
     if settings.data_dir is not None:
         from slimlm.data.corpora import resolve_data_dir
 
@@ -311,12 +328,16 @@ def _generation_settings(args: argparse.Namespace):
     kind = args.cache or ("sinks" if sinks_given else "contiguous")
     if sinks_given and kind != "sinks":
         raise SlimlmError(f"--sink-tokens and --window apply to the sinks cache, not --cache {kind}")
+    if args.kv_cache is not None and args.cache not in (None, "contiguous"):
+        raise SlimlmError(f"--kv-cache replaces the contiguous cache; it cannot be combined with "
+                          f"--cache {args.cache}")
     cache = CacheSettings(kind, args.block_size, 4 if args.sink_tokens is None else args.sink_tokens,
-                          256 if args.window is None else args.window)
+                          256 if args.window is None else args.window, args.kv_cache, args.kv_group_size,
+                          args.kv_residual)
     validate_request([[0] if p else [] for p in args.prompt], args.max_new_tokens)
     if args.draft:
         check_gamma(args.gamma)
-        if kind == "sinks":
+        if kind == "sinks" or args.kv_cache is not None:
             raise SlimlmError("speculative decoding (--draft) needs a cache it can roll back: contiguous or paged")
     return sampling, cache
 

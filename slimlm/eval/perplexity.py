@@ -11,6 +11,11 @@ Protocol (recorded in every result):
 GPTQ's code multiplies each window's mean loss by `seqlen` and divides the sum by
 `windows * seqlen`; with equal-length windows that is the same number as step 4.
 
+With a quantized KV cache (`kv_cache`, `slimlm.infer.kv_quant`), each window is fed through slimlm's
+decoder runner in chunks of `kv_chunk` tokens, so every chunk after the first attends to the
+quantized keys and values of the earlier ones (a single chunk attends only to itself, in full
+precision): the windows, the scored tokens and step 4 are unchanged.
+
 This is *token* perplexity. lm-evaluation-harness's `wikitext` task reports *word* perplexity
 (rolling windows, normalised by the number of words of the untokenized text), which is a
 different, larger number: the two are not comparable.
@@ -90,13 +95,26 @@ def next_token_loss(model: PreTrainedModel, ids: torch.Tensor, reduction: str = 
 
 
 def perplexity_of_ids(
-    model: PreTrainedModel, ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None, desc: str = "ppl"
+    model: PreTrainedModel, ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None, desc: str = "ppl",
+    kv_cache=None, kv_chunk: int = 128,
 ) -> tuple[float, int, int, int]:
-    """(mean NLL, tokens scored, windows used, windows available) over the windows of `ids`."""
+    """(mean NLL, tokens scored, windows used, windows available) over the windows of `ids`; with a
+    `kv_cache` spec (`slimlm.infer.kv_quant.KVQuantSpec`) each window goes through that cache in chunks."""
     windows = token_windows(ids, seqlen, max_windows)
+    runner = None
+    if kv_cache is not None:
+        from slimlm.infer.kv_quant import check_chunk, chunked_nll
+        from slimlm.infer.runner import ModelRunner
+
+        check_chunk(kv_chunk)
+        runner = ModelRunner(model)
+        kv_cache.check_head_dim(runner.head_dim)
     total_nll, scored = 0.0, 0
     for window in progress(windows, desc=desc, total=len(windows)):
-        nll = window_nll(window_logits(model, window), window)
+        if runner is None:
+            nll = window_nll(window_logits(model, window), window)
+        else:
+            nll = chunked_nll(runner, window, kv_chunk, kv_cache)
         total_nll += nll.double().sum().item()
         scored += nll.numel()
     return total_nll / scored, scored, len(windows), ids.numel() // seqlen
@@ -109,12 +127,15 @@ def perplexity(
     seqlen: int = 2048,
     max_windows: int | None = None,
     data_dir: str | os.PathLike[str] | None = None,
+    kv_cache=None,
+    kv_chunk: int = 128,
 ) -> PerplexityResult:
     """Perplexity of `model` on the evaluation split of `corpus` (see the module docstring)."""
     if isinstance(corpus, str):
         corpus = load_corpus(corpus, split="eval", data_dir=data_dir)
     ids = tokenize_corpus(tokenizer, corpus)
-    nll, scored, used, total = perplexity_of_ids(model, ids, seqlen, max_windows, desc=f"ppl {corpus.name}")
+    nll, scored, used, total = perplexity_of_ids(model, ids, seqlen, max_windows, desc=f"ppl {corpus.name}",
+                                                 kv_cache=kv_cache, kv_chunk=kv_chunk)
     return PerplexityResult(
         corpus=corpus.name, ppl=math.exp(nll), nll=nll, tokens_scored=scored, windows=used,
         total_windows=total, seqlen=seqlen, source=corpus.source,

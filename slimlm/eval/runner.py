@@ -29,6 +29,19 @@ class EvalSettings:
     limit: int | None = None
     batch_size: int = 16
     data_dir: str | os.PathLike[str] | None = None
+    kv_cache: str | None = None  # perplexity through a quantized KV cache, e.g. "kivi-2bit"
+    kv_chunk: int = 128  # tokens fed per step with kv_cache
+    kv_group_size: int = 32
+    kv_residual: int = 128
+
+    def kv_spec(self):
+        """The checked quantized-KV spec (None without kv_cache)."""
+        if self.kv_cache is None:
+            return None
+        from slimlm.infer.kv_quant import check_chunk, parse_kv_cache
+
+        check_chunk(self.kv_chunk)
+        return parse_kv_cache(self.kv_cache, self.kv_group_size, self.kv_residual)
 
 
 def parse_tasks(spec: str | list[str]) -> list[str]:
@@ -57,6 +70,9 @@ def evaluate(
     With a `reference` model, each perplexity corpus also gets the KL divergence of `model` from it.
     """
     rows: list[dict] = []
+    settings.kv_spec()  # bad KV cache settings fail before any task runs
+    if settings.kv_cache is not None and reference is not None:
+        raise SlimlmError("the KL divergence is computed without a KV cache: drop --kl-reference or --kv-cache")
     for name in parse_tasks(tasks):
         if name in ZERO_SHOT_TASKS:
             rows += _zero_shot_rows(model, tokenizer, name, settings)
@@ -66,8 +82,13 @@ def evaluate(
 
 
 def _perplexity_rows(model, tokenizer, name: str, settings: EvalSettings, reference) -> list[dict]:
-    result = perplexity(model, tokenizer, name, settings.seqlen, settings.max_windows, settings.data_dir)
+    result = perplexity(model, tokenizer, name, settings.seqlen, settings.max_windows, settings.data_dir,
+                        settings.kv_spec(), settings.kv_chunk)
     protocol = f"seqlen {result.seqlen}, {result.windows}/{result.total_windows} windows"
+    if settings.kv_cache is not None:
+        spec = settings.kv_spec()
+        residual = f", residual {spec.residual}" if spec.method == "kivi" else ""
+        protocol += f", KV cache {spec.name} (group {spec.group_size}{residual}), chunks of {settings.kv_chunk}"
     rows = [_row(result.corpus, "ppl", result.ppl, None, result.tokens_scored, protocol, result.to_dict())]
     if reference is not None:
         kl = kl_divergence(model, reference, tokenizer, name, settings.seqlen, settings.max_windows, settings.data_dir)

@@ -11,9 +11,10 @@ tokens; sampling draws from one generator for the whole batch, so the random str
 
 Caches: `contiguous` (preallocated to the longest prompt + max_new_tokens), `paged`
 (PagedAttention blocks, `block_size` tokens) and `sinks` (StreamingLLM: `sink_tokens` +
-`window`, unbounded length). Timings: time to first token = prefill + first sample; per-token
-latency = decode time / decode steps (a step gives one token to every running sequence);
-tokens/s = generated tokens / total time.
+`window`, unbounded length); `CacheSettings(kv_quant="kivi-2bit")` replaces the contiguous cache
+by a quantized one (`slimlm.infer.kv_quant`, `slimlm.infer.kivi`). Timings: time to first token =
+prefill + first sample; per-token latency = decode time / decode steps (a step gives one token to
+every running sequence); tokens/s = generated tokens / total time.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class CacheSettings:
     block_size: int = 16  # paged
     sink_tokens: int = 4  # sinks
     window: int = 256  # sinks
+    kv_quant: str | None = None  # contiguous only: "naive-4bit", "kivi-2bit", ... (slimlm.infer.kv_quant)
+    kv_group_size: int = 32  # quantized: channels (per token) or tokens (KIVI keys) per scale
+    kv_residual: int = 128  # KIVI: recent tokens kept in full precision
 
     def __post_init__(self) -> None:
         if self.kind not in CACHE_KINDS:
@@ -47,6 +51,23 @@ class CacheSettings:
         if self.block_size < 1:
             raise SlimlmError(f"block size must be at least 1, got {self.block_size}")
         check_sink_window(self.sink_tokens, self.window)
+        if self.kv_quant is not None:
+            if self.kind != "contiguous":
+                raise SlimlmError(f"a quantized KV cache ({self.kv_quant}) replaces the contiguous cache; "
+                                  f"it cannot be combined with the {self.kind} cache")
+            self.kv_spec()
+
+    def kv_spec(self):
+        """The checked quantization spec, or None for a float cache."""
+        from slimlm.infer.kv_quant import parse_kv_cache
+
+        if self.kv_quant is None:
+            return None
+        return parse_kv_cache(self.kv_quant, self.kv_group_size, self.kv_residual)
+
+    @property
+    def label(self) -> str:
+        return self.kv_quant or self.kind
 
 
 @dataclass
@@ -116,6 +137,10 @@ def validate_request(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> N
 
 def make_cache(runner: ModelRunner, settings: CacheSettings, max_lengths: list[int]) -> KVCache:
     shape = runner.cache_shape()
+    if settings.kv_quant is not None:
+        from slimlm.infer.kv_quant import make_quantized_cache
+
+        return make_quantized_cache(shape, len(max_lengths), settings.kv_spec())
     if settings.kind == "paged":
         return PagedCache.for_lengths(shape, max_lengths, settings.block_size)
     if settings.kind == "sinks":
@@ -150,13 +175,13 @@ def stream_ids(model: PreTrainedModel | ModelRunner, prompts: Sequence[Sequence[
     validate_request(prompts, max_new_tokens)
     runner = as_runner(model)
     lengths = [len(p) for p in prompts]
-    stats = stats if stats is not None else GenerationStats(lengths, [0] * len(prompts), cache.kind)
-    stats.prompt_tokens, stats.new_tokens, stats.cache = lengths, [0] * len(prompts), cache.kind
+    stats = stats if stats is not None else GenerationStats(lengths, [0] * len(prompts), cache.label)
+    stats.prompt_tokens, stats.new_tokens, stats.cache = lengths, [0] * len(prompts), cache.label
     if max_new_tokens == 0:
         return
     start = time.perf_counter()
     kv = make_cache(runner, cache, [n + max_new_tokens for n in lengths])
-    stats.kv_bytes_per_token = runner.cache_shape().token_bytes()
+    stats.kv_bytes_per_token = getattr(kv, "token_bytes", runner.cache_shape().token_bytes)()
     generator, snapshot, stop = sampling.generator(runner.device), _Snapshot(), set(eos_token_ids)
     logits = prefill(runner, kv, prompts)
     snapshot.update(kv)
@@ -189,7 +214,7 @@ def generate_ids(model: PreTrainedModel | ModelRunner, prompts: Sequence[Sequenc
                  eos_token_ids: Sequence[int] = (),
                  on_token: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
     """Generated token ids for each prompt (lists of ids), with timings and KV memory."""
-    stats = GenerationStats([], [], cache.kind)
+    stats = GenerationStats([], [], cache.label)
     outputs: list[list[int]] = [[] for _ in prompts]
     for event in stream_ids(model, prompts, max_new_tokens, sampling, cache, eos_token_ids, stats):
         outputs[event.sequence].append(event.token)

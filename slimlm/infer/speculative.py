@@ -138,6 +138,9 @@ def speculative_decode(target: PreTrainedModel | ModelRunner, draft: PreTrainedM
     """Generate up to `max_new_tokens` tokens after `prompt` (ids) with speculative decoding."""
     validate_request([prompt], max_new_tokens)
     check_gamma(gamma, max_gamma if adaptive else None)
+    if cache.kv_quant is not None:
+        raise SlimlmError("speculative decoding rolls its caches back, which a quantized KV cache cannot do: "
+                          "use the contiguous or paged cache")
     target, draft = as_runner(target), as_runner(draft)
     check_compatible(target, draft)
     stats = SpeculativeStats(gamma, adaptive, final_gamma=gamma)
