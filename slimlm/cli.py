@@ -336,7 +336,7 @@ def _generation_settings(args: argparse.Namespace):
                           args.kv_residual)
     validate_request([[0] if p else [] for p in args.prompt], args.max_new_tokens)
     if args.draft:
-        check_gamma(args.gamma)
+        check_gamma(args.gamma, 16 if args.adaptive_gamma else None)  # adaptive gamma grows up to 16
         if kind == "sinks" or args.kv_cache is not None:
             raise SlimlmError("speculative decoding (--draft) needs a cache it can roll back: contiguous or paged")
     return sampling, cache

@@ -76,6 +76,7 @@ def test_speculative_and_sink_window_generation(tiny_dirs, capsys):
     (["--prompt", "x", "--sink-tokens", "-2"], "sink tokens must be >= 0"),
     (["--prompt", "x", "--cache", "paged", "--window", "8"], "apply to the sinks cache"),
     (["--prompt", "x", "--draft", "other", "--window", "8"], "roll back"),
+    (["--prompt", "x", "--draft", "other", "--gamma", "20", "--adaptive-gamma"], "must be >= gamma (20)"),
 ])
 def test_bad_arguments_fail_before_loading(extra, message, capsys):
     assert main(["generate", "--model", "never-loaded", *extra]) == 2

@@ -178,3 +178,17 @@ def test_compressed_models_run_through_the_runner(recipe):
                                        atol=1e-5, rtol=1e-5)
     generated = generate_ids(runner, PROMPTS, 3, cache=CacheSettings("paged", block_size=4)).tokens
     assert [len(t) for t in generated] == [3] * 3
+
+
+def test_streamed_text_flushes_a_character_held_back_at_the_end():
+    """A byte-level tokenizer can end on half a UTF-8 character: the held-back text still comes out."""
+    from slimlm.infer.engine import TextDeltas
+
+    class Bytes:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    deltas = TextDeltas(Bytes())
+    pieces = [deltas.add(token) for token in "ab".encode()] + [deltas.add("é".encode()[0])]
+    assert pieces == ["a", "b", ""]  # the first byte of é waits for the second
+    assert deltas.rest() == "\ufffd"  # generation stopped there: emitted rather than lost

@@ -168,8 +168,8 @@ class PagedCache:
                     raise SlimlmError(f"paged KV cache out of blocks ({self.num_blocks} of {self.block_size} "
                                       "tokens): give it more blocks")
                 self.block_tables[b].append(self.free_blocks.pop())
-            positions = torch.arange(starts[b], end)
-            table = torch.tensor(self.block_tables[b], dtype=torch.long)
+            positions = torch.arange(starts[b], end, device=self.shape.device)
+            table = torch.tensor(self.block_tables[b], dtype=torch.long, device=self.shape.device)
             self._slots.append(table[positions // self.block_size] * self.block_size + positions % self.block_size)
             self.lengths[b] = end
         self._table = None
@@ -192,7 +192,8 @@ class PagedCache:
         """[batch, max blocks] physical block ids; missing entries point at block 0 (masked out by length)."""
         if self._table is None:
             width = max(1, max(len(t) for t in self.block_tables))
-            self._table = torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables], dtype=torch.long)
+            self._table = torch.tensor([t + [0] * (width - len(t)) for t in self.block_tables], dtype=torch.long,
+                                       device=self.shape.device)  # index_select wants the pool's device
         return self._table
 
     def _gather(self, pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -257,6 +257,12 @@ class TextDeltas:
         delta, self.emitted = text[len(self.emitted):], text
         return delta
 
+    def rest(self) -> str:
+        """What is still held back when generation ends (a character that never completed)."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
 
 def stream_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str],
                 max_new_tokens: int, sampling: SamplingSettings = SamplingSettings(),
@@ -270,6 +276,10 @@ def stream_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prom
         piece = deltas[event.sequence].add(event.token)
         if piece:
             yield event.sequence, piece
+    for index, delta in enumerate(deltas):
+        piece = delta.rest()
+        if piece:
+            yield index, piece
 
 
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str],
@@ -287,6 +297,10 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
             on_text(event.sequence, piece)
 
     result = generate_ids(model, ids, max_new_tokens, sampling, cache, stop, emit)
+    for index, delta in enumerate(deltas):
+        piece = delta.rest()
+        if piece and on_text is not None:
+            on_text(index, piece)
     result.texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in result.tokens]
     return result
 

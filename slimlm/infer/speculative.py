@@ -110,9 +110,10 @@ def verify(drafts: Sequence[int], q: torch.Tensor, p: torch.Tensor, settings: Sa
            generator: torch.Generator | None) -> tuple[int, int]:
     """Modified rejection sampling. `q` [gamma, vocab]: the draft's distributions of the drafted tokens;
     `p` [gamma + 1, vocab]: the target's. Returns (number of drafts accepted, the token that follows them)."""
+    device = generator.device if generator is not None else p.device  # a generator draws on its own device
     for i, token in enumerate(drafts):
         ratio = (p[i, token] / q[i, token]).item()
-        if ratio >= 1 or torch.rand((), generator=generator).item() < ratio:
+        if ratio >= 1 or torch.rand((), generator=generator, device=device).item() < ratio:
             continue
         if settings.greedy:
             return i, int(p[i].argmax())
@@ -143,6 +144,9 @@ def speculative_decode(target: PreTrainedModel | ModelRunner, draft: PreTrainedM
                           "use the contiguous or paged cache")
     target, draft = as_runner(target), as_runner(draft)
     check_compatible(target, draft)
+    if target.device != draft.device:
+        raise SlimlmError(f"the draft model is on {draft.device} and the target on {target.device}: "
+                          "speculative decoding compares their distributions, so put both on one device")
     stats = SpeculativeStats(gamma, adaptive, final_gamma=gamma)
     start = time.perf_counter()
     capacity = len(prompt) + max_new_tokens + (max_gamma if adaptive else gamma) + 1
@@ -216,13 +220,13 @@ def speculative_generate(target: PreTrainedModel, draft: PreTrainedModel, tokeni
                          prompts: str | Sequence[str], max_new_tokens: int = 64, gamma: int = 4,
                          sampling: SamplingSettings = SamplingSettings(), cache: CacheSettings = CacheSettings(),
                          draft_tokenizer: PreTrainedTokenizerBase | None = None, adaptive: bool = False,
-                         stop_at_eos: bool = True) -> tuple[GenerationResult, list[SpeculativeStats]]:
+                         stop_at_eos: bool = True, max_gamma: int = 16) -> tuple[GenerationResult, list[SpeculativeStats]]:
     """Text in, text out: each prompt decoded speculatively (one after another), with per-prompt statistics."""
     from slimlm.infer.engine import encode_prompts, eos_ids
 
     ids = encode_prompts(tokenizer, prompts)
     validate_request(ids, max_new_tokens)
-    check_gamma(gamma)
+    check_gamma(gamma, max_gamma if adaptive else None)
     target_runner, draft_runner = ModelRunner(target), ModelRunner(draft)
     check_compatible(target_runner, draft_runner, tokenizer, draft_tokenizer or tokenizer)
     stop = eos_ids(target, tokenizer) if stop_at_eos else []
@@ -230,7 +234,7 @@ def speculative_generate(target: PreTrainedModel, draft: PreTrainedModel, tokeni
     outputs, all_stats = [], []
     for prompt in ids:
         tokens, stats = speculative_decode(target_runner, draft_runner, prompt, max_new_tokens, gamma, sampling,
-                                           cache, stop, adaptive, generator=generator)
+                                           cache, stop, adaptive, max_gamma, generator=generator)
         outputs.append(tokens)
         all_stats.append(stats)
     summary = GenerationStats([len(p) for p in ids], [len(t) for t in outputs], cache.kind,

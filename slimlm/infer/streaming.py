@@ -81,5 +81,6 @@ def streaming_perplexity(runner, token_ids: list[int], sink: int, window: int) -
     losses = []
     for position in range(len(token_ids) - 1):
         logits = runner.forward(ids[position:position + 1][None], [1], cache)
-        losses.append(F.cross_entropy(logits.float(), ids[position + 1:position + 2]).item())
+        target = ids[position + 1:position + 2].to(logits.device)
+        losses.append(F.cross_entropy(logits.float(), target).item())
     return math.exp(sum(losses) / len(losses)), losses

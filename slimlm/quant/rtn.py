@@ -18,6 +18,7 @@ import time
 
 from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
 from slimlm.compress.recipe import ActivationQuantConfig, RTNStage
+from slimlm.errors import SlimlmError
 from slimlm.quant.grid import quantize_weight
 from slimlm.quant.llm_int8 import LLMInt8Linear
 from slimlm.quant.qlinear import QuantizedLinear
@@ -59,6 +60,10 @@ def replace_with_int8(context: BlockContext, activations: ActivationQuantConfig,
     if activations.granularity == "per_tensor":  # static ranges: observe the float block's inputs
         modules = {name: context.module(name) for name in layers}
         context.collect(modules, lambda name, x: layers[name].input_quantizer.observe(x))
+        unseen = [name for name, layer in layers.items() if not layer.input_quantizer.calibrated]
+        if unseen:  # else the model would save fine and fail at its first forward
+            raise SlimlmError(f"no calibration input reached {', '.join(unseen)}: a static (per_tensor) activation "
+                              "grid needs one; use granularity: per_token, or check that the layer runs")
     for name, layer in layers.items():
         context.replace(name, layer)
 
