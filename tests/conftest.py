@@ -39,3 +39,24 @@ def real_model():
 @pytest.fixture(scope="session")
 def tokenizer(real_model):
     return real_model.tokenizer
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Decoding tiny models is dominated by per-op overhead: a second thread only adds contention.
+    Modules that decode ask for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer) -> str:
+    """A saved tiny Qwen2 with the real tokenizer, for CLI tests."""
+    directory = tmp_path_factory.mktemp("tiny-qwen2")
+    from slimlm.models.tiny import tiny_model
+
+    tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)

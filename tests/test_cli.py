@@ -3,15 +3,6 @@ import json
 import pytest
 
 from slimlm.cli import main
-from slimlm.models.tiny import tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    directory = tmp_path_factory.mktemp("tiny-qwen2")
-    tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def test_unknown_task_fails_before_loading(capsys):

@@ -3,19 +3,13 @@
 import json
 
 import pytest
-import torch
 
 from slimlm.cli import main
 from slimlm.infer import generate
 from slimlm.models.tiny import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from slimlm.infer.runner import ModelRunner
 from slimlm.models.tiny import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -187,14 +182,6 @@ def test_chunked_perplexity_reads_quantized_earlier_chunks(runner):
     assert chunked_perplexity(runner, IDS, 16, spec2) != pytest.approx(exact, rel=1e-6)
     # a single chunk never reads anything back quantized: the current step attends in full precision
     assert chunked_perplexity(runner, IDS, 48, spec2) == pytest.approx(exact, rel=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    directory = tmp_path_factory.mktemp("tiny-kv")
-    tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
 
 
 def test_cli_generate_with_kivi_2bit(tiny_dir, capsys):

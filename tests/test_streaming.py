@@ -13,12 +13,7 @@ from slimlm.models.tiny import tiny_model
 TOKENS = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(4)).tolist()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _stream(runner: ModelRunner, cache: SinkWindowCache, tokens: list[int]) -> list[torch.Tensor]:

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from slimlm.compress import compress, load_recipe
 from slimlm.compress.presets import PRESETS

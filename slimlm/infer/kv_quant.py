@@ -149,7 +149,7 @@ class PerTokenStore:
         return dequantize_groups_last(self.codes, self.scale, self.zero, self.bits, self.head_dim, dtype)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        return sum(tensor_bytes(t) for t in (self.codes, self.scale, self.zero))
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
