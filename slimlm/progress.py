@@ -18,7 +18,12 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, enabled: b
     Bars are hidden when stderr is not a terminal (CI logs) unless SLIMLM_PROGRESS=1, and always
     hidden with SLIMLM_PROGRESS=0.
     """
+    return iter(progress_bar(items, desc, total, enabled))
+
+
+def progress_bar(items: Iterable[T], desc: str, total: int | None = None, enabled: bool | None = None) -> tqdm:
+    """`progress`, returning the bar itself (iterate it; `set_postfix` shows a running value such as a loss)."""
     if enabled is None:
         flag = os.environ.get("SLIMLM_PROGRESS")
         enabled = sys.stderr.isatty() if flag is None else flag == "1"
-    return iter(tqdm(items, desc=desc, total=total, disable=not enabled, leave=False, dynamic_ncols=True))
+    return tqdm(items, desc=desc, total=total, disable=not enabled, leave=False, dynamic_ncols=True)

@@ -109,7 +109,7 @@ def test_alpha_search_picks_the_lowest_block_error_and_static_grids_calibrate():
     ({"alpha_grid": [0.3, 1.2]}, r"alpha_grid values must be in \[0, 1\]"),
     ({"alpha_grid": []}, "alpha_grid is empty"),
     ({"activations": {"outlier_threshold": 6.0}}, "setting of the rtn stage"),
-    ({"activations": {"bitz": 8}}, "valid keys: bits, granularity, outlier_threshold, symmetric"),
+    ({"activations": {"bitz": 8}}, "valid keys: bits, fmt, granularity, outlier_threshold, symmetric"),
 ])
 def test_bad_settings_fail_before_any_work(stage, message):
     model, reference = tiny_model("llama"), tiny_model("llama")

@@ -211,13 +211,17 @@ def test_w8a8_recipes_fail_before_any_work():
     cases = [
         ({"stages": [{"method": "gptq", "activations": {"bits": 8}}]}, "rtn stage only"),
         ({"stages": [{"method": "awq", "activations": {}}]}, "rtn stage only"),
-        ({"stages": [{"method": "rtn", "activations": {}}]}, "set bits: 8, group_size: channel, symmetric: true"),
+        ({"stages": [{"method": "rtn", "activations": {"outlier_threshold": 6.0}}]},
+         "needs bits: 8, group_size: channel, symmetric: true"),
+        ({"stages": [{"method": "rtn", "bits": 4, "group_size": "channel", "activations": {"fmt": "fp8_e4m3", "bits": 4}}]},
+         "fp8_e4m3 activations have 8 bits"),
+        ({"stages": [{"method": "rtn", "bits": 4, "fmt": "fp8_e4m3", "symmetric": True}]}, "stores 8 bits"),
         ({"stages": [{"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True,
                       "activations": {"bits": 9}}]}, "activation bits must be between 2 and 8"),
         ({"stages": [{"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True,
                       "activations": {"granularity": "per_channel"}}]}, "per_token"),
         ({"stages": [{"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True,
-                      "activations": {"bitz": 8}}]}, "valid keys: bits, granularity, outlier_threshold, symmetric"),
+                      "activations": {"bitz": 8}}]}, "valid keys: bits, fmt, granularity, outlier_threshold, symmetric"),
     ]
     for data, message in cases:
         with pytest.raises(SlimlmError, match=message):
@@ -296,3 +300,73 @@ def test_export_and_metadata_refusals():
         Int8Linear.empty({**meta, "version": 99})
     with pytest.raises(SlimlmError, match="lacks 'activations'"):
         Int8Linear.empty({k: v for k, v in meta.items() if k != "activations"})
+
+
+# ------------------------------------------------------------------------------------------------
+# Simulated weight + activation quantization (QuantizedLinear with an input quantizer), FP8
+# ------------------------------------------------------------------------------------------------
+
+
+def test_simulated_layer_is_fake_quantized_inputs_times_dequantized_weights():
+    from slimlm.quant.grid import quantize_weight
+    from slimlm.quant.qlinear import QuantizedLinear
+
+    linear = torch.nn.Linear(96, 80)
+    qw = quantize_weight(linear.weight.detach(), 4, None, False, granularity="channel")
+    shift = torch.randn(96)
+    layer = QuantizedLinear.from_quantized(qw, linear.bias).quantize_inputs(
+        ActivationQuantizer(4, "per_token", False), input_shift=shift)
+    x = activations(10, 96)
+    rows = x - shift
+    scale, zero = range_params(rows.amin(1, keepdim=True), rows.amax(1, keepdim=True), 4, False)
+    expected = torch.nn.functional.linear((quantize(rows, scale, zero, 4).float() - zero) * scale,
+                                          layer.dequantize_weight(), linear.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert layer.last_path == "simulated"
+    assert len(set(layer.quantized_input(x)[0].tolist())) <= 16  # 4-bit inputs: at most 16 values per token
+
+
+def test_fp8_activations_round_to_e4m3_values():
+    quantizer = ActivationQuantizer(8, "per_token", True, "fp8_e4m3")
+    x = activations(16, 64)
+    fake = quantizer.fake_quantize(x)
+    scale = x.abs().amax(1, keepdim=True) / 448.0
+    on_grid = fake / scale
+    torch.testing.assert_close(on_grid, on_grid.to(torch.float8_e4m3fn).float())  # representable exactly
+    assert float(((fake - x).abs() / x.abs().clamp(min=1e-3 * float(x.abs().max()))).max()) <= 2 ** -4 + 1e-6
+    with pytest.raises(SlimlmError, match="no integer codes"):
+        quantizer.quantize(x)
+    with pytest.raises(SlimlmError, match="symmetric"):
+        ActivationQuantizer(8, "per_token", False, "fp8_e4m3")
+
+
+@pytest.mark.parametrize("preset", ["rtn-w4a8", "rtn-w6a6", "rtn-w4a4", "smoothquant-w4a4", "fp8-w8a8",
+                                    "fp8-w8a8-static"])
+def test_simulated_presets_save_and_reload(preset, tmp_path):
+    from slimlm.quant.qlinear import QuantizedLinear
+
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    recipe = load_recipe(preset)
+    compress(model, recipe, calibration=CALIBRATION)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert layers and all(m.input_quantizer is not None for m in layers)
+    with torch.no_grad():
+        logits = model(PROBE).logits
+        error = float((logits - reference(PROBE).logits).abs().mean())
+        assert 0 < error < float(reference(PROBE).logits.abs().mean())
+        save(model, tmp_path / "m")
+        reloaded, _ = load(tmp_path / "m")
+        torch.testing.assert_close(reloaded(PROBE).logits, logits, rtol=0, atol=0)
+        reloaded.to(torch.bfloat16)
+        reloaded(PROBE)  # a lower-precision model still runs (the grids compute in float32)
+
+
+def test_lower_activation_bits_cost_more():
+    errors = {}
+    for preset in ("rtn-w6a6", "rtn-w4a4"):
+        model, reference = tiny_model("llama"), tiny_model("llama")
+        compress(model, preset)
+        with torch.no_grad():
+            errors[preset] = float((model(PROBE).logits - reference(PROBE).logits).pow(2).mean())
+    assert errors["rtn-w6a6"] < errors["rtn-w4a4"]

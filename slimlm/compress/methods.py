@@ -20,11 +20,15 @@ from slimlm.prune.sparsegpt import sparsegpt_block
 from slimlm.prune.wanda import wanda_block
 from slimlm.quant.awq import awq_block
 from slimlm.quant.gptq import gptq_block
+from slimlm.quant.llm_fp4 import llm_fp4_block
+from slimlm.quant.omniquant import omniquant_block
 from slimlm.quant.rtn import rtn_block
 from slimlm.quant.smoothquant import smoothquant_block
+from slimlm.quant.zeroquant import zeroquant_block
 
 METHOD_FUNCTIONS: dict[str, BlockMethod] = {
-    "rtn": rtn_block, "smoothquant": smoothquant_block, "gptq": gptq_block, "awq": awq_block,
+    "rtn": rtn_block, "smoothquant": smoothquant_block, "zeroquant": zeroquant_block, "gptq": gptq_block, "awq": awq_block,
+    "omniquant": omniquant_block, "llm_fp4": llm_fp4_block,
     "magnitude": magnitude_block, "wanda": wanda_block, "sparsegpt": sparsegpt_block, "dsnot": dsnot_block,
 }
 

@@ -35,6 +35,32 @@ PRESETS["llm-int8"] = {"stages": [{**_W8, "activations": {"bits": 8, "granularit
 PRESETS["smoothquant-w8a8"] = {"stages": [{"method": "smoothquant", "alpha": 0.5,
                                           "activations": {"bits": 8, "granularity": "per_token", "symmetric": True}}]}
 
+# Simulated low-bit weights and activations (`QuantizedLinear.quantize_inputs`): the OmniQuant paper's W-A grids,
+# weights per channel and activations per token, both asymmetric; RTN and SmoothQuant baselines at W4A8,
+# W6A6 and W4A4.
+_PER_TOKEN_ASYM = {"granularity": "per_token", "symmetric": False}
+for _w, _a in ((4, 8), (6, 6), (4, 4)):
+    _grid = {"bits": _w, "group_size": "channel", "symmetric": False}
+    PRESETS[f"rtn-w{_w}a{_a}"] = {"stages": [{"method": "rtn", **_grid,
+                                              "activations": {"bits": _a, **_PER_TOKEN_ASYM}}]}
+    PRESETS[f"smoothquant-w{_w}a{_a}"] = {"stages": [{"method": "smoothquant", "alpha": 0.5, **_grid,
+                                                      "activations": {"bits": _a, **_PER_TOKEN_ASYM}}]}
+# ZeroQuant: group-wise symmetric weights (64 columns), token-wise dynamic 8-bit activations; W8A8, and the
+# paper's W4/8-A8 (MLP weights 4-bit, attention 8-bit) with and without layer-by-layer distillation.
+PRESETS["zeroquant-w8a8"] = {"stages": [{"method": "zeroquant", "bits": 8}]}
+PRESETS["zeroquant-w4a8"] = {"stages": [{"method": "zeroquant", "bits": 4, "attention_bits": 8}]}
+PRESETS["zeroquant-w4a8-lkd"] = {"stages": [{"method": "zeroquant", "bits": 4, "attention_bits": 8, "lkd": {}}]}
+# FP8 (E4M3) W8A8: per-channel weight scales with per-token dynamic activation scales, or per-tensor weight
+# scales with a static per-tensor activation scale (the scheme of FP8 inference engines).
+_FP8 = {"method": "rtn", "bits": 8, "fmt": "fp8_e4m3", "symmetric": True}
+PRESETS["fp8-w8a8"] = {"stages": [{**_FP8, "group_size": "channel",
+                                   "activations": {"bits": 8, "fmt": "fp8_e4m3", "granularity": "per_token"}}]}
+PRESETS["fp8-w8a8-static"] = {"stages": [{**_FP8, "group_size": "tensor",
+                                          "activations": {"bits": 8, "fmt": "fp8_e4m3", "granularity": "per_tensor"}}]}
+# LLM-FP4 (`slimlm.quant.llm_fp4`): FP4 weights (per channel) and activations (per tensor, static) with the
+# format / maximum-value search and the per-channel pre-shifted activation exponent bias folded into the weights.
+PRESETS["llm-fp4-w4a4"] = {"stages": [{"method": "llm_fp4"}]}
+
 # Pruning: unstructured at 50/60/70%, N:M 2:4 and 4:8; DSnoT refines a Wanda mask; OWL ratios.
 for _method in ("magnitude", "wanda", "sparsegpt", "dsnot"):
     for _percent in (50, 60, 70):
@@ -73,3 +99,21 @@ for _percent in (10, 20, 30):
 for _percent in (10, 20, 30):
     PRESETS[f"flap-{_percent}"] = {"stages": [{"method": "flap", "ratio": _percent / 100}]}
     PRESETS[f"flap-{_percent}-adaptive"] = {"stages": [{"method": "flap", "ratio": _percent / 100, "structure": "AL-AM"}]}
+# OmniQuant (`slimlm.quant.omniquant`): LWC, plus LET for weight-activation quantization (per-channel asymmetric
+# weights, per-token dynamic asymmetric activations), trained block by block. The plain names are CPU budgets
+# (64 segments x 256 tokens, 2 epochs: about 15 minutes for SmolLM2-135M on 2 cores); the `-paper` names use
+# the paper's 128 x 2048 WikiText2 tokens and 20 epochs (W4A4 with the reference script's aug_loss).
+_OMNI_CPU = {"samples": 64, "seqlen": 256}
+_OMNI_PAPER = {"corpus": "wikitext2", "samples": 128, "seqlen": 2048, "batch_size": 1}
+for _bits in (4, 6):
+    _acts = {"bits": _bits, "granularity": "per_token", "symmetric": False}
+    _stage = {"method": "omniquant", "bits": _bits, "group_size": "channel", "activations": _acts,
+              "lwc": True, "let": True}
+    PRESETS[f"omniquant-w{_bits}a{_bits}"] = {"stages": [{**_stage, "epochs": 2}], "calibration": _OMNI_CPU}
+    PRESETS[f"omniquant-w{_bits}a{_bits}-paper"] = {"stages": [{**_stage, "epochs": 20, "aug_loss": _bits == 4}],
+                                                    "calibration": _OMNI_PAPER}
+for _bits, _group in ((4, "channel"), (3, "channel"), (4, 128), (3, 128)):
+    _suffix = f"g{_group}" if isinstance(_group, int) else ""
+    _stage = {"method": "omniquant", "bits": _bits, "group_size": _group, "lwc": True, "let": False}
+    PRESETS[f"omniquant-w{_bits}a16{_suffix}"] = {"stages": [{**_stage, "epochs": 2}], "calibration": _OMNI_CPU}
+    PRESETS[f"omniquant-w{_bits}a16{_suffix}-paper"] = {"stages": [{**_stage, "epochs": 20}], "calibration": _OMNI_PAPER}

@@ -117,6 +117,8 @@ class ActivationQuantConfig(StrictModel):
     outlier_threshold: float | None = Field(
         None, description="LLM.int8(): input columns with any |x| >= this go through a float16-weight path "
         "(the paper: 6.0; needs per_token)")
+    fmt: Literal["int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1"] = Field(
+        "int", description="the activation grid: integer, or a floating-point format (symmetric, bits 8 / 4)")
 
     @field_validator("bits")
     @classmethod
@@ -139,21 +141,58 @@ class ActivationQuantConfig(StrictModel):
                              "granularity: per_token (a static per_tensor range would still hold the outliers)")
         return self
 
+    @model_validator(mode="after")
+    def _format(self):
+        from slimlm.quant.activation import check_activation_settings
 
-class RTNStage(StageBase, WeightQuantFields):
-    """Round-to-nearest weight quantization (data-free baseline); with `activations`, W8A8 (`Int8Linear`)."""
+        try:
+            check_activation_settings(self.bits, self.granularity, self.fmt, self.symmetric)
+        except SlimlmError as error:
+            raise ValueError(str(error)) from None
+        if self.fmt != "int" and self.outlier_threshold is not None:
+            raise ValueError("outlier_threshold (LLM.int8()) belongs to the int8 grid; drop it for fmt " + self.fmt)
+        return self
+
+
+class WeightActivationFields(WeightQuantFields):
+    """Weights and (optionally) inputs quantized together: 8-bit symmetric per-channel integer weights with
+    integer activations run the int8 GEMM (`Int8Linear`); other combinations are simulated."""
+
+    fmt: Literal["int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1"] = Field(
+        "int", description="the weight grid: integer, or a floating-point format (symmetric; bits 8 or 4)")
+
+    @model_validator(mode="after")
+    def _weight_format(self):
+        from slimlm.quant.grid import check_format
+
+        try:
+            check_format(self.bits, self.fmt)
+        except SlimlmError as error:
+            raise ValueError(str(error)) from None
+        if self.fmt != "int" and not self.symmetric:
+            raise ValueError(f"{self.fmt} is a symmetric grid (zero point 0); set symmetric: true")
+        return self
+
+    def check_outlier_path(self, activations: ActivationQuantConfig | None) -> None:
+        if activations is not None and activations.outlier_threshold is not None and (
+                (self.bits, self.group_size, self.symmetric, self.fmt) != (8, "channel", True, "int")):
+            raise ValueError("outlier_threshold (LLM.int8()) runs the int8 GEMM: it needs bits: 8, group_size: "
+                             f"channel, symmetric: true (got bits: {self.bits}, group_size: {self.group_size}, "
+                             f"symmetric: {self.symmetric}, fmt: {self.fmt})")
+
+
+class RTNStage(StageBase, WeightActivationFields):
+    """Round-to-nearest weight quantization (data-free baseline); with `activations`, the inputs too (W8A8
+    with an integer GEMM; W4A8, W6A6, W4A4 and FP8 simulated)."""
 
     method: Literal["rtn"] = "rtn"
     clip: Literal["minmax", "mse"] = "minmax"
     activations: ActivationQuantConfig | None = Field(
-        None, description="also quantize the inputs: int8 weights x int8 activations with an integer GEMM")
+        None, description="also quantize the inputs (8-bit symmetric per-channel weights: an integer GEMM)")
 
     @model_validator(mode="after")
-    def _w8a8_weights(self):
-        if self.activations is not None and (self.bits, self.group_size, self.symmetric) != (8, "channel", True):
-            raise ValueError("activation quantization runs an int8 x int8 GEMM, which needs 8-bit symmetric "
-                             "per-channel weights: set bits: 8, group_size: channel, symmetric: true "
-                             f"(got bits: {self.bits}, group_size: {self.group_size}, symmetric: {self.symmetric})")
+    def _outliers(self):
+        self.check_outlier_path(self.activations)
         return self
 
     @property
@@ -161,10 +200,14 @@ class RTNStage(StageBase, WeightQuantFields):
         return self.activations is not None and self.activations.granularity == "per_tensor"
 
 
-class SmoothQuantStage(StageBase):
-    """SmoothQuant (Xiao et al., ICML 2023): move activation outliers into the weights, then W8A8 (`Int8Linear`)."""
+class SmoothQuantStage(StageBase, WeightActivationFields):
+    """SmoothQuant (Xiao et al., ICML 2023): move activation outliers into the weights, then W8A8 (`Int8Linear`;
+    other weight / activation bits simulated)."""
 
     method: Literal["smoothquant"] = "smoothquant"
+    bits: int = Field(8, description="weight bits, 2 to 8")
+    group_size: GroupSize = Field("channel", description='input columns per scale, or "channel" / "tensor"')
+    symmetric: bool = True
     alpha: float = Field(0.5, description="migration strength in [0, 1]: s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)")
     alpha_grid: list[float] | None = Field(
         None, description="search alpha per block among these values (e.g. [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]) by the "
@@ -199,6 +242,46 @@ class SmoothQuantStage(StageBase):
         return self
 
 
+class LKDConfig(StrictModel):
+    """ZeroQuant's layer-by-layer knowledge distillation: each quantized block is trained to match the float block."""
+
+    epochs: int = Field(2, ge=1, description="passes over the calibration batches per block")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate of the block's weights")
+
+
+class ZeroQuantStage(StageBase, WeightQuantFields):
+    """ZeroQuant (Yao et al., NeurIPS 2022): group-wise weights, token-wise dynamic activations, optional LKD."""
+
+    method: Literal["zeroquant"] = "zeroquant"
+    bits: int = Field(8, description="weight bits of the MLP linears (2 to 8)")
+    attention_bits: int | None = Field(
+        None, description="weight bits of the attention linears (default: `bits`; the paper's W4/8-A8: 8)")
+    group_size: GroupSize = Field(64, description='input columns per weight scale, or "channel" / "tensor"')
+    symmetric: bool = True
+    activations: ActivationQuantConfig = Field(default_factory=ActivationQuantConfig,
+                                               description="the activation grid (default: 8-bit per-token dynamic)")
+    lkd: LKDConfig | None = Field(None, description="layer-by-layer knowledge distillation (needs calibration data)")
+
+    @field_validator("attention_bits")
+    @classmethod
+    def _attention_bits(cls, bits: int | None) -> int | None:
+        if bits is not None and not 2 <= bits <= 8:
+            raise ValueError(f"attention_bits must be between 2 and 8 (got {bits})")
+        return bits
+
+    @model_validator(mode="after")
+    def _token_wise(self):
+        if self.activations.granularity != "per_token" or self.activations.outlier_threshold is not None \
+                or self.activations.fmt != "int":
+            raise ValueError("ZeroQuant quantizes activations token-wise on a dynamic integer grid: use "
+                             "activations: {granularity: per_token} without outlier_threshold or fmt")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.lkd is not None
+
+
 class GPTQStage(StageBase, WeightQuantFields):
     """GPTQ (Frantar et al., 2023)."""
 
@@ -229,6 +312,131 @@ class AWQStage(StageBase, WeightQuantFields):
         if group_size == "tensor":
             raise ValueError('AWQ scales per group or per channel: use an integer group_size or "channel"')
         return group_size
+
+
+class OmniQuantStage(StageBase, WeightQuantFields):
+    """OmniQuant (Shao et al., ICLR 2024): learnable weight clipping (LWC) and learnable equivalent
+    transformation (LET), trained block by block (`slimlm.quant.omniquant`)."""
+
+    method: Literal["omniquant"] = "omniquant"
+    group_size: GroupSize = Field("channel", description='input columns per scale, or "channel" (the paper\'s default)')
+    activations: ActivationQuantConfig | None = Field(
+        None, description="also quantize the linears' inputs (the paper: per-token dynamic asymmetric, W4A4 / W6A6); "
+        "None: weight-only")
+    lwc: bool = Field(True, description="learn each weight group's clipping range (Eq. 2)")
+    let: bool = Field(True, description="learn channel scales (and, with activations, shifts) of the linears after "
+                      "each norm (Eq. 3-4); the paper uses it for weight-activation quantization")
+    epochs: int = Field(20, description="passes over the calibration segments per block (the paper: 20 for W4A4/W6A6)")
+    lwc_lr: float = Field(1e-2, description="AdamW learning rate of the clipping parameters")
+    let_lr: float = Field(5e-3, description="AdamW learning rate of the scales and shifts")
+    batch_size: int = Field(1, description="calibration segments per optimisation step (the paper: 1)")
+    alpha: float = Field(0.5, description="migration strength of the SmoothQuant-style initial scales")
+    aug_loss: bool = Field(False, description="add the error against the float block on the same (quantized) inputs "
+                           "(the reference's --aug_loss)")
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, epochs: int) -> int:
+        if epochs < 1:
+            raise ValueError(f"epochs must be at least 1 (got {epochs}); OmniQuant trains each block (the paper: 20)")
+        return epochs
+
+    @field_validator("lwc_lr", "let_lr")
+    @classmethod
+    def _learning_rate(cls, lr: float) -> float:
+        if not lr > 0:  # NaN fails too
+            raise ValueError(f"learning rates must be positive (got {lr}); the paper uses lwc_lr 1e-2, let_lr 5e-3")
+        return lr
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, batch_size: int) -> int:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
+        return batch_size
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, alpha: float) -> float:
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1] (got {alpha}); the reference initialises with 0.5")
+        return alpha
+
+    @field_validator("group_size")
+    @classmethod
+    def _not_per_tensor(cls, group_size: GroupSize) -> GroupSize:
+        if group_size == "tensor":
+            raise ValueError('LWC learns a range per output channel or group: use an integer group_size or "channel"')
+        return group_size
+
+    @model_validator(mode="after")
+    def _settings(self):
+        if not (self.lwc or self.let):
+            raise ValueError("lwc and let are both off: there is nothing to learn (use the rtn method)")
+        acts = self.activations
+        if acts is not None:
+            if acts.outlier_threshold is not None:
+                raise ValueError("outlier_threshold (LLM.int8()) is a setting of the rtn stage; OmniQuant's LET "
+                                 "handles the outliers instead")
+            if acts.granularity != "per_token" or getattr(acts, "fmt", "int") != "int":
+                raise ValueError("OmniQuant quantizes activations per token on a dynamic integer grid, as the paper "
+                                 "does: set activations.granularity: per_token (and fmt: int)")
+        return self
+
+
+class LLMFP4Stage(StageBase):
+    """LLM-FP4 (Liu et al., EMNLP 2023): FP4 W4A4 with a joint format / maximum-value search and per-channel
+    pre-shifted activation exponent biases folded into the weights (`slimlm.quant.llm_fp4`)."""
+
+    method: Literal["llm_fp4"] = "llm_fp4"
+    weight_format: Literal["fp4_e2m1", "fp4_e1m2", "fp4_e3m0"] = Field(
+        "fp4_e2m1", description="the weights' 4-bit FP format (the search's start when search_formats)")
+    search_formats: bool = Field(True, description="search the exponent / mantissa split (E1M2, E2M1, E3M0) by the "
+                                 "layer output error (activations: the FP4 formats the activation grid holds)")
+    max_grid: int = Field(20, description="candidate maximum values per format, evenly spaced in "
+                          "[min_fraction, 1] x absmax")
+    min_fraction: float = Field(0.3, description="the smallest candidate maximum as a fraction of absmax")
+    exponent_bias: bool = Field(True, description="per-channel pre-shifted exponent bias of the activations "
+                                "(powers of two folded into the weight columns); false: per-tensor only")
+    max_shift: int | None = Field(None, description="largest per-channel shift |rho_j| (None: 2^E - 1, the "
+                                  "reference's clamp)")
+    search_tokens: int = Field(256, description="calibration tokens sampled per linear for the search")
+    search_rounds: int = Field(1, description="alternating weight / activation search rounds (the reference: 3)")
+
+    @field_validator("max_grid")
+    @classmethod
+    def _max_grid(cls, grid: int) -> int:
+        if grid < 2:
+            raise ValueError(f"max_grid must be at least 2 (got {grid}): absmax and at least one smaller maximum")
+        return grid
+
+    @field_validator("min_fraction")
+    @classmethod
+    def _min_fraction(cls, fraction: float) -> float:
+        if not 0 < fraction < 1:  # NaN fails too
+            raise ValueError(f"min_fraction must be in (0, 1) (got {fraction}); e.g. 0.3")
+        return fraction
+
+    @field_validator("max_shift")
+    @classmethod
+    def _max_shift(cls, shift: int | None) -> int | None:
+        if shift is not None and not 0 <= shift <= 30:
+            raise ValueError(f"max_shift must be between 0 and 30 (got {shift}); None uses 2^E - 1")
+        return shift
+
+    @field_validator("search_tokens")
+    @classmethod
+    def _search_tokens(cls, tokens: int) -> int:
+        if tokens < 16:
+            raise ValueError(f"search_tokens must be at least 16 (got {tokens})")
+        return tokens
+
+    @field_validator("search_rounds")
+    @classmethod
+    def _search_rounds(cls, rounds: int) -> int:
+        if rounds < 1:
+            raise ValueError(f"search_rounds must be at least 1 (got {rounds})")
+        return rounds
 
 
 class OWLConfig(StrictModel):
@@ -439,7 +647,7 @@ class FLAPStage(StageBase):
         require_separate_projections(adapter, self.method)
 
 
-_STAGES = (RTNStage, SmoothQuantStage, GPTQStage, AWQStage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage,
+_STAGES = (RTNStage, SmoothQuantStage, ZeroQuantStage, GPTQStage, AWQStage, OmniQuantStage, LLMFP4Stage, MagnitudeStage, WandaStage, SparseGPTStage, DSnoTStage, DropLayersStage,
            LLMPrunerStage, SliceGPTStage, FLAPStage)
 Stage = Annotated[Union[_STAGES], Field(discriminator="method")]
 STAGE_CLASSES = {cls.model_fields["method"].default: cls for cls in _STAGES}
@@ -504,7 +712,7 @@ def _valid_keys(loc: tuple, data: dict) -> list[str]:
     if loc[0] == "stages" and len(loc) >= 4:
         method = loc[2]
         model = STAGE_CLASSES.get(str(method))
-        if model in (RTNStage, SmoothQuantStage) and len(loc) >= 5 and loc[3] == "activations":
+        if model in (RTNStage, SmoothQuantStage, ZeroQuantStage, OmniQuantStage) and len(loc) >= 5 and loc[3] == "activations":
             model = ActivationQuantConfig
         return sorted(model.model_fields) if model else []
     if loc[0] == "calibration":

@@ -69,6 +69,9 @@ def check_exportable(name: str, layer: QuantizedLinear) -> None:
     """Fail with the fix if compressed-tensors cannot express this layer."""
     if layer.fmt != "int":
         raise SlimlmError(f"{name}: compressed-tensors pack-quantized holds integer grids only (this layer is {layer.fmt})")
+    if layer.input_quantizer is not None or layer.input_shift is not None or layer.input_scale is not None:
+        raise SlimlmError(f"{name}: this layer also quantizes its inputs (simulated W+A quantization), which the "
+                          "pack-quantized export does not describe; export weight-only models")
     if layer.group_size is not None and layer.in_features % layer.group_size:
         raise SlimlmError(
             f"{name}: group_size {layer.group_size} does not divide its {layer.in_features} input features, which "

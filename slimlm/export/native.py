@@ -203,6 +203,7 @@ def load(
             module = (LLMInt8Linear if meta["kind"] == "llm_int8" else Int8Linear).empty(meta)
         else:
             module = (SparseLinear if meta.get("kind") == "sparse" else QuantizedLinear).empty(meta).to(dtype)
+            keep_float32(module)  # an activation grid's range and input shift are saved in float32
         setattr(model.get_submodule(parent_name), child, module)
     for name, (in_features, out_features, bias) in section.get("resized_linears", {}).items():
         parent_name, _, child = name.rpartition(".")
@@ -228,3 +229,13 @@ def load(
     if (directory / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def keep_float32(module: nn.Module) -> None:
+    """The activation-quantization buffers of a simulated W+A layer stay float32 whatever the model dtype."""
+    quantizer = getattr(module, "input_quantizer", None)
+    if quantizer is not None:
+        quantizer.float()
+    for name in ("input_shift", "input_scale"):
+        if getattr(module, name, None) is not None:
+            setattr(module, name, getattr(module, name).float())

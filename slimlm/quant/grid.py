@@ -19,11 +19,17 @@ Floating-point grids (zero is 0, codes are the element's bit pattern):
 - "fp4_e2m1" (OCP Microscaling E2M1): values {0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6}, scale =
   absmax / 6, round to nearest (ties to the even mantissa, as the OCP conversion rule says);
   codes are 4-bit patterns sign << 3 | magnitude index.
+- "fp4_e1m2" / "fp4_e3m0" (the other 4-bit splits, searched by LLM-FP4, `slimlm.quant.llm_fp4`): the
+  FP formula of that paper's reference code with the default exponent bias 2^(E-1) and subnormals,
+  E1M2 {0, ±0.25, ±0.5, ..., ±1.75} (uniform: an 8-level integer grid) and E3M0 {0, ±1/8, ±1/4,
+  ±1/2, ±1, ±2, ±4, ±8}; scale = absmax / 1.75 and absmax / 8, the same codes and rounding as E2M1
+  (a tie goes to the even code).
 
 Non-uniform "codebook" grids (in the spirit of SqueezeLLM, without its sensitivity weighting):
 per row or per group, a table of 2^bits values fitted by 1-D k-means (Lloyd's algorithm, a fixed
 number of iterations, deterministic) from two starts, the quantiles and the levels of the
-asymmetric integer grid, keeping the better; codes index the table.
+asymmetric integer grid, keeping the better; codes index the table. `fit_weighted_codebook` is the
+weighted 1-D k-means (sensitivity-weighted, as KVQuant's nuq datatype) on the same Lloyd iterations.
 
 Deviations from the reference: the symmetric scale is always 2 * absmax / (2^bits - 1) (the
 reference uses absmax / (2^bits - 1) for a row without negative values, which then clips its upper
@@ -41,7 +47,7 @@ from torch import Tensor
 
 from slimlm.errors import SlimlmError
 
-FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "codebook")
+FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "codebook")
 CLIPS = ("minmax", "mse")
 GRANULARITIES = ("group", "channel", "tensor")
 
@@ -55,6 +61,12 @@ KMEANS_ITERATIONS = 25
 _FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # E2M1 magnitudes, indexed by the 3 low bits of the code (exponent and mantissa bits).
 FP4_E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# The 4-bit floating-point grids: magnitudes indexed by the 3 low bits of the code (exponent << M | mantissa).
+FP4_MAGNITUDES = {
+    "fp4_e2m1": FP4_E2M1_MAGNITUDES,
+    "fp4_e1m2": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+    "fp4_e3m0": (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+}
 _FP4_SIGN_BIT = 8
 
 
@@ -62,9 +74,9 @@ def fp_max(fmt: str) -> float:
     """Largest finite value of a floating-point grid."""
     if fmt in _FP8_DTYPES:
         return float(torch.finfo(_FP8_DTYPES[fmt]).max)
-    if fmt == "fp4_e2m1":
-        return FP4_E2M1_MAGNITUDES[-1]
-    raise SlimlmError(f"'{fmt}' is not a floating-point grid; use one of fp8_e4m3, fp8_e5m2, fp4_e2m1")
+    if fmt in FP4_MAGNITUDES:
+        return FP4_MAGNITUDES[fmt][-1]
+    raise SlimlmError(f"'{fmt}' is not a floating-point grid; use one of fp8_e4m3, fp8_e5m2, {', '.join(FP4_MAGNITUDES)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +92,8 @@ def check_format(bits: int, fmt: str) -> None:
         raise SlimlmError(f"bits must be an integer (got {bits!r})")
     if fmt in _FP8_DTYPES and bits != 8:
         raise SlimlmError(f"{fmt} stores 8 bits per weight (got bits={bits}); set bits: 8")
-    if fmt == "fp4_e2m1" and bits != 4:
-        raise SlimlmError(f"fp4_e2m1 stores 4 bits per weight (got bits={bits}); set bits: 4")
+    if fmt in FP4_MAGNITUDES and bits != 4:
+        raise SlimlmError(f"{fmt} stores 4 bits per weight (got bits={bits}); set bits: 4")
     if fmt in ("int", "codebook") and not 2 <= bits <= 8:
         raise SlimlmError(f"{fmt} quantization supports 2 to 8 bits (got bits={bits}); choose bits in 2..8")
 
@@ -252,6 +264,51 @@ def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     return ((q - zero) * scale).to(w.dtype)
 
 
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) with a straight-through gradient (the identity's): for learned quantization parameters."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_ste(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """`fake_quantize` (same values; scale and zero broadcast against w as they are) that autograd can
+    differentiate as scale * (clamp(round_ste(w / scale) + zero, 0, 2^bits - 1) - zero) with `round_ste`:
+    the gradient reaches w (1 inside the grid's range, 0 where the clamp binds) and the scale; the zero
+    point, an integer, takes none. One fused autograd function: a third fewer full-size operations
+    than the composite expression, which matters for methods that train through it (OmniQuant)."""
+    return _FakeQuantizeSTE.apply(w, scale, zero, bits)
+
+
+def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
+    """Reduce a broadcast gradient back to `shape`."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.dim() - len(shape)
+    dims = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape) if n == 1 and grad.shape[i + lead] != 1)
+    return grad.sum(dim=dims, keepdim=True).reshape(shape)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+        t = w / scale
+        shifted = torch.round(t).add_(zero)
+        codes = shifted.clamp(0, _max_code(bits))
+        inside = codes == shifted
+        centred = codes.sub_(zero)  # q - zero
+        ctx.save_for_backward(t, centred, inside)
+        ctx.scale_shape = scale.shape
+        return centred * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        t, centred, inside = ctx.saved_tensors
+        grad_w = torch.where(inside, grad, 0.0) if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:  # d/dscale of scale * (t + (round(t) - t).detach()) inside, scale * (q - z) outside
+            grad_scale = _sum_to(grad * torch.where(inside, centred - t, centred), ctx.scale_shape)
+        return grad_w, grad_scale, None, None
+
+
 def fake_quantize_groups(w: Tensor, bits: int, group_size: int | None, symmetric: bool) -> Tensor:
     """Min-max round-to-nearest of a whole (out, in) weight, dequantized: the same values as
     quantize_weight(w, ...).dequantize() for the integer grid, vectorised over groups (AWQ's searches
@@ -281,34 +338,35 @@ def _fp_scale(absmax: Tensor, fmt: str) -> Tensor:
     return absmax / fp_max(fmt)
 
 
-def _fp4_encode(x: Tensor) -> Tensor:
-    magnitudes = torch.tensor(FP4_E2M1_MAGNITUDES, device=x.device)
+def _fp4_encode(x: Tensor, fmt: str = "fp4_e2m1") -> Tensor:
+    magnitudes = torch.tensor(FP4_MAGNITUDES[fmt], device=x.device)
     midpoints = (magnitudes[1:] + magnitudes[:-1]) / 2
-    a = x.abs().clamp(max=FP4_E2M1_MAGNITUDES[-1])
+    a = x.abs().clamp(max=FP4_MAGNITUDES[fmt][-1])
     index = torch.bucketize(a, midpoints)  # a tie at a midpoint goes to the lower magnitude...
     tie = a == midpoints[index.clamp(max=len(midpoints) - 1)]
-    index = torch.where(tie & (index % 2 == 1), index + 1, index)  # ...unless that one's mantissa is odd
+    index = torch.where(tie & (index % 2 == 1), index + 1, index)  # ...unless that one's code (mantissa) is odd
     sign = (x < 0) & (index > 0)
     return (index + sign.long() * _FP4_SIGN_BIT).to(torch.uint8)
 
 
-def _fp4_decode(codes: Tensor) -> Tensor:
-    values = torch.tensor(FP4_E2M1_MAGNITUDES + tuple(-m for m in FP4_E2M1_MAGNITUDES), device=codes.device)
+def _fp4_decode(codes: Tensor, fmt: str = "fp4_e2m1") -> Tensor:
+    magnitudes = FP4_MAGNITUDES[fmt]
+    values = torch.tensor(magnitudes + tuple(-m for m in magnitudes), device=codes.device)
     return values[codes.long()]
 
 
 def fp_encode(x: Tensor, fmt: str) -> Tensor:
     """uint8 codes (bit patterns) of x, already divided by its scale."""
     x = x.float().clamp(-fp_max(fmt), fp_max(fmt))
-    if fmt == "fp4_e2m1":
-        return _fp4_encode(x)
+    if fmt in FP4_MAGNITUDES:
+        return _fp4_encode(x, fmt)
     return x.to(_FP8_DTYPES[fmt]).view(torch.uint8)
 
 
 def fp_decode(codes: Tensor, fmt: str) -> Tensor:
     """float32 values of FP codes (before scaling)."""
-    if fmt == "fp4_e2m1":
-        return _fp4_decode(codes)
+    if fmt in FP4_MAGNITUDES:
+        return _fp4_decode(codes, fmt)
     return codes.view(_FP8_DTYPES[fmt]).float()
 
 
@@ -344,15 +402,19 @@ def _nearest_entry(values: Tensor, table: Tensor) -> Tensor:
     return torch.searchsorted(midpoints.contiguous(), values.contiguous())
 
 
-def _lloyd(w: Tensor, table: Tensor, iterations: int) -> Tensor:
-    """Lloyd's iterations from a sorted (rows, k) table; never increases the squared error."""
+def _lloyd(w: Tensor, table: Tensor, iterations: int, weights: Tensor | None = None) -> Tensor:
+    """Lloyd's iterations from a sorted (rows, k) table; never increases the (weighted) squared error.
+    `weights` (rows, n), non-negative, weight each value's squared error (weighted k-means)."""
     rows, entries = table.shape
+    weights = torch.ones_like(w) if weights is None else weights
     for _ in range(iterations):
         index = _nearest_entry(w, table)
-        sums = torch.zeros(rows, entries, device=w.device).scatter_add_(1, index, w)
-        counts = torch.zeros(rows, entries, device=w.device).scatter_add_(1, index, torch.ones_like(w))
+        sums = torch.zeros(rows, entries, device=w.device).scatter_add_(1, index, w * weights)
+        counts = torch.zeros(rows, entries, device=w.device).scatter_add_(1, index, weights)
         # An empty cluster keeps its entry; sorting keeps the midpoints of the next step valid.
-        table = torch.where(counts > 0, sums / counts.clamp_min(1), table).sort(dim=1).values
+        filled = counts > 0  # (weighted counts may be below 1: divide by the count itself)
+        means = sums / torch.where(filled, counts, torch.ones_like(counts))
+        table = torch.where(filled, means, table).sort(dim=1).values
     return table
 
 
@@ -380,6 +442,35 @@ def fit_codebook(w: Tensor, bits: int, iterations: int = KMEANS_ITERATIONS) -> t
     use_grid = _squared_error(w, from_grid) < _squared_error(w, from_quantiles)
     table = torch.where(use_grid[:, None], from_grid, from_quantiles)
     return table, _nearest_entry(w, table).to(torch.uint8)
+
+
+def fit_weighted_codebook(values: Tensor, weights: Tensor, bits: int,
+                          iterations: int = KMEANS_ITERATIONS) -> Tensor:
+    """Weighted 1-D k-means of a 1-D set of `values` with non-negative `weights` (sensitivity-weighted
+    k-means, as SqueezeLLM and KVQuant fit non-uniform datatypes): a sorted table of 2^bits entries
+    minimising sum weights * (value - nearest entry)^2. Two deterministic starts, keeping the better:
+    the weighted quantiles (i + 0.5) / k and 2^bits evenly spaced levels over [min, max]. All-zero
+    weights fall back to equal weights."""
+    check_format(bits, "codebook")
+    values, weights = values.float().reshape(1, -1), weights.float().reshape(1, -1).clamp_min(0)
+    if values.numel() == 0:
+        raise SlimlmError("a codebook needs at least one value")
+    if float(weights.sum()) <= 0:
+        weights = torch.ones_like(values)
+    entries = 2**bits
+    order = values.argsort(dim=1)
+    ordered, cumulative = values.gather(1, order), weights.gather(1, order).cumsum(dim=1)
+    targets = (torch.arange(entries, dtype=torch.float32, device=values.device) + 0.5) / entries * cumulative[0, -1]
+    positions = torch.searchsorted(cumulative[0].contiguous(), targets).clamp(max=values.shape[1] - 1)
+    starts = [ordered[:, positions],
+              torch.linspace(float(values.min()), float(values.max()), entries, device=values.device)[None]]
+    best, best_error = None, math.inf
+    for start in starts:
+        table = _lloyd(values, start.sort(dim=1).values, iterations, weights)
+        error = float(((table.gather(1, _nearest_entry(values, table)) - values).pow(2) * weights).sum())
+        if error < best_error:
+            best, best_error = table, error
+    return best[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,6 +641,21 @@ def quantize_weight(
     if granularity == "tensor":
         params = [p.expand(rows, *p.shape[1:]).contiguous() for p in params]
     return _encode(w, bounds, params, bits, group_size, symmetric, fmt)
+
+
+def quantize_weight_range(w: Tensor, xmin: Tensor, xmax: Tensor, bits: int, group_size: int | None,
+                          symmetric: bool) -> QuantizedWeight:
+    """Round-to-nearest of an (out, in) weight on the integer grid of given (out, n_groups) clipping ranges
+    (learned elsewhere, e.g. OmniQuant's LWC): scale and zero by `range_params`, codes by `quantize`."""
+    check_format(bits, "int")
+    _check_matrix(w)
+    w = w.detach().float()
+    bounds = group_bounds(w.shape[1], group_size)
+    if xmin.shape != (w.shape[0], len(bounds)) or xmax.shape != xmin.shape:
+        raise SlimlmError(f"clipping ranges must have shape {(w.shape[0], len(bounds))} "
+                          f"(got {tuple(xmin.shape)} and {tuple(xmax.shape)})")
+    params = list(range_params(xmin.detach(), xmax.detach(), bits, symmetric))
+    return _encode(w, bounds, params, bits, group_size, symmetric, "int")
 
 
 def _fit_params(

@@ -34,6 +34,19 @@ forward(x) has two paths giving the same function:
 
 Deviation: the fast path computes with bfloat16 scales and zero offsets (the kernels' contract),
 so it matches the reference path to bfloat16 precision, not bitwise.
+
+Simulated weight-and-activation quantization (W4A8, W6A6, W4A4, FP8 W8A8): `quantize_inputs`
+attaches an `ActivationQuantizer` (`input_quantizer`, integer or floating-point grid, per token or
+per tensor), optionally an input shift (`input_shift`, (in,) float32: OmniQuant's LET shift delta,
+whose compensation delta W^T the bias already holds) and an input divisor (`input_scale`, (in,)
+float32: a per-channel factor already multiplied into the weight's columns, e.g. LLM-FP4's
+pre-shifted exponent bias 2^rho_j). Forward is then
+
+    y = F.linear(fake_quantize((x - input_shift) / input_scale), dequantized W) + bias
+
+always on the reference path: the values are exactly those of integer (or FP8) arithmetic on the
+codes, but the multiply runs in float32 (there is no int4 x int4 or FP8 GEMM on this CPU; the
+real int8 GEMM for 8-bit weights and activations is `slimlm.quant.w8a8.Int8Linear`).
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimlm.errors import SlimlmError
+from slimlm.quant.activation import ActivationQuantizer
 from slimlm.quant.grid import QuantizedWeight, check_format, dequantize_codes, group_bounds
 from slimlm.quant.packing import pack, packed_bytes, unpack
 
@@ -99,6 +113,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("g_idx", None)
         self.register_buffer("codebook", None)
         self.register_buffer("bias", None)
+        self.input_quantizer: ActivationQuantizer | None = None  # simulated W+A quantization; see the docstring
+        self.register_buffer("input_shift", None)
+        self.register_buffer("input_scale", None)
 
     # ------------------------------------------------------------------------------------------
     # Construction
@@ -138,6 +155,35 @@ class QuantizedLinear(nn.Module):
         bias = module.bias.detach() if module.bias is not None else None
         return cls.from_quantized(qw, bias).to(module.weight.dtype)
 
+    def quantize_inputs(self, activations, input_shift: Tensor | None = None,
+                        input_scale: Tensor | None = None) -> QuantizedLinear:
+        """Quantize this layer's inputs too (simulated W+A; see the module docstring). `activations` is an
+        `ActivationQuantizer` or settings with bits, granularity, symmetric (and fmt); a per_tensor grid
+        still has to observe calibration inputs (of (x - input_shift) / input_scale). Returns self."""
+        if not isinstance(activations, ActivationQuantizer):
+            activations = ActivationQuantizer(activations.bits, activations.granularity, activations.symmetric,
+                                              getattr(activations, "fmt", "int"))
+        device = self.packed.device if self.packed is not None else None
+        self.input_quantizer = activations.to(device)
+        if input_shift is not None:
+            if input_shift.shape != (self.in_features,):
+                raise SlimlmError(f"input_shift has shape {tuple(input_shift.shape)}, expected ({self.in_features},)")
+            self.input_shift = input_shift.detach().float().to(device).clone()
+        if input_scale is not None:
+            if input_scale.shape != (self.in_features,) or not bool((input_scale > 0).all()):
+                raise SlimlmError(f"input_scale must hold {self.in_features} positive values "
+                                  f"(got shape {tuple(input_scale.shape)})")
+            self.input_scale = input_scale.detach().float().to(device).clone()
+        return self
+
+    def quantized_input(self, x: Tensor) -> Tensor:
+        """What the weight multiplies: x itself, or fake_quantize((x - input_shift) / input_scale) in float32."""
+        if self.input_shift is not None:
+            x = x - self.input_shift
+        if self.input_scale is not None:
+            x = x / self.input_scale
+        return x if self.input_quantizer is None else self.input_quantizer.fake_quantize(x)
+
     @classmethod
     def empty(cls, meta: dict) -> QuantizedLinear:
         """A layer with zero-filled buffers of the shapes `meta` describes, ready for load_state_dict."""
@@ -163,6 +209,12 @@ class QuantizedLinear(nn.Module):
                 layer.g_idx = torch.zeros(in_features, dtype=torch.int32)
             if meta["bias_dtype"] is not None:
                 layer.bias = torch.zeros(out_features, dtype=_parse_dtype(meta["bias_dtype"]))
+            if meta.get("activations") is not None:
+                layer.input_quantizer = ActivationQuantizer.from_meta(meta["activations"])
+            if meta.get("input_shift"):
+                layer.input_shift = torch.zeros(in_features)
+            if meta.get("input_scale"):
+                layer.input_scale = torch.ones(in_features)
         except KeyError as missing:
             raise SlimlmError(
                 f"quantized-layer metadata lacks {missing}; re-save the model with QuantizedLinear.meta()"
@@ -183,6 +235,9 @@ class QuantizedLinear(nn.Module):
             "act_order": self.g_idx is not None,
             "scale_dtype": _dtype_name(stored_scale.dtype),
             "bias_dtype": None if self.bias is None else _dtype_name(self.bias.dtype),
+            "activations": None if self.input_quantizer is None else self.input_quantizer.meta(),
+            "input_shift": self.input_shift is not None,
+            "input_scale": self.input_scale is not None,
         }
 
     def _stores_zero(self) -> bool:
@@ -228,6 +283,9 @@ class QuantizedLinear(nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None or self.input_shift is not None or self.input_scale is not None:
+            self.last_path = "simulated"
+            return self._forward_reference(self.quantized_input(x)).to(x.dtype)
         kernel = self._fast_kernel(x)
         if kernel is None:
             self.last_path = "reference"
@@ -332,6 +390,7 @@ class QuantizedLinear(nn.Module):
         group = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
         grid = "symmetric" if self.symmetric else "asymmetric"
         extras = ", act-order" if self.g_idx is not None else ""
+        extras += f", inputs: {self.input_quantizer.extra_repr()}" if self.input_quantizer is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"{group}, fmt={self.fmt}, {grid}{extras}, bias={self.bias is not None}"

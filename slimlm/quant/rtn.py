@@ -4,12 +4,14 @@ Each weight is mapped to the nearest point of the uniform grid of `slimlm.quant.
 per output channel or per tensor; min-max range, or the MSE-optimal clipping search), with no
 calibration data and no error compensation.
 
-With `activations` the stage quantizes the inputs too (W8A8, `slimlm.quant.w8a8.Int8Linear`): 8-bit
-symmetric per-channel weights by the same rule, activations per token at run time (no data), or per
-tensor from the min / max of this block's calibration inputs, observed on its float linears (the
-inputs already carry the earlier blocks' quantization, as the engine feeds them). With
-`activations.outlier_threshold`, LLM.int8() (`slimlm.quant.llm_int8.LLMInt8Linear`): the same, plus
-input columns holding an |x| >= threshold computed in float from float16 weights.
+With `activations` the stage quantizes the inputs too: activations per token at run time (no data),
+or per tensor from the min / max of this block's calibration inputs, observed on its float linears
+(the inputs already carry the earlier blocks' quantization, as the engine feeds them). 8-bit
+symmetric per-channel integer weights with integer activations run the int8 GEMM
+(`slimlm.quant.w8a8.Int8Linear`, W8A8); any other combination (W4A8, W6A6, W4A4, FP8 weights and
+activations) is simulated by a `QuantizedLinear` with an input quantizer (exact values, float
+arithmetic). With `activations.outlier_threshold`, LLM.int8() (`slimlm.quant.llm_int8.LLMInt8Linear`):
+W8A8 plus input columns holding an |x| >= threshold computed in float from float16 weights.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import time
 
 from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
-from slimlm.compress.recipe import ActivationQuantConfig, RTNStage
+from slimlm.compress.recipe import ActivationQuantConfig, RTNStage, WeightQuantFields
 from slimlm.errors import SlimlmError
 from slimlm.quant.grid import quantize_weight
 from slimlm.quant.llm_int8 import LLMInt8Linear
@@ -32,9 +34,8 @@ def rtn_block(context: BlockContext, stage: RTNStage, report: CompressionReport)
         start = time.perf_counter()
         module = context.module(name)
         weight = linear_weight(module).detach().float()
-        quantized = quantize_weight(
-            weight, stage.bits, stage.group_columns, stage.symmetric, clip=stage.clip, granularity=stage.granularity
-        )
+        quantized = quantize_weight(weight, stage.bits, stage.group_columns, stage.symmetric, clip=stage.clip,
+                                    granularity=stage.granularity, fmt=stage.fmt)
         error = float((quantized.dequantize() - weight).pow(2).sum())
         context.replace(name, QuantizedLinear.replacing(module, quantized))
         report.layers.append(LayerReport(name, "rtn", time.perf_counter() - start, error))
@@ -42,18 +43,24 @@ def rtn_block(context: BlockContext, stage: RTNStage, report: CompressionReport)
 
 def w8a8_block(context: BlockContext, stage: RTNStage, report: CompressionReport) -> None:
     label = "rtn-w8a8" if stage.activations.outlier_threshold is None else "llm-int8"
-    replace_with_int8(context, stage.activations, stage.clip, report, label)
+    replace_quantizing_inputs(context, stage, stage.activations, stage.clip, report, label)
 
 
-def replace_with_int8(context: BlockContext, activations: ActivationQuantConfig, clip: str,
-                      report: CompressionReport, label: str) -> None:
-    """Replace the block's target linears with `Int8Linear` (or `LLMInt8Linear` with an outlier threshold);
+def uses_int8_gemm(weights: WeightQuantFields, activations: ActivationQuantConfig) -> bool:
+    """8-bit symmetric per-channel integer weights and integer activations: the real int8 GEMM (`Int8Linear`)."""
+    return ((weights.bits, weights.group_size, weights.symmetric, getattr(weights, "fmt", "int")) == (8, "channel", True, "int")
+            and activations.fmt == "int")
+
+
+def replace_quantizing_inputs(context: BlockContext, weights: WeightQuantFields, activations: ActivationQuantConfig,
+                              clip: str, report: CompressionReport, label: str) -> None:
+    """Replace the block's target linears with weight-and-activation quantized layers (`wa_layer`);
     static per-tensor ranges are observed on the block's float linears first."""
     layers = {}
     for name in context.targets:
         start = time.perf_counter()
         module = context.module(name)
-        layer = int8_layer(module, activations, clip)
+        layer = wa_layer(module, weights, activations, clip)
         error = float((layer.dequantize_weight() - linear_weight(module).detach().float()).pow(2).sum())
         layers[name] = layer
         report.layers.append(LayerReport(name, label, time.perf_counter() - start, error))
@@ -68,12 +75,18 @@ def replace_with_int8(context: BlockContext, activations: ActivationQuantConfig,
         context.replace(name, layer)
 
 
-def int8_layer(module, activations: ActivationQuantConfig, clip: str) -> Int8Linear:
-    """The `Int8Linear` (`LLMInt8Linear` with an outlier threshold) replacing a float linear; a static
-    per-tensor grid still has to observe calibration inputs."""
+def wa_layer(module, weights: WeightQuantFields, activations: ActivationQuantConfig, clip: str):
+    """The layer replacing a float linear when its inputs are quantized too: `Int8Linear` (the int8 GEMM;
+    `LLMInt8Linear` with an outlier threshold) for W8A8 integer grids, else a `QuantizedLinear` with an
+    input quantizer (simulated W4A8, W6A6, W4A4, FP8). A static per-tensor grid still has to observe
+    calibration inputs."""
     weight = linear_weight(module).detach()
-    if activations.outlier_threshold is None:
+    if activations.outlier_threshold is not None:
+        return LLMInt8Linear.from_float(weight, module.bias, activations.bits, activations.granularity,
+                                        activations.symmetric, clip=clip, outlier_threshold=activations.outlier_threshold)
+    if uses_int8_gemm(weights, activations):
         return Int8Linear.from_float(weight, module.bias, activations.bits, activations.granularity,
                                      activations.symmetric, clip=clip)
-    return LLMInt8Linear.from_float(weight, module.bias, activations.bits, activations.granularity,
-                                    activations.symmetric, clip=clip, outlier_threshold=activations.outlier_threshold)
+    quantized = quantize_weight(weight.float(), weights.bits, weights.group_columns, weights.symmetric, clip=clip,
+                                granularity=weights.granularity, fmt=getattr(weights, "fmt", "int"))
+    return QuantizedLinear.replacing(module, quantized).quantize_inputs(activations)

@@ -44,7 +44,7 @@ from slimlm.compress.recipe import SmoothQuantStage
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
 from slimlm.quant.awq import ScalingGroup, apply_scales
-from slimlm.quant.rtn import int8_layer, replace_with_int8
+from slimlm.quant.rtn import replace_quantizing_inputs, wa_layer
 
 # (norm role, roles of the linears reading that norm's output)
 SMOOTHED_GROUPS = (("attn_norm", ("q", "k", "v", "qkv")), ("mlp_norm", ("gate", "up")))
@@ -149,7 +149,7 @@ def smoothquant_block(context: BlockContext, stage: SmoothQuantStage, report: Co
     smooth_block_(block.module, groups, stats.values, alpha, context.adapter.norm_weight_offset)
     smoothing_seconds = time.perf_counter() - start
     first = len(report.layers)
-    replace_with_int8(context, stage.activations, stage.clip, report, f"smoothquant(alpha={alpha:g})")
+    replace_quantizing_inputs(context, stage, stage.activations, stage.clip, report, f"smoothquant(alpha={alpha:g})")
     for entry in report.layers[first:]:  # share the smoothing time among the block's layers
         entry.seconds += smoothing_seconds / max(1, len(report.layers) - first)
 
@@ -161,7 +161,7 @@ def _quantized_error(context: BlockContext, groups: list[SmoothingGroup], activa
     smooth_block_(trial, groups, activation_max, alpha, context.adapter.norm_weight_offset)
     prefix = f"{context.adapter.blocks_name}.{context.index}."
     names = [name[len(prefix):] for name in context.targets]
-    layers = {name: int8_layer(trial.get_submodule(name), stage.activations, stage.clip) for name in names}
+    layers = {name: wa_layer(trial.get_submodule(name), stage, stage.activations, stage.clip) for name in names}
     if stage.activations.granularity == "per_tensor":
         collect_block_inputs(trial, context.inputs, {n: trial.get_submodule(n) for n in names},
                              lambda n, x: layers[n].input_quantizer.observe(x))
