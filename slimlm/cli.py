@@ -8,6 +8,7 @@ versions, date, command). Errors caused by input are printed as one line, withou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -60,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=16, help="zero-shot batch size")
     evaluate.add_argument("--kv-cache", metavar="NAME",
                           help="perplexity through a quantized KV cache <method>-<bits>bit (e.g. kivi-2bit, "
-                               "naive-4bit), each window fed in --kv-chunk token chunks")
+                               "naive-4bit, kvquant-3bit), each window fed in --kv-chunk token chunks")
     evaluate.add_argument("--kv-chunk", type=_positive_int, default=128, help="tokens per step with --kv-cache")
     evaluate.add_argument("--kv-group-size", type=int, default=32, help="quantized KV cache group size")
     evaluate.add_argument("--kv-residual", type=int, default=128, help="KIVI full-precision recent tokens")
+    _add_kvquant_arguments(evaluate)
     evaluate.add_argument("--kl-reference", metavar="MODEL",
                           help="also report KL divergence from this model on each perplexity corpus")
 
@@ -116,16 +118,62 @@ def _add_generate_parser(commands, common: argparse.ArgumentParser) -> None:
     generation.add_argument("--window", type=int, help="recent tokens kept by the sinks cache (default 256)")
     generation.add_argument("--kv-cache", metavar="NAME",
                             help="quantized KV cache <method>-<bits>bit: naive-4bit, naive-2bit, kivi-4bit, "
-                                 "kivi-2bit, ...")
+                                 "kivi-2bit, kvquant-3bit, kvquant-2bit, ...")
     generation.add_argument("--kv-group-size", type=int, default=32,
                             help="quantized KV cache: channels (per token) or tokens (KIVI keys) per scale")
     generation.add_argument("--kv-residual", type=int, default=128,
                             help="KIVI: recent tokens kept in full precision (a multiple of --kv-group-size)")
+    _add_kvquant_arguments(generation)
+    generation.add_argument("--data-dir", help="data directory for KVQuant calibration (default: $SLIMLM_DATA)")
     generation.add_argument("--draft", metavar="MODEL", help="draft model for speculative decoding")
     generation.add_argument("--gamma", type=int, default=4, help="draft tokens per target forward")
     generation.add_argument("--adaptive-gamma", action="store_true",
                             help="grow gamma after a full acceptance, shrink it after a first-token rejection")
     generation.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+
+
+def _add_kvquant_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-outliers", type=float, default=0.01,
+                        help="KVQuant: fraction of keys/values kept sparse in float16 (default 0.01)")
+    parser.add_argument("--kv-calibration-corpus", default="wikitext2",
+                        help="KVQuant: calibration corpus (its calibration split; default wikitext2)")
+    parser.add_argument("--kv-calibration-samples", type=int, default=16,
+                        help="KVQuant: calibration segments (default 16)")
+    parser.add_argument("--kv-calibration-seqlen", type=int, default=512,
+                        help="KVQuant: tokens per calibration segment (default 512)")
+
+
+def _check_kvquant_arguments(args: argparse.Namespace, spec) -> None:
+    """KVQuant calibration options checked before a model is loaded (only when --kv-cache kvquant-*)."""
+    if spec is None or spec.method != "kvquant":
+        return
+    from slimlm.data.corpora import CORPORA, is_user_corpus, resolve_data_dir
+    from slimlm.infer.kvquant import check_calibration_options
+
+    check_calibration_options(args.kv_calibration_samples, args.kv_calibration_seqlen)
+    corpus = args.kv_calibration_corpus
+    if corpus not in CORPORA and not is_user_corpus(corpus):
+        raise SlimlmError(f"unknown KVQuant calibration corpus {corpus!r}: choose one of {', '.join(CORPORA)}, "
+                          "or give a path to a .txt or .jsonl file")
+    resolve_data_dir(args.data_dir)
+
+
+def _kvquant_calibration(args: argparse.Namespace, loaded: LoadedModel, spec):
+    """The KVQuant calibration of the loaded model (None for other caches)."""
+    if spec is None or spec.method != "kvquant":
+        return None
+    from slimlm.infer.kvquant import calibrate_from_corpus
+
+    return calibrate_from_corpus(loaded.model, loaded.tokenizer, spec, args.kv_calibration_samples,
+                                 args.kv_calibration_seqlen, args.kv_calibration_corpus, args.data_dir).calibration
+
+
+def _without_calibration(settings) -> dict:
+    """A settings dataclass as a JSON-ready dict: the calibration object becomes its description."""
+    out = dict(vars(settings))
+    calibration = out.get("kv_calibration")
+    out["kv_calibration"] = None if calibration is None else calibration.describe()
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,8 +212,9 @@ def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
 
     tasks = parse_tasks(args.tasks)  # fail on a bad name before loading anything
     settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir,
-                            args.kv_cache, args.kv_chunk, args.kv_group_size, args.kv_residual)
-    settings.kv_spec()  # bad KV cache settings fail before the model is loaded
+                            args.kv_cache, args.kv_chunk, args.kv_group_size, args.kv_residual, args.kv_outliers)
+    spec = settings.kv_spec()  # bad KV cache settings fail before the model is loaded
+    _check_kvquant_arguments(args, spec)
     if args.kv_cache is not None and args.kl_reference:
         raise SlimlmError("the KL divergence is computed without a KV cache: drop --kl-reference or --kv-cache")
     if settings.data_dir is not None:
@@ -174,8 +223,11 @@ def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
         resolve_data_dir(settings.data_dir)
     loaded = _load(args.model, args)
     reference = _load(args.kl_reference, args).model if args.kl_reference else None
+    calibration = _kvquant_calibration(args, loaded, spec)
+    if calibration is not None:
+        settings = dataclasses.replace(settings, kv_calibration=calibration)
     rows = evaluate(loaded.model, loaded.tokenizer, tasks, settings, reference)
-    protocol = {**vars(settings), "data_dir": str(settings.data_dir), "dtype": args.dtype,
+    protocol = {**_without_calibration(settings), "data_dir": str(settings.data_dir), "dtype": args.dtype,
                 "kl_reference": args.kl_reference}
     record = make_record(args.model, "none", protocol, {"rows": rows})
     table = markdown_table([{k: v for k, v in row.items() if k != "details"} for row in rows], TABLE_COLUMNS)
@@ -333,7 +385,8 @@ def _generation_settings(args: argparse.Namespace):
                           f"--cache {args.cache}")
     cache = CacheSettings(kind, args.block_size, 4 if args.sink_tokens is None else args.sink_tokens,
                           256 if args.window is None else args.window, args.kv_cache, args.kv_group_size,
-                          args.kv_residual)
+                          args.kv_residual, args.kv_outliers)
+    _check_kvquant_arguments(args, cache.kv_spec())
     validate_request([[0] if p else [] for p in args.prompt], args.max_new_tokens)
     if args.draft:
         check_gamma(args.gamma, 16 if args.adaptive_gamma else None)  # adaptive gamma grows up to 16
@@ -347,6 +400,9 @@ def run_generate(args: argparse.Namespace) -> tuple[dict, str]:
 
     sampling, cache = _generation_settings(args)
     loaded = _load(args.model, args)
+    calibration = _kvquant_calibration(args, loaded, cache.kv_spec())
+    if calibration is not None:
+        cache = dataclasses.replace(cache, kv_calibration=calibration)
     stream = len(args.prompt) == 1 and not args.draft
 
     def show(_index: int, piece: str) -> None:
@@ -365,7 +421,8 @@ def run_generate(args: argparse.Namespace) -> tuple[dict, str]:
                           stop_at_eos=not args.no_stop, on_text=show if stream else None)
         metrics = {}
     metrics.update(stats=result.stats.to_dict(), texts=result.texts, tokens=result.tokens)
-    protocol = {"max_new_tokens": args.max_new_tokens, "sampling": vars(sampling), "cache": vars(cache),
+    protocol = {"max_new_tokens": args.max_new_tokens, "sampling": vars(sampling),
+                "cache": _without_calibration(cache),
                 "draft": args.draft, "gamma": args.gamma if args.draft else None, "dtype": args.dtype}
     record = make_record(args.model, "generate", protocol, metrics)
     lines = ["\n"] if stream else [f"[{i}] {p}{t}\n" for i, (p, t) in enumerate(zip(args.prompt, result.texts))]

@@ -1,4 +1,4 @@
-"""Checks shared by the structural-pruning tests."""
+"""Checks shared by several test modules (structural pruning round trips, quantized KV cache filling)."""
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -26,3 +26,13 @@ def _assert_same_model(reloaded, model, probe: torch.Tensor) -> None:
         cached = reloaded.generate(probe[:1], max_new_tokens=4, do_sample=False, use_cache=True)
         uncached = reloaded.generate(probe[:1], max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def fill_kv_cache(cache, tokens: int, step: int = 256, heads: int = 2, head_dim: int = 64, layers: int = 2) -> None:
+    """Write `tokens` random float16 keys and values into every layer of a one-sequence cache, `step` at a time."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(0, tokens, step):
+        cache.reserve([step])
+        for layer in range(layers):
+            cache.write(layer, torch.randn(1, heads, step, head_dim, generator=generator).half(),
+                        torch.randn(1, heads, step, head_dim, generator=generator).half())

@@ -10,6 +10,8 @@ from slimlm.infer.kv_quant import (NaiveQuantCache, chunked_perplexity, make_qua
 from slimlm.infer.runner import ModelRunner
 from slimlm.models.tiny import tiny_model
 
+from tests.helpers import fill_kv_cache
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,12 +131,7 @@ def test_bytes_held_follow_the_layout(name):
     shape = CacheShape(2, (2, 2), 64, torch.float16)
     group, residual, tokens, bits = 32, 128, 2048, 2
     cache = make_quantized_cache(shape, 1, parse_kv_cache(name, group, residual))
-    generator = torch.Generator().manual_seed(0)
-    for start in range(0, tokens, 256):
-        cache.reserve([256])
-        for layer in range(2):
-            cache.write(layer, torch.randn(1, 2, 256, 64, generator=generator).half(),
-                        torch.randn(1, 2, 256, 64, generator=generator).half())
+    fill_kv_cache(cache, tokens)
     float16 = tokens * 2 * 2 * 2 * 64 * 2
     assert cache.float16_bytes() == float16
     quantized_ratio = bits / 16 + 2 / group  # 0.1875

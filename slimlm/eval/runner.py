@@ -8,7 +8,8 @@ file) and the zero-shot tasks (`lambada`, `piqa`, `hellaswag`, `arc_easy`, `arc_
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,6 +34,8 @@ class EvalSettings:
     kv_chunk: int = 128  # tokens fed per step with kv_cache
     kv_group_size: int = 32
     kv_residual: int = 128
+    kv_outliers: float = 0.01  # KVQuant: fraction of values kept sparse in float16
+    kv_calibration: Any = field(default=None, compare=False, repr=False)  # KVQuant: KVQuantCalibration
 
     def kv_spec(self):
         """The checked quantized-KV spec (None without kv_cache)."""
@@ -41,7 +44,8 @@ class EvalSettings:
         from slimlm.infer.kv_quant import check_chunk, parse_kv_cache
 
         check_chunk(self.kv_chunk)
-        return parse_kv_cache(self.kv_cache, self.kv_group_size, self.kv_residual)
+        return parse_kv_cache(self.kv_cache, self.kv_group_size, self.kv_residual, self.kv_outliers,
+                              self.kv_calibration)
 
 
 def parse_tasks(spec: str | list[str]) -> list[str]:
@@ -70,9 +74,17 @@ def evaluate(
     With a `reference` model, each perplexity corpus also gets the KL divergence of `model` from it.
     """
     rows: list[dict] = []
-    settings.kv_spec()  # bad KV cache settings fail before any task runs
+    spec = settings.kv_spec()  # bad KV cache settings fail before any task runs
     if settings.kv_cache is not None and reference is not None:
         raise SlimlmError("the KL divergence is computed without a KV cache: drop --kl-reference or --kv-cache")
+    if spec is not None and spec.method == "kvquant" and spec.calibration is None:
+        from dataclasses import replace
+
+        from slimlm.infer.kvquant import calibrate_from_corpus
+
+        # KVQuant's offline calibration with its defaults (slimlm.infer.kvquant) unless one was given
+        calibration = calibrate_from_corpus(model, tokenizer, spec, data_dir=settings.data_dir).calibration
+        settings = replace(settings, kv_calibration=calibration)
     for name in parse_tasks(tasks):
         if name in ZERO_SHOT_TASKS:
             rows += _zero_shot_rows(model, tokenizer, name, settings)
@@ -87,8 +99,13 @@ def _perplexity_rows(model, tokenizer, name: str, settings: EvalSettings, refere
     protocol = f"seqlen {result.seqlen}, {result.windows}/{result.total_windows} windows"
     if settings.kv_cache is not None:
         spec = settings.kv_spec()
-        residual = f", residual {spec.residual}" if spec.method == "kivi" else ""
-        protocol += f", KV cache {spec.name} (group {spec.group_size}{residual}), chunks of {settings.kv_chunk}"
+        if spec.method == "kvquant":
+            calibration = spec.calibration
+            detail = f"outliers {spec.outliers:g}" + (
+                f", calibrated on {calibration.segments} x {calibration.seqlen} tokens" if calibration else "")
+        else:
+            detail = f"group {spec.group_size}" + (f", residual {spec.residual}" if spec.method == "kivi" else "")
+        protocol += f", KV cache {spec.name} ({detail}), chunks of {settings.kv_chunk}"
     rows = [_row(result.corpus, "ppl", result.ppl, None, result.tokens_scored, protocol, result.to_dict())]
     if reference is not None:
         kl = kl_divergence(model, reference, tokenizer, name, settings.seqlen, settings.max_windows, settings.data_dir)

@@ -1,5 +1,5 @@
 """Efficient generation: slimlm's own decoder runner, KV caches (contiguous, paged, attention sinks),
-sampling, streaming, speculative decoding and quantized KV caches (naive, KIVI). See docs/generation.md.
+sampling, streaming, speculative decoding and quantized KV caches (naive, KIVI, KVQuant). See docs/generation.md.
 
     from slimlm.infer import generate, SamplingSettings, CacheSettings
     result = generate(lm.model, lm.tokenizer, ["Hello", "Once upon a time"], max_new_tokens=32,
@@ -11,14 +11,16 @@ from slimlm.infer.cache import CacheShape, ContiguousCache, PagedCache
 from slimlm.infer.engine import (CACHE_KINDS, CacheSettings, GenerationResult, GenerationStats, TokenEvent,
                                  generate, generate_ids, stream_ids, stream_text)
 from slimlm.infer.kivi import KiviCache
-from slimlm.infer.kv_quant import KVQuantSpec, NaiveQuantCache, chunked_perplexity, parse_kv_cache
+from slimlm.infer.kv_quant import KVQuantSpec, NaiveQuantCache, chunked_kl, chunked_perplexity, parse_kv_cache
+from slimlm.infer.kvquant import KVQuantCache, calibrate_from_corpus, calibrate_kvquant
 from slimlm.infer.runner import SUPPORTED_FAMILIES, ModelRunner
 from slimlm.infer.sampling import SamplingSettings, next_token_probs
 from slimlm.infer.speculative import SpeculativeStats, speculative_decode, speculative_generate
 from slimlm.infer.streaming import SinkWindowCache, streaming_perplexity
 
 __all__ = ["CACHE_KINDS", "CacheSettings", "CacheShape", "ContiguousCache", "GenerationResult", "GenerationStats",
-           "KVQuantSpec", "KiviCache", "ModelRunner", "NaiveQuantCache", "PagedCache", "SUPPORTED_FAMILIES",
-           "SamplingSettings", "SinkWindowCache", "SpeculativeStats", "TokenEvent", "chunked_perplexity", "generate",
+           "KVQuantCache", "KVQuantSpec", "KiviCache", "ModelRunner", "NaiveQuantCache", "PagedCache", "SUPPORTED_FAMILIES",
+           "SamplingSettings", "SinkWindowCache", "SpeculativeStats", "TokenEvent", "calibrate_from_corpus",
+           "calibrate_kvquant", "chunked_kl", "chunked_perplexity", "generate",
            "generate_ids", "next_token_probs", "parse_kv_cache", "speculative_decode", "speculative_generate",
            "stream_ids", "stream_text", "streaming_perplexity"]

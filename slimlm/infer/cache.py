@@ -33,8 +33,8 @@ of a sequence can be partly empty, so waste is under one block per sequence. Dev
 has no paged attention kernel on CPU, so `read` gathers a sequence's blocks into a dense tensor
 (one `index_select` per layer and step) before the fused attention.
 
-Quantized KV caches (a naive per-token baseline and KIVI) implement the same protocol:
-`slimlm.infer.kv_quant` and `slimlm.infer.kivi`.
+Quantized KV caches (a naive per-token baseline, KIVI and KVQuant) implement the same protocol:
+`slimlm.infer.kv_quant`, `slimlm.infer.kivi` and `slimlm.infer.kvquant` (which stores keys before RoPE).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ tokens; sampling draws from one generator for the whole batch, so the random str
 Caches: `contiguous` (preallocated to the longest prompt + max_new_tokens), `paged`
 (PagedAttention blocks, `block_size` tokens) and `sinks` (StreamingLLM: `sink_tokens` +
 `window`, unbounded length); `CacheSettings(kv_quant="kivi-2bit")` replaces the contiguous cache
-by a quantized one (`slimlm.infer.kv_quant`, `slimlm.infer.kivi`). Timings: time to first token =
+by a quantized one (`slimlm.infer.kv_quant`, `slimlm.infer.kivi`, `slimlm.infer.kvquant`; KVQuant
+needs `kv_calibration`, from `slimlm.infer.kvquant.calibrate_kvquant`). Timings: time to first token =
 prefill + first sample; per-token latency = decode time / decode steps (a step gives one token to
 every running sequence); tokens/s = generated tokens / total time.
 """
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,6 +46,8 @@ class CacheSettings:
     kv_quant: str | None = None  # contiguous only: "naive-4bit", "kivi-2bit", ... (slimlm.infer.kv_quant)
     kv_group_size: int = 32  # quantized: channels (per token) or tokens (KIVI keys) per scale
     kv_residual: int = 128  # KIVI: recent tokens kept in full precision
+    kv_outliers: float = 0.01  # KVQuant: fraction of values kept sparse in float16
+    kv_calibration: Any = field(default=None, compare=False, repr=False)  # KVQuant: KVQuantCalibration
 
     def __post_init__(self) -> None:
         if self.kind not in CACHE_KINDS:
@@ -63,7 +67,8 @@ class CacheSettings:
 
         if self.kv_quant is None:
             return None
-        return parse_kv_cache(self.kv_quant, self.kv_group_size, self.kv_residual)
+        return parse_kv_cache(self.kv_quant, self.kv_group_size, self.kv_residual, self.kv_outliers,
+                              self.kv_calibration)
 
     @property
     def label(self) -> str:

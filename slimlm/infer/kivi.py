@@ -33,7 +33,7 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.infer.cache import CacheShape
-from slimlm.infer.kv_quant import (KVQuantSpec, PerTokenStore, QuantizedCacheBase, dequantize_groups_last,
+from slimlm.infer.kv_quant import (KVQuantSpec, LayerStoreCache, PerTokenStore, dequantize_groups_last,
                                    quantize_groups_last, tensor_bytes)
 
 
@@ -88,30 +88,18 @@ class _KiviLayer:
                                               self.value_full)) + self.values.nbytes())
 
 
-class KiviCache(QuantizedCacheBase):
+class KiviCache(LayerStoreCache):
     """KIVI quantized KV cache (keys per channel, values per token, full-precision residual window)."""
 
     def __init__(self, shape: CacheShape, batch: int, spec: KVQuantSpec):
         if spec.method != "kivi":
             raise SlimlmError(f"KiviCache needs a kivi spec, got {spec.name}")
         super().__init__(shape, batch, spec)
-        self.layers = [[self._new(h) for _ in range(batch)] for h in shape.kv_heads]
+        self._init_stores()
 
-    def _new(self, heads: int) -> _KiviLayer:
-        return _KiviLayer(heads, self.spec, self.shape.head_dim, self.shape.dtype, self.shape.device)
-
-    def _append(self, layer, b, k, v) -> None:
-        self.layers[layer][b].append(k, v)
-
-    def _dequantized(self, layer, b):
-        return self.layers[layer][b].read(self.shape.dtype)
-
-    def _layer_bytes(self, layer, b) -> int:
-        return self.layers[layer][b].nbytes()
-
-    def _clear(self, b) -> None:
-        for layer, h in enumerate(self.shape.kv_heads):
-            self.layers[layer][b] = self._new(h)
+    def _new(self, layer: int) -> _KiviLayer:
+        return _KiviLayer(self.shape.kv_heads[layer], self.spec, self.shape.head_dim, self.shape.dtype,
+                          self.shape.device)
 
     def full_precision_tokens(self, layer: int = 0, sequence: int = 0) -> tuple[int, int]:
         """(keys, values) held in full precision for one sequence of one layer."""

@@ -22,6 +22,10 @@ Methods (`<method>-<bits>bit`, group size G, residual R):
   group; no full-precision window.
 - `kivi` (`slimlm.infer.kivi.KiviCache`): keys per channel over groups of G tokens, values per
   token, the most recent tokens kept in full precision.
+- `kvquant` (`slimlm.infer.kvquant.KVQuantCache`): pre-RoPE per-channel keys and per-token values on
+  a calibrated non-uniform (sensitivity-weighted k-means) datatype, ~1% outliers kept sparse in
+  float16, the first token in full precision (`rotate_on_read = True`); needs a calibration
+  (`slimlm.infer.kvquant.calibrate_kvquant`) carried by the spec. The group size does not apply.
 
 Bytes per quantized token, per layer and KV head (head_dim D, bits b):
 naive and KIVI alike hold 2 * D * b / 8 bytes of codes plus 2 * 2 * 2 * D / G bytes of float16
@@ -31,13 +35,19 @@ token), against 2 * 2 * D bytes in a float16 cache: a ratio of b / 16 + 2 / G (2
 
 Batches of different lengths work: every sequence has its own storage; `read` pads to the longest.
 `truncate` (speculative decoding's roll-back) is refused: quantized chunks cannot be cut back.
+
+`chunked_logits` feeds a text through one cache in chunks and yields each chunk's logits;
+`chunked_nll` (perplexity) and `chunked_kl` (mean KL(float cache || quantized cache) and top-1
+agreement of the next-token distributions, both runs chunked the same way) are built on it.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +57,7 @@ from slimlm.infer.cache import CacheShape, _check_counts
 from slimlm.quant.grid import dequantize, quantize, range_params
 from slimlm.quant.packing import pack, packed_bytes, unpack
 
-KV_METHODS = ("naive", "kivi")
+KV_METHODS = ("naive", "kivi", "kvquant")
 KV_BITS = (2, 3, 4, 8)
 _FP16_MIN_SCALE = 2.0 ** -14
 _NAME = re.compile(r"^(?P<method>[a-z]+)-(?P<bits>\d+)bit$")
@@ -59,6 +69,9 @@ class KVQuantSpec:
     bits: int
     group_size: int = 32
     residual: int = 128  # KIVI only
+    outliers: float = 0.01  # KVQuant only: fraction of values kept sparse in float16
+    # KVQuant only: the offline calibration (slimlm.infer.kvquant.KVQuantCalibration); not part of equality
+    calibration: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in KV_METHODS:
@@ -76,12 +89,19 @@ class KVQuantSpec:
             if (self.group_size * self.bits) % 8:
                 raise SlimlmError(f"KIVI packs a key channel's {self.group_size} tokens of {self.bits} bits into whole "
                                   "bytes: choose a group size whose product with bits is a multiple of 8")
+        if self.method == "kvquant":
+            outliers = self.outliers
+            if isinstance(outliers, bool) or not isinstance(outliers, (int, float)) or not 0 <= outliers < 0.5:
+                raise SlimlmError(f"KVQuant outlier fraction must be a number in [0, 0.5), got {outliers!r} "
+                                  "(the paper keeps 0.01)")
 
     @property
     def name(self) -> str:
         return f"{self.method}-{self.bits}bit"
 
     def check_head_dim(self, head_dim: int) -> None:
+        if self.method == "kvquant":
+            return  # no groups: keys per channel (calibrated), values per token over all KV heads
         if head_dim % self.group_size:
             raise SlimlmError(f"KV group size {self.group_size} does not divide the head dimension {head_dim}: "
                               f"choose a divisor of {head_dim} (--kv-group-size)")
@@ -89,12 +109,13 @@ class KVQuantSpec:
             raise SlimlmError(f"head dimension {head_dim} at {self.bits} bits does not fill whole bytes")
 
 
-def parse_kv_cache(name: str, group_size: int = 32, residual: int = 128) -> KVQuantSpec:
-    """`naive-4bit`, `kivi-2bit`, ... -> a checked KVQuantSpec."""
+def parse_kv_cache(name: str, group_size: int = 32, residual: int = 128, outliers: float = 0.01,
+                   calibration: Any = None) -> KVQuantSpec:
+    """`naive-4bit`, `kivi-2bit`, `kvquant-3bit`, ... -> a checked KVQuantSpec."""
     match = _NAME.match(name or "")
     if match is None:
-        raise SlimlmError(f"KV cache {name!r} is not <method>-<bits>bit (e.g. kivi-2bit, naive-4bit)")
-    return KVQuantSpec(match["method"], int(match["bits"]), group_size, residual)
+        raise SlimlmError(f"KV cache {name!r} is not <method>-<bits>bit (e.g. kivi-2bit, naive-4bit, kvquant-3bit)")
+    return KVQuantSpec(match["method"], int(match["bits"]), group_size, residual, outliers, calibration)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +258,30 @@ class QuantizedCacheBase:
         return self.bytes_held() / tokens if tokens else 0.0
 
 
+class LayerStoreCache(QuantizedCacheBase):
+    """A quantized cache whose storage is one store per layer and sequence (`_new(layer)`), each with
+    `append(keys, values)`, `read(dtype)` and `nbytes()`."""
+
+    def _init_stores(self) -> None:
+        self.layers = [[self._new(layer) for _ in range(self.batch)] for layer in range(self.shape.layers)]
+
+    def _new(self, layer: int):
+        raise NotImplementedError
+
+    def _append(self, layer, b, k, v) -> None:
+        self.layers[layer][b].append(k, v)
+
+    def _dequantized(self, layer, b):
+        return self.layers[layer][b].read(self.shape.dtype)
+
+    def _layer_bytes(self, layer, b) -> int:
+        return self.layers[layer][b].nbytes()
+
+    def _clear(self, b) -> None:
+        for layer in range(self.shape.layers):
+            self.layers[layer][b] = self._new(layer)
+
+
 class NaiveQuantCache(QuantizedCacheBase):
     """Naive baseline: keys and values quantized per token (groups of G channels) on write."""
 
@@ -264,6 +309,10 @@ class NaiveQuantCache(QuantizedCacheBase):
 
 
 def make_quantized_cache(shape: CacheShape, batch: int, spec: KVQuantSpec):
+    if spec.method == "kvquant":
+        from slimlm.infer.kvquant import KVQuantCache
+
+        return KVQuantCache(shape, batch, spec)
     if spec.method == "kivi":
         from slimlm.infer.kivi import KiviCache
 
@@ -277,9 +326,11 @@ def check_chunk(chunk: int) -> None:
 
 
 @torch.no_grad()
-def chunked_nll(runner, ids: torch.Tensor, chunk: int, spec: KVQuantSpec | None = None) -> torch.Tensor:
-    """Per-token NLL (len - 1,) of `ids` (1-D) fed in chunks of `chunk` tokens through one cache (a quantized
-    one for `spec`, else a float contiguous cache): later chunks attend to the stored (quantized) keys and
+def chunked_logits(runner, ids: torch.Tensor, chunk: int,
+                   spec: KVQuantSpec | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Feed `ids` (1-D) in chunks of `chunk` tokens through one cache (a quantized one for `spec`, else a float
+    contiguous cache) and yield, per chunk, (logits [n, vocab], targets [n]) of its next-token predictions
+    (the last token of the text predicts nothing): later chunks attend to the stored (quantized) keys and
     values of earlier ones; a chunk attends to its own tokens in full precision."""
     from slimlm.infer.cache import ContiguousCache
 
@@ -289,13 +340,41 @@ def chunked_nll(runner, ids: torch.Tensor, chunk: int, spec: KVQuantSpec | None 
     shape = runner.cache_shape()
     cache = make_quantized_cache(shape, 1, spec) if spec else ContiguousCache(shape, 1, ids.numel())
     ids = ids.to(runner.device)
-    losses = []
     for start in range(0, ids.numel() - 1, chunk):
         piece = ids[start:start + chunk]
         logits = runner.forward(piece[None], [piece.numel()], cache, all_logits=True)[0]
         targets = ids[start + 1:start + 1 + piece.numel()]
-        losses.append(F.cross_entropy(logits[:targets.numel()].float(), targets, reduction="none"))
-    return torch.cat(losses)
+        yield logits[:targets.numel()], targets
+
+
+def chunked_nll(runner, ids: torch.Tensor, chunk: int, spec: KVQuantSpec | None = None) -> torch.Tensor:
+    """Per-token NLL (len - 1,) of `ids` (1-D) through `chunked_logits`."""
+    return torch.cat([F.cross_entropy(logits.float(), targets, reduction="none")
+                      for logits, targets in chunked_logits(runner, ids, chunk, spec)])
+
+
+@dataclass(frozen=True)
+class ChunkedKL:
+    kl_mean: float  # mean over predictions of KL(float cache || quantized cache), nats
+    top1_agreement: float  # fraction of predictions whose argmax agrees
+    tokens: int  # predictions scored
+
+
+def chunked_kl(runner, ids: torch.Tensor, chunk: int, spec: KVQuantSpec) -> ChunkedKL:
+    """KL(float-cache logits || `spec`-cache logits) of every next-token prediction of `ids` (1-D, or 2-D:
+    one text per row, e.g. perplexity windows), both runs fed in the same chunks (`chunked_logits`)."""
+    if spec is None:
+        raise SlimlmError("chunked_kl compares a quantized KV cache with the float cache: give a spec")
+    rows = ids[None] if ids.dim() == 1 else ids
+    total_kl, agree, count = 0.0, 0, 0
+    for row in rows:
+        pairs = zip(chunked_logits(runner, row, chunk, None), chunked_logits(runner, row, chunk, spec))
+        for (exact, _), (approx, _) in pairs:
+            log_p, log_q = F.log_softmax(exact.float(), -1), F.log_softmax(approx.float(), -1)
+            total_kl += (log_p.exp() * (log_p - log_q)).sum(-1).double().sum().item()
+            agree += int((exact.argmax(-1) == approx.argmax(-1)).sum())
+            count += exact.shape[0]
+    return ChunkedKL(total_kl / count, agree / count, count)
 
 
 def chunked_perplexity(runner, token_ids: list[int], chunk: int, spec: KVQuantSpec | None = None) -> float:
