@@ -38,14 +38,15 @@ def parse_arguments(doc: str, configs: dict, methods: dict, out: Path, add_optio
     return parser.parse_args()
 
 
-def start(doc: str, configs: dict, methods: dict, name: str, prompt_tokens: int, run_job, add_options=None):
+def start(doc: str, configs: dict, methods: dict, name: str, prompt_tokens: int, run_job, add_options=None,
+          max_windows: int = 40):
     """A benchmark script's opening: parse its options; as a job child, run the job, print it and
     return None; else return (args, protocol, output path, Progress, token files)."""
     args = parse_arguments(doc, configs, methods, RESULTS_DIR / name, add_options)
     if args.job:
         print("RESULT " + json.dumps(run_job(json.loads(args.job))), flush=True)
         return None
-    proto = protocol(args, prompt_tokens)
+    proto = protocol(args, prompt_tokens, max_windows)
     out = Path(args.out)
     if args.quick and out.parent == RESULTS_DIR:  # a script check never replaces committed results
         out = out.with_name(out.name + "-quick")
@@ -53,14 +54,14 @@ def start(doc: str, configs: dict, methods: dict, name: str, prompt_tokens: int,
     return args, proto, out, progress, token_files(args.data_dir, proto, f"{name}-quick" if args.quick else name)
 
 
-def protocol(args: argparse.Namespace, prompt_tokens: int) -> dict:
-    """128 x 512 C4 calibration tokens, 40 WikiText-2 / C4 windows of 512, zero-shot on `--limit`
+def protocol(args: argparse.Namespace, prompt_tokens: int, max_windows: int = 40) -> dict:
+    """128 x 512 C4 calibration tokens, `max_windows` WikiText-2 / C4 windows of 512, zero-shot on `--limit`
     examples, latency with a `prompt_tokens` prompt; `--quick` shrinks everything to check a script."""
     quick = args.quick
     return {
         "calibration": {"corpus": "c4 docs 0-999", "samples": 8 if quick else 128, "seqlen": 128 if quick else 512,
                         "seed": 0},
-        "perplexity": {"seqlen": 512, "max_windows": 2 if quick else 40},
+        "perplexity": {"seqlen": 512, "max_windows": 2 if quick else max_windows},
         "zero_shot": {"tasks": list(ZERO_SHOT), "limit": 10 if quick else args.limit},
         "speed": {"prompt_tokens": prompt_tokens, "new_tokens": 8 if quick else 32, "repeats": 1 if quick else 3},
     }
@@ -126,8 +127,8 @@ def run_child(script: str, data_dir: str, spec: dict) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def evaluate_quality(model, tokenizer, proto: dict, data_dir: str) -> dict:
-    """WikiText-2 perplexity and KL from float32, C4 perplexity, and the zero-shot tasks."""
+def evaluate_quality(model, tokenizer, proto: dict, data_dir: str, c4: bool = True) -> dict:
+    """WikiText-2 perplexity and KL from float32, C4 perplexity (unless `c4` is False), and the zero-shot tasks."""
     from slimlm.eval.kl import kl_divergence
     from slimlm.eval.perplexity import perplexity
     from slimlm.eval.zeroshot import evaluate_task
@@ -138,7 +139,8 @@ def evaluate_quality(model, tokenizer, proto: dict, data_dir: str) -> dict:
     kl = kl_divergence(model, reference, tokenizer, "wikitext2", windows["seqlen"], windows["max_windows"], data_dir)
     del reference
     result.update(wikitext2_ppl=kl.ppl, kl_mean=kl.kl_mean, top1_agreement=kl.top1_agreement)
-    result["c4_ppl"] = perplexity(model, tokenizer, "c4", windows["seqlen"], windows["max_windows"], data_dir).ppl
+    if c4:
+        result["c4_ppl"] = perplexity(model, tokenizer, "c4", windows["seqlen"], windows["max_windows"], data_dir).ppl
     for task in proto["zero_shot"]["tasks"]:
         scores = evaluate_task(model, tokenizer, task, data_dir, proto["zero_shot"]["limit"])
         result[f"{task}_acc_norm" if task != "arc_easy" else "arc_easy_acc"] = (

@@ -8,6 +8,9 @@ slimlm writes the token files, so both tools see identical tokens:
         --model DIR --calib calib.safetensors --eval eval.safetensors \
         --scheme W4G64 --algo gptq [--actorder [static|group]] [--symmetric|--asymmetric] \
         [--dampening 0.01] [--eval-float] [--save DIR] [--dump-weights FILE] [--threads N] --out result.json
+    benchmarks/peers/.venv-llmcompressor/bin/python benchmarks/peers/llmcompressor_run.py \
+        --model DIR --calib calib.safetensors --eval eval.safetensors \
+        --algo smoothquant [--smoothing-strength 0.5] --out result.json      # or --algo w8a8
 
 - `--model`: a plain Hugging Face float32 checkpoint directory (safetensors + tokenizer).
 - `--calib`: safetensors with one int64 tensor `input_ids` of shape (N, L): calibration segments.
@@ -19,6 +22,17 @@ slimlm writes the token files, so both tools see identical tokens:
 - `--algo sparsegpt` / `--algo wanda`: SparseGPTModifier (block_size, dampening_frac) or
   WandaPruningModifier with `--sparsity S` and `--mask-structure N:M` (0:0 = unstructured) on
   every Linear except lm_head; `--scheme` is not used.
+- `--algo smoothquant`: SmoothQuantModifier (smoothing_strength from --smoothing-strength, default
+  0.5; mappings left to llm-compressor, which infers them from the architecture: for Llama
+  input_layernorm -> q/k/v_proj and post_attention_layernorm -> gate/up_proj; they are printed and
+  recorded), then QuantizationModifier with compressed-tensors' preset scheme "W8A8" (int8
+  symmetric per-channel weights, min-max; int8 symmetric dynamic per-token input activations) on
+  every Linear except lm_head: slimlm's `smoothquant-w8a8`. `--algo w8a8`: the same
+  QuantizationModifier without smoothing (naive RTN W8A8, slimlm's `rtn-w8a8`). `--scheme` is not
+  used (the scheme is fixed, recorded as "W8A8"); --asymmetric and --actorder are refused.
+  After the evaluation, the result's `activation_check` records that the input activations really
+  were fake-quantized in the evaluated forward (one Linear's output on a captured input compared
+  with a weight-only and a weight+activation recomputation).
 - `--actorder`: activation ordering for GPTQ. Bare `--actorder` means "static" (llm-compressor's
   WEIGHT ordering: columns processed by descending Hessian diagonal, each column keeps the scale
   of its original group). "group" (dynamic groups, g_idx) is deprecated in llm-compressor 0.14 and
@@ -34,7 +48,9 @@ nll += cross_entropy(logits[:-1], window[1:], reduction="sum"); ppl = exp(nll / 
 Result JSON (written atomically): tool, versions, scheme, algo, actorder, symmetric, calibration,
 eval, ppl, ppl_float, compression_seconds (the `oneshot` call alone), peak_rss_bytes, status
 ("ok" | "refused" | "failed"), error, plus details (recipe, threads, warnings logged by
-llm-compressor, seconds spent evaluating).
+llm-compressor, seconds spent evaluating); for smoothquant/w8a8 also smoothing_strength,
+smoothquant_mappings (as llm-compressor inferred them), smoothed_layers (the norms it reports
+smoothing; none is a failure) and activation_check (a failed check is a failure).
 
 Exit status: 0 for "ok" and "refused" (llm-compressor declined the configuration, e.g. a group
 size that does not divide a layer's input width), 1 for "failed", 2 for bad arguments or inputs.
@@ -73,7 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib", required=True, help="safetensors file with int64 input_ids (N, L)")
     p.add_argument("--eval", required=True, dest="eval_file", help="safetensors file with int64 input_ids (W, S)")
     p.add_argument("--scheme", default=None, help="W<bits>G<group> or W<bits>CH, e.g. W4G64 (quantization only)")
-    p.add_argument("--algo", required=True, choices=["gptq", "rtn", "sparsegpt", "wanda"])
+    p.add_argument("--algo", required=True, choices=["gptq", "rtn", "sparsegpt", "wanda", "smoothquant", "w8a8"])
+    p.add_argument("--smoothing-strength", type=float, default=0.5,
+                   help="smoothquant: SmoothQuantModifier smoothing_strength (alpha, default 0.5)")
     p.add_argument("--sparsity", type=float, default=0.5, help="pruning: fraction of weights removed")
     p.add_argument("--mask-structure", default="0:0", help="pruning: N:M pattern, 0:0 = unstructured")
     p.add_argument(
@@ -96,6 +114,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="result JSON path")
     args = p.parse_args(argv)
     args.pruning = args.algo in ("sparsegpt", "wanda")
+    args.w8a8 = args.algo in ("smoothquant", "w8a8")
+    if args.w8a8:
+        # Fixed preset "W8A8": int8 symmetric per-channel weights, int8 dynamic per-token activations.
+        if not 0 <= args.smoothing_strength <= 1:
+            p.error("--smoothing-strength must lie in [0, 1]")
+        if not args.symmetric:
+            p.error(f"--algo {args.algo} uses the symmetric W8A8 preset; --asymmetric is not supported")
+        if args.actorder is not None:
+            p.error("--actorder applies to --algo gptq only")
+        args.scheme = "W8A8"
+        args.bits, args.group_size, args.symmetric = 8, None, True
+        return args
     if args.pruning:
         if not 0 < args.sparsity < 1:
             p.error("--sparsity must lie in (0, 1)")
@@ -206,6 +236,72 @@ def perplexity(model, windows) -> float:
     return math.exp(total / count)
 
 
+def activation_check(model, windows, tokens: int = 64) -> dict:
+    """Show that the evaluated forward fake-quantizes the input activations (W8A8 algos).
+
+    Captures the input and output of the first quantized Linear during one model forward (the same
+    in-memory forward that perplexity() uses) and recomputes the output (a) from the fake-quantized
+    weight and the raw input (weight-only W8) and (b) from the fake-quantized weight and the input
+    quantized per token, symmetric int8, by an independent reimplementation of compressed-tensors'
+    rule (scale = max|x| / 127.5 per token, codes clamped to [-128, 127]). With activation
+    quantization active, the output matches (b) and not (a). Also counts the quantized Linears by
+    quantization status and whether their scheme has dynamic input activations."""
+    import torch
+    import torch.nn.functional as F
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    counts: dict[str, int] = {}
+    target = target_name = None
+    for name, module in model.named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None or not isinstance(module, torch.nn.Linear):
+            continue
+        acts = scheme.input_activations
+        status = getattr(module, "quantization_status", None)
+        dynamic = acts is not None and acts.dynamic
+        key = f"{getattr(status, 'value', status)}/" + (
+            f"dynamic-{acts.strategy}-{acts.num_bits}bit" if dynamic else "no-input-quant")
+        key += "/enabled" if getattr(module, "quantization_enabled", True) else "/DISABLED"
+        counts[key] = counts.get(key, 0) + 1
+        if target is None:
+            target, target_name = module, name
+    if target is None:
+        return {"ok": False, "reason": "no quantized Linear found", "linears": counts}
+
+    captured = {}
+
+    def hook(_module, inputs, output):
+        captured["x"] = inputs[0].detach().clone()
+        captured["y"] = output.detach().clone()
+
+    handle = target.register_forward_hook(hook)
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(input_ids=windows[0, :tokens][None].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    x, y = captured["x"], captured["y"]
+    with torch.no_grad():
+        w_q = forward_quantize(target, target.weight.data, "weight", target.quantization_scheme.weights)
+        bias = target.bias
+        scale = x.abs().amax(dim=-1, keepdim=True) / 127.5
+        x_q = torch.clamp(torch.round(x / scale), -128, 127) * scale
+        y_weight_only = F.linear(x, w_q, bias)
+        y_w8a8 = F.linear(x_q, w_q, bias)
+    ref = y.abs().max().item()
+    diff_weight_only = (y - y_weight_only).abs().max().item() / ref
+    diff_w8a8 = (y - y_w8a8).abs().max().item() / ref
+    return {
+        "ok": bool(diff_w8a8 < 1e-4 and diff_weight_only > 10 * max(diff_w8a8, 1e-7)),
+        "linear": target_name,
+        "tokens": int(x.shape[1]) if x.dim() == 3 else int(x.shape[0]),
+        "max_rel_diff_vs_weight_only": diff_weight_only,
+        "max_rel_diff_vs_w8a8_recomputed": diff_w8a8,
+        "linears": counts,
+    }
+
+
 def build_recipe(args):
     if args.pruning:
         common = {"sparsity": args.sparsity, "mask_structure": args.mask_structure, "targets": ["Linear"],
@@ -217,6 +313,17 @@ def build_recipe(args):
         from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier
 
         return WandaPruningModifier(**common)
+    if args.w8a8:
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        # The preset name is resolved by compressed-tensors (preset_name_to_scheme("W8A8", ["Linear"])).
+        quantize = QuantizationModifier(targets=["Linear"], scheme="W8A8", ignore=["lm_head"])
+        if args.algo == "w8a8":
+            return [quantize]
+        from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+
+        # mappings=None: llm-compressor infers them from the model class (printed by main()).
+        return [SmoothQuantModifier(smoothing_strength=args.smoothing_strength), quantize]
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(
@@ -242,7 +349,36 @@ def build_recipe(args):
     return QuantizationModifier(config_groups=config_groups, ignore=["lm_head"])
 
 
+def w8a8_scheme_summary() -> dict:
+    """The preset "W8A8" as compressed-tensors defines it (read from the installed package)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    scheme = preset_name_to_scheme("W8A8", ["Linear"])
+    keys = ("num_bits", "type", "symmetric", "strategy", "group_size", "dynamic", "observer")
+
+    def args_dict(qargs, default_observer: str):
+        if qargs is None:
+            return None
+        out = {k: (v.value if hasattr(v, "value") else v) for k, v in qargs.model_dump().items() if k in keys}
+        if out.get("observer") is None:
+            out["observer"] = default_observer
+        return out
+
+    return {"weights": args_dict(scheme.weights, "default (memoryless_minmax)"),
+            "input_activations": args_dict(scheme.input_activations,
+                                           "none (dynamic: per-token min-max at run time)"),
+            "output_activations": args_dict(scheme.output_activations, "default")}
+
+
 def recipe_summary(args) -> dict:
+    if args.w8a8:
+        quantize = {"modifier": "QuantizationModifier", "scheme": "W8A8 (compressed-tensors preset)",
+                    "targets": ["Linear"], "ignore": ["lm_head"], **w8a8_scheme_summary()}
+        if args.algo == "w8a8":
+            return {"modifiers": [quantize]}
+        smooth = {"modifier": "SmoothQuantModifier", "smoothing_strength": args.smoothing_strength,
+                  "mappings": "inferred by llm-compressor (see smoothquant_mappings)"}
+        return {"modifiers": [smooth, quantize]}
     if args.pruning:
         return {"modifier": "SparseGPTModifier" if args.algo == "sparsegpt" else "WandaPruningModifier",
                 "sparsity": args.sparsity, "mask_structure": args.mask_structure, "targets": ["Linear"],
@@ -288,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "bits": args.bits,
         "group_size": args.group_size,
         "dampening": args.dampening if args.algo in ("gptq", "sparsegpt") else None,
+        "smoothing_strength": args.smoothing_strength if args.algo == "smoothquant" else None,
         "model": str(Path(args.model).resolve()),
         "calibration": None,
         "eval": None,
@@ -308,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
         "saved_to": None,
         "weights_dumped_to": None,
     }
+    if args.w8a8:
+        result["activation_check"] = None
+    if args.algo == "smoothquant":
+        result["smoothquant_mappings"] = None  # [[balance layers], smooth layer], as llm-compressor infers them
+        result["smoothed_layers"] = []  # the norms llm-compressor reports smoothing ("Smoothing with ...")
 
     def finish(status: str, error: str | None = None, code: int = 0) -> int:
         if error:
@@ -374,6 +516,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # METRIC (level 38) lines are llm-compressor's per-module GPTQ losses, not warnings.
     logger.add(keep_warning, level="WARNING", filter=lambda r: r["level"].name in ("WARNING", "ERROR", "CRITICAL"))
+    if args.algo == "smoothquant":
+        from llmcompressor.modifiers.transform.smoothquant.dynamic_mappings import get_layer_mappings_from_model
+
+        # The same call SmoothQuantModifier makes when no mappings are given.
+        mappings = [[list(m.balance_layers), m.smooth_layers] for m in get_layer_mappings_from_model(model)]
+        result["smoothquant_mappings"] = mappings
+        print(f"SmoothQuant mappings for {type(model).__name__} (llm-compressor's): {json.dumps(mappings)}",
+              flush=True)
+
+        def keep_smoothed(msg) -> None:
+            text = msg.record["message"]
+            if text.startswith("Smoothing with "):
+                result["smoothed_layers"].append(text.removeprefix("Smoothing with "))
+
+        logger.add(keep_smoothed, level="INFO")
 
     try:
         recipe = build_recipe(args)
@@ -402,12 +559,22 @@ def main(argv: list[str] | None = None) -> int:
     result["compression_seconds"] = time.perf_counter() - t
     result["peak_rss_bytes_after_oneshot"] = peak_rss_bytes()
     print(f"oneshot {result['compression_seconds']:.1f}s", flush=True)
+    if args.algo == "smoothquant":
+        print(f"smoothed {len(result['smoothed_layers'])} norms", flush=True)
+        if not result["smoothed_layers"]:
+            return finish("failed", "SmoothQuantModifier smoothed no layer (its mappings matched nothing)", code=1)
 
     try:
         t = time.perf_counter()
         result["ppl"] = perplexity(model, windows)
         result["eval_seconds"] = time.perf_counter() - t
         print(f"compressed ppl {result['ppl']:.4f} ({result['eval_seconds']:.1f}s)", flush=True)
+        if args.w8a8:
+            result["activation_check"] = activation_check(model, windows)
+            print(f"activation check: {json.dumps(result['activation_check'])}", flush=True)
+            if not result["activation_check"]["ok"]:
+                return finish("failed", "input activations are not fake-quantized in the evaluated forward: "
+                              + json.dumps(result["activation_check"]), code=1)
         if args.dump_weights:
             dump_weights(model, args.dump_weights)
             result["weights_dumped_to"] = str(Path(args.dump_weights).resolve())
