@@ -45,8 +45,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KV_BITS = (4, 3, 2)
 KV_METHODS = ("naive", "kivi", "kvquant")
 EVAL_WINDOWS = 20  # WikiText-2 windows of 512 tokens (the weight-only benchmark uses 40; CPU budget)
-OMNIQUANT_SAMPLES = 32
-LATENCY_CALIBRATION = 16  # segments calibrating the models that are only timed (speed does not depend on them)  # calibration segments for OmniQuant's block training (CPU budget; the paper: 128 x 2048)
+OMNIQUANT_SAMPLES = 32  # calibration segments for OmniQuant's block training (CPU budget; the paper: 128 x 2048)
+LKD_SAMPLES = 32  # calibration segments for ZeroQuant's distillation (CPU budget)
+LATENCY_CALIBRATION = 16  # segments calibrating the models that are only timed (speed does not depend on them)
 
 
 def _preset(name: str, **update) -> dict:
@@ -73,7 +74,8 @@ def weight_activation_rows() -> dict[str, tuple[str, str, dict, dict]]:
         rows[f"{config}/OmniQuant"] = (config, "OmniQuant", _omniquant_stage(w, a),
                                        {"calibration_samples": OMNIQUANT_SAMPLES, "calibration_batch_size": 1})
     rows["W4/8-A8/ZeroQuant"] = ("W4/8-A8", "ZeroQuant", _preset("zeroquant-w4a8"), {})
-    rows["W4/8-A8/ZeroQuant+LKD"] = ("W4/8-A8", "ZeroQuant + LKD", _preset("zeroquant-w4a8-lkd"), {})
+    rows["W4/8-A8/ZeroQuant+LKD"] = ("W4/8-A8", "ZeroQuant + LKD", _preset("zeroquant-w4a8-lkd"),
+                                     {"calibration_samples": LKD_SAMPLES})
     rows["FP8 W8A8/per-channel"] = ("FP8 W8A8", "per-channel W, per-token A", _preset("fp8-w8a8"), {})
     rows["FP8 W8A8/per-tensor static"] = ("FP8 W8A8", "per-tensor W, static per-tensor A",
                                           _preset("fp8-w8a8-static"), {})
@@ -332,6 +334,7 @@ def main() -> None:
                    "kvquant_samples": 4 if args.quick else 16, "memory_lengths": [512, 1024] if args.quick else [512, 4096]}
     proto["latency"] = {"tokens": 512, "rounds": 3 if args.quick else 15, "threads": 1}
     proto["omniquant_calibration_samples"] = OMNIQUANT_SAMPLES
+    proto["lkd_calibration_samples"] = LKD_SAMPLES
     only = set(args.only.split(",")) if args.only else None
     from slimlm.results import library_versions, machine_info, utc_now, write_results
 
@@ -399,8 +402,8 @@ def _preamble(result: dict) -> str:
     kv, p = result["protocol"]["kv"], result["protocol"]
     return preamble("Weight + activation and KV-cache quantization", result, "quantized") + (
         "C4 perplexity is not measured here. OmniQuant trains on the first "
-        f"{p['omniquant_calibration_samples']} calibration segments (batch 1); every other calibrated method "
-        f"uses all of them. KV rows: float32 weights, windows fed in chunks of {kv['chunk']} tokens through "
+        f"{p['omniquant_calibration_samples']} calibration segments (batch 1) and ZeroQuant's LKD on the first "
+        f"{p['lkd_calibration_samples']} (batches of 8); every other calibrated method uses all of them. KV rows: float32 weights, windows fed in chunks of {kv['chunk']} tokens through "
         f"slimlm's runner (group size {kv['group_size']}; KIVI keeps the newest {kv['residual']} tokens in "
         f"full precision; KVQuant calibrates on {kv['kvquant_samples']} segments); their KL is against the "
         "same chunked evaluation with a float cache, and their zero-shot scores read the context back "
