@@ -191,12 +191,17 @@ def _kv_spec(name: str, lm, spec: dict, kv: dict):
     return parse_kv_cache(name, kv["group_size"], kv["residual"], calibration=calibration)
 
 
+def _float16_bytes_per_token(shape) -> int:
+    """Keys + values of all layers of one token in a float16 cache."""
+    return sum(2 * h * shape.head_dim * 2 for h in shape.kv_heads)
+
+
 def _kv_bytes(runner, window, chunk: int, cache_spec) -> dict:
     """Bytes per token held by the cache after one window, and what a float16 cache would hold."""
     from slimlm.infer.kv_quant import make_quantized_cache
 
     shape = runner.cache_shape()
-    float16 = sum(2 * h * shape.head_dim * 2 for h in shape.kv_heads)  # keys + values, all layers
+    float16 = _float16_bytes_per_token(shape)
     if cache_spec is None:
         return {"kv_bytes_per_token": float16, "kv_float16_bytes_per_token": float16, "kv_bytes_ratio": 1.0}
     cache = make_quantized_cache(shape, 1, cache_spec)
@@ -230,7 +235,7 @@ def kv_memory_job(spec: dict) -> dict:
     from slimlm.infer.kv_quant import make_quantized_cache
 
     shape = runner.cache_shape()
-    float16 = sum(2 * h * shape.head_dim * 2 for h in shape.kv_heads)
+    float16 = _float16_bytes_per_token(shape)
     result["quantized_token_bytes"] = make_quantized_cache(shape, 1, cache_spec).token_bytes()
     result["quantized_token_ratio"] = result["quantized_token_bytes"] / float16
     result["float16_bytes_per_token"] = float16

@@ -85,6 +85,11 @@ class WeightQuantFields(StrictModel):
         return "group" if isinstance(self.group_size, int) else self.group_size
 
     @property
+    def int8_channel_grid(self) -> bool:
+        """8-bit symmetric per-channel integer weights: the grid the int8 GEMM (`Int8Linear`) multiplies."""
+        return (self.bits, self.group_size, self.symmetric, getattr(self, "fmt", "int")) == (8, "channel", True, "int")
+
+    @property
     def group_columns(self) -> int | None:
         """Columns per group, or None for per-channel and per-tensor scales."""
         return self.group_size if isinstance(self.group_size, int) else None
@@ -174,8 +179,7 @@ class WeightActivationFields(WeightQuantFields):
         return self
 
     def check_outlier_path(self, activations: ActivationQuantConfig | None) -> None:
-        if activations is not None and activations.outlier_threshold is not None and (
-                (self.bits, self.group_size, self.symmetric, self.fmt) != (8, "channel", True, "int")):
+        if activations is not None and activations.outlier_threshold is not None and not self.int8_channel_grid:
             raise ValueError("outlier_threshold (LLM.int8()) runs the int8 GEMM: it needs bits: 8, group_size: "
                              f"channel, symmetric: true (got bits: {self.bits}, group_size: {self.group_size}, "
                              f"symmetric: {self.symmetric}, fmt: {self.fmt})")

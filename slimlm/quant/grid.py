@@ -127,6 +127,16 @@ def group_bounds(in_features: int, group_size: int | None) -> list[tuple[int, in
     return [(start, min(start + group_size, in_features)) for start in range(0, in_features, group_size)]
 
 
+def group_minmax(w: Tensor, group_size: int | None) -> tuple[Tensor, Tensor]:
+    """(out, n_groups) min and max of each group of `group_size` columns of an (out, in) weight (autograd-safe)."""
+    bounds = group_bounds(w.shape[1], group_size)
+    if len({end - start for start, end in bounds}) == 1:  # equal groups: one reshape
+        grouped = w.reshape(w.shape[0], len(bounds), -1)
+        return grouped.amin(dim=2), grouped.amax(dim=2)
+    return (torch.stack([w[:, a:b].amin(dim=1) for a, b in bounds], dim=1),
+            torch.stack([w[:, a:b].amax(dim=1) for a, b in bounds], dim=1))
+
+
 def column_groups(in_features: int, group_size: int | None, g_idx: Tensor | None = None) -> Tensor:
     """(in_features,) int64 group index of every input column (g_idx when act-order stored one)."""
     if g_idx is not None:

@@ -76,7 +76,7 @@ from slimlm.compress.transforms import divide_norm_
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 from slimlm.quant.activation import fake_quantize_tokens
-from slimlm.quant.grid import fake_quantize_ste, group_bounds, quantize_weight_range, range_params
+from slimlm.quant.grid import fake_quantize_ste, group_bounds, group_minmax, quantize_weight_range, range_params
 from slimlm.quant.qlinear import QuantizedLinear
 from slimlm.quant.smoothquant import smoothing_groups, smoothing_scales
 
@@ -150,12 +150,7 @@ class TrainableLinear(nn.Module):
 
     def clipping_range(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, n_groups) xmin and xmax: the groups' min / max, times beta / gamma with LWC."""
-        if self.equal_groups:
-            grouped = w.reshape(w.shape[0], len(self.bounds), -1)
-            xmin, xmax = grouped.amin(dim=2), grouped.amax(dim=2)
-        else:
-            xmin = torch.stack([w[:, a:b].amin(dim=1) for a, b in self.bounds], dim=1)
-            xmax = torch.stack([w[:, a:b].amax(dim=1) for a, b in self.bounds], dim=1)
+        xmin, xmax = group_minmax(w, self.group_size)
         if self.gamma_raw is not None:
             xmax = torch.sigmoid(self.gamma_raw) * xmax
             xmin = torch.sigmoid(self.beta_raw) * xmin

@@ -48,8 +48,7 @@ def w8a8_block(context: BlockContext, stage: RTNStage, report: CompressionReport
 
 def uses_int8_gemm(weights: WeightQuantFields, activations: ActivationQuantConfig) -> bool:
     """8-bit symmetric per-channel integer weights and integer activations: the real int8 GEMM (`Int8Linear`)."""
-    return ((weights.bits, weights.group_size, weights.symmetric, getattr(weights, "fmt", "int")) == (8, "channel", True, "int")
-            and activations.fmt == "int")
+    return weights.int8_channel_grid and activations.fmt == "int"
 
 
 def replace_quantizing_inputs(context: BlockContext, weights: WeightQuantFields, activations: ActivationQuantConfig,

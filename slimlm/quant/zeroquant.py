@@ -40,7 +40,7 @@ from slimlm.compress.recipe import ZeroQuantStage
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 from slimlm.quant.activation import fake_quantize_tokens
-from slimlm.quant.grid import column_groups, fake_quantize_ste, quantize_weight
+from slimlm.quant.grid import column_groups, fake_quantize_ste, group_minmax, range_params
 from slimlm.quant.rtn import replace_quantizing_inputs
 
 ATTENTION_ROLES = ("q", "k", "v", "o", "qkv")
@@ -84,10 +84,13 @@ class _DistilledLinear(nn.Module):
         self.columns = column_groups(weight.shape[1], stage.group_columns) if stage.granularity == "group" else None
 
     def quantized_weight(self) -> torch.Tensor:
-        stage = self.stage
-        grid = quantize_weight(self.weight.detach(), self.bits, stage.group_columns, stage.symmetric,
-                               granularity=stage.granularity)
-        scale, zero = grid.scale, grid.zero
+        """The min-max grid of `quantize_weight` (scales only: no codes are encoded in the training loop)."""
+        stage, weight = self.stage, self.weight.detach()
+        if stage.granularity == "tensor":
+            xmin, xmax = weight.amin().reshape(1, 1), weight.amax().reshape(1, 1)
+        else:
+            xmin, xmax = group_minmax(weight, stage.group_columns)
+        scale, zero = range_params(xmin, xmax, self.bits, stage.symmetric)
         if self.columns is not None:  # (out, n_groups) -> (out, in)
             scale, zero = scale[:, self.columns], zero[:, self.columns]
         return fake_quantize_ste(self.weight, scale, zero, self.bits)
