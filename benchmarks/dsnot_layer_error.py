@@ -42,13 +42,12 @@ def main() -> None:
 
     import torch
 
-    from slimlm.compress.recipe import DSnoTStage
-    from slimlm.compress.sparsity import unstructured_mask
-    from slimlm.compress.statistics import ChannelStatistics
+    from slimlm.core.sparsity import unstructured_mask
+    from slimlm.core.statistics import ChannelStatistics
     from slimlm.data.calibration import calibration_samples
     from slimlm.models.loading import load_model
     from slimlm.prune.common import wanda_score
-    from slimlm.prune.dsnot import dsnot_refine
+    from slimlm.prune.dsnot import DSnoTStage, dsnot_refine
     from slimlm.results import library_versions, machine_info, markdown_table, utc_now, write_results
 
     lm = load_model("smollm2-135m")

@@ -34,8 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import (  # noqa: E402
-    compress_job, evaluate_quality, llmcompressor_row, preamble, run_child, start)
+from _shared import compress_job, evaluate_quality, llmcompressor_row, preamble, run_child, start  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = {"50%": {"sparsity": 0.5}, "60%": {"sparsity": 0.6}, "70%": {"sparsity": 0.7},
@@ -131,7 +130,7 @@ def sparse_kernels(quick: bool) -> list[dict]:
     the bytes slimlm's SparseLinear stores for it (N:M packed for 2:4, else CSR with int16 columns)."""
     import torch
 
-    from slimlm.compress.sparsity import n_m_mask, unstructured_mask
+    from slimlm.core.sparsity import n_m_mask, unstructured_mask
     from slimlm.prune.sparse_linear import SparseLinear
 
     torch.manual_seed(0)
@@ -165,7 +164,7 @@ def semi_structured_on_cpu() -> str:
     import torch
     from torch.sparse import to_sparse_semi_structured
 
-    from slimlm.compress.sparsity import n_m_mask
+    from slimlm.core.sparsity import n_m_mask
 
     weight = torch.randn(128, 128)
     try:

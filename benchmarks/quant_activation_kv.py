@@ -17,7 +17,7 @@ Rows:
   naive W8A8 (same calibration tokens, same windows, its own virtual environment);
 - KV cache (float32 weights): naive per-token, KIVI and KVQuant at 4, 3 and 2 bits, evaluated through
   slimlm's runner with the text fed in chunks, so every chunk reads the earlier chunks' keys and values
-  back from the quantized cache (`slimlm.infer.kv_quant.chunked_logits`); the float row is the same
+  back from the quantized cache (`slimlm.infer.quantized_cache.chunked_logits`); the float row is the same
   chunked evaluation with a float cache.
 
 Protocol (recorded in the results): calibration 128 x 512 tokens of C4 documents 0-999 (seed 0; a job
@@ -140,7 +140,7 @@ def kv_job(spec: dict) -> dict:
     import torch.nn.functional as F
     from safetensors.torch import load_file
 
-    from slimlm.infer.kv_quant import chunked_logits
+    from slimlm.infer.quantized_cache import chunked_logits
     from slimlm.infer.runner import ModelRunner
     from slimlm.models.loading import load_model
 
@@ -177,7 +177,7 @@ def kv_job(spec: dict) -> dict:
 
 
 def _kv_spec(name: str, lm, spec: dict, kv: dict):
-    from slimlm.infer.kv_quant import parse_kv_cache
+    from slimlm.infer.quantized_cache import parse_kv_cache
 
     calibration = None
     if name.startswith("kvquant"):
@@ -198,7 +198,7 @@ def _float16_bytes_per_token(shape) -> int:
 
 def _kv_bytes(runner, window, chunk: int, cache_spec) -> dict:
     """Bytes per token held by the cache after one window, and what a float16 cache would hold."""
-    from slimlm.infer.kv_quant import make_quantized_cache
+    from slimlm.infer.quantized_cache import make_quantized_cache
 
     shape = runner.cache_shape()
     float16 = _float16_bytes_per_token(shape)
@@ -232,7 +232,7 @@ def kv_memory_job(spec: dict) -> dict:
         measured = _kv_bytes(runner, text[:length], kv["chunk"], cache_spec)
         result[f"bytes_per_token_{length}"] = measured["kv_bytes_per_token"]
         result[f"ratio_{length}"] = measured["kv_bytes_ratio"]
-    from slimlm.infer.kv_quant import make_quantized_cache
+    from slimlm.infer.quantized_cache import make_quantized_cache
 
     shape = runner.cache_shape()
     float16 = _float16_bytes_per_token(shape)
@@ -251,7 +251,7 @@ def _kv_zero_shot(runner, tokenizer, task: str, data_dir: str, limit: int, cache
     from slimlm.data.tasks import load_task
     from slimlm.eval.zeroshot import ContinuationScore, encode_pairs, multiple_choice_metrics
     from slimlm.infer.cache import ContiguousCache
-    from slimlm.infer.kv_quant import make_quantized_cache
+    from slimlm.infer.quantized_cache import make_quantized_cache
 
     examples = load_task(task, data_dir, limit=limit)
     pairs = encode_pairs(tokenizer, [pair for example in examples for pair in example.pairs()])

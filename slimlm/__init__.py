@@ -7,13 +7,12 @@
     slimlm.save(lm.model, "./w4g64", lm.tokenizer)
 """
 
-__version__ = "0.1.0"
-
+from slimlm.compress import compress  # noqa: E402  (the function shadows the subpackage name on purpose)
 from slimlm.errors import SlimlmError  # noqa: E402
 from slimlm.eval import EvalSettings, evaluate, kl_divergence, perplexity  # noqa: E402
-from slimlm.models import ModelAdapter, load_model  # noqa: E402
-from slimlm.compress import compress  # noqa: E402  (the function shadows the subpackage name on purpose)
 from slimlm.export.native import load, save  # noqa: E402
+from slimlm.models import ModelAdapter, load_model  # noqa: E402
+from slimlm.version import __version__  # noqa: F401
 
 __all__ = ["EvalSettings", "ModelAdapter", "SlimlmError", "compress", "evaluate", "kl_divergence", "load",
            "load_model", "perplexity", "save"]

@@ -208,7 +208,7 @@ def _load(spec: str, args: argparse.Namespace) -> LoadedModel:
 
 
 def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
-    from slimlm.eval.runner import EvalSettings, TABLE_COLUMNS, evaluate, parse_tasks
+    from slimlm.eval.runner import TABLE_COLUMNS, EvalSettings, evaluate, parse_tasks
 
     tasks = parse_tasks(args.tasks)  # fail on a bad name before loading anything
     settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir,
@@ -281,20 +281,15 @@ def run_bench(args: argparse.Namespace) -> tuple[dict, str]:
 def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     import copy
 
-    from slimlm.compress import compress
+    from slimlm.compress import calibration_tokens, compress, with_calibration
     from slimlm.compress.engine import validate_recipe_for_model
     from slimlm.compress.recipe import load_recipe
-    from slimlm.data.calibration import calibration_samples
     from slimlm.eval.efficiency import count_nonzero_parameters, count_parameters, disk_bytes, memory_bytes
     from slimlm.eval.runner import EvalSettings, evaluate, parse_tasks
     from slimlm.export.native import model_bytes, refuse_non_empty, save
 
-    recipe = load_recipe(args.recipe)
-    overrides = {"corpus": args.calib_corpus, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
-                 "seed": args.seed}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(recipe.calibration, key, value)
+    recipe = with_calibration(load_recipe(args.recipe), corpus=args.calib_corpus, samples=args.calib_samples,
+                              seqlen=args.calib_seqlen, seed=args.seed)
     tasks = parse_tasks(args.eval_tasks) if args.eval_tasks else []
     settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir)
     refuse_non_empty(args.out, args.overwrite)
@@ -309,10 +304,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
         widths = {name: linear_shape(m)[0] for name, m in adapter.linear_layers().items()}
         check_recipe_exportable(recipe, widths, selections)
         refuse_non_empty(args.export_ct)
-    calibration = None
-    if recipe.needs_calibration:
-        c = recipe.calibration
-        calibration = calibration_samples(tokenizer, c.corpus, c.samples, c.seqlen, c.seed, args.data_dir)
+    calibration = calibration_tokens(recipe, tokenizer, args.data_dir)
     before = evaluate(model, tokenizer, tasks, settings) if tasks else []
     original_bytes = {"memory": memory_bytes(model), "disk": disk_bytes(model), "parameters": count_parameters(model)}
     reference = copy.deepcopy(model) if tasks and args.kl else None
@@ -343,7 +335,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
 
 def _sparse_storage_pattern(recipe) -> tuple[int, int] | None:
     """The N:M pattern every pruning stage shares (stored packed), or None for CSR; an error without pruning."""
-    from slimlm.compress.recipe import PruneFields
+    from slimlm.prune.fields import PruneFields
 
     patterns = {stage.n_m for stage in recipe.stages if isinstance(stage, PruneFields)}
     if not patterns:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-import slimlm
+from slimlm.version import __version__
 
 
 def machine_info() -> dict[str, object]:
@@ -45,7 +45,7 @@ def _cpu_name() -> str:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"slimlm": slimlm.__version__}
+    versions = {"slimlm": __version__}
     for name in ("torch", "transformers", "safetensors", "gguf", "numpy"):
         try:
             versions[name] = metadata.version(name)

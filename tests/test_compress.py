@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -6,14 +7,12 @@ import yaml
 
 from slimlm.cli import main
 from slimlm.compress import compress, load_recipe
-import sys
-
-from slimlm.compress.engine import ResidualMlp
-from slimlm.compress.hessian import HessianAccumulator, SharedHessians
-from slimlm.models.adapter import ModelAdapter
 from slimlm.compress.presets import PRESETS
+from slimlm.core.blocks import ResidualMlp
+from slimlm.core.hessian import HessianAccumulator, SharedHessians
 from slimlm.errors import SlimlmError
 from slimlm.export.native import load, save
+from slimlm.models.adapter import ModelAdapter
 from slimlm.models.loading import load_model
 from slimlm.models.tiny import TINY_FAMILIES, tiny_model
 from slimlm.quant.qlinear import QuantizedLinear
@@ -130,7 +129,7 @@ def test_the_mlp_half_shortcut_is_used_only_where_it_reproduces_the_block(family
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
 def test_gptq_with_the_mlp_half_shortcut_equals_full_block_passes(family, monkeypatch):
-    engine = sys.modules["slimlm.compress.engine"]
+    engine = sys.modules["slimlm.core.blocks"]
     checks, reproduces = [], engine.ResidualMlp.reproduces
     monkeypatch.setattr(engine.ResidualMlp, "reproduces", lambda *a: checks.append(reproduces(*a)) or checks[-1])
     shortcut = tiny_model(family)

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimlm.compress import compress, load_recipe
-from slimlm.compress.statistics import ChannelStatistics
+from slimlm.core.statistics import ChannelStatistics
 from slimlm.errors import SlimlmError
 from slimlm.models.tiny import TINY_CONFIGS, tiny_model
 from slimlm.prune.flap import channel_metric

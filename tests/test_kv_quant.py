@@ -6,12 +6,10 @@ import torch
 from slimlm.errors import SlimlmError
 from slimlm.infer import CacheSettings, generate_ids
 from slimlm.infer.cache import CacheShape, ContiguousCache
-from slimlm.infer.kv_quant import (NaiveQuantCache, chunked_perplexity, make_quantized_cache, parse_kv_cache)
+from slimlm.infer.quantized_cache import NaiveQuantCache, chunked_perplexity, make_quantized_cache, parse_kv_cache
 from slimlm.infer.runner import ModelRunner
 from slimlm.models.tiny import tiny_model
-
 from tests.helpers import fill_kv_cache
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,17 +6,21 @@ import json
 import pytest
 import torch
 
+from slimlm.core.packing import packed_bytes
 from slimlm.errors import SlimlmError
 from slimlm.infer import CacheSettings, generate_ids
 from slimlm.infer.cache import CacheShape, ContiguousCache
-from slimlm.infer.kv_quant import chunked_kl, chunked_perplexity, make_quantized_cache, parse_kv_cache
-from slimlm.infer.kvquant import (KVQuantCalibration, LayerCalibration, calibrate_kvquant, check_calibration_options,
-                                  fit_nuq_codebook)
+from slimlm.infer.kvquant import (
+    KVQuantCalibration,
+    LayerCalibration,
+    calibrate_kvquant,
+    check_calibration_options,
+    fit_nuq_codebook,
+)
+from slimlm.infer.quantized_cache import chunked_kl, chunked_perplexity, make_quantized_cache, parse_kv_cache
 from slimlm.infer.runner import ModelRunner, apply_rotary
 from slimlm.models.tiny import tiny_model
 from slimlm.quant.grid import fit_weighted_codebook
-from slimlm.quant.packing import packed_bytes
-
 from tests.helpers import fill_kv_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")

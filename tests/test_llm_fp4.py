@@ -14,8 +14,15 @@ from slimlm.errors import SlimlmError
 from slimlm.export.native import load, save
 from slimlm.models.tiny import tiny_model
 from slimlm.quant.grid import FP4_MAGNITUDES, check_format, fp_decode, fp_encode, fp_max, quantize_weight
-from slimlm.quant.llm_fp4 import (FP4Choice, build_layer, fold_preshift, fp4_round, output_error,
-                                  preshift_exponents, search_linear)
+from slimlm.quant.llm_fp4 import (
+    FP4Choice,
+    build_layer,
+    fold_preshift,
+    fp4_round,
+    output_error,
+    preshift_exponents,
+    search_linear,
+)
 from slimlm.quant.qlinear import QuantizedLinear
 
 PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -210,8 +217,8 @@ def test_save_and_reload_give_identical_logits(family, tmp_path):
     ({"max_grid": 1}, "max_grid must be at least 2"),
     ({"min_fraction": 0.0}, r"min_fraction must be in \(0, 1\)"),
     ({"min_fraction": 1.5}, r"min_fraction must be in \(0, 1\)"),
-    ({"search_tokens": 4}, "search_tokens must be at least 16"),
-    ({"search_rounds": 0}, "search_rounds must be at least 1"),
+    ({"search_tokens": 4}, "search_tokens: Input should be greater than or equal to 16"),
+    ({"search_rounds": 0}, "search_rounds: Input should be greater than or equal to 1"),
     ({"max_shift": -1}, "max_shift must be between 0 and 30"),
     ({"weight_format": "fp4_e4m1"}, "weight_format"),
     ({"bits": 4}, "valid keys"),

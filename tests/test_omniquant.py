@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from slimlm.compress import compress, load_recipe
-from slimlm.compress.engine import linear_weight
 from slimlm.compress.presets import PRESETS
+from slimlm.core.blocks import linear_weight
 from slimlm.errors import SlimlmError
 from slimlm.export.native import load, save
 from slimlm.models.adapter import ModelAdapter
@@ -237,7 +237,7 @@ def test_saved_model_reloads_with_identical_logits(tmp_path):
     ({"epochs": 0}, "epochs must be at least 1"),
     ({"lwc_lr": 0}, "learning rates must be positive"),
     ({"let_lr": -1e-3}, "learning rates must be positive"),
-    ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"batch_size": 0}, "batch_size: Input should be greater than or equal to 1"),
     ({"lwc": False, "let": False}, "nothing to learn"),
     ({"group_size": "tensor"}, "per output channel or group"),
     ({"bits": 9}, "bits must be between 2 and 8"),

@@ -7,14 +7,13 @@ import torch
 
 from slimlm.cli import main
 from slimlm.compress import compress, load_recipe
-from slimlm.compress.engine import linear_weight
-from slimlm.compress.recipe import DSnoTStage
-from slimlm.compress.sparsity import check_n_m, n_m_mask, unstructured_mask
-from slimlm.compress.statistics import ChannelStatistics
+from slimlm.core.blocks import linear_weight
+from slimlm.core.sparsity import check_n_m, n_m_mask, unstructured_mask
+from slimlm.core.statistics import ChannelStatistics
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import ModelAdapter
 from slimlm.models.tiny import tiny_model
-from slimlm.prune.dsnot import dsnot_refine
+from slimlm.prune.dsnot import DSnoTStage, dsnot_refine
 from slimlm.prune.owl import owl_sparsities
 from slimlm.prune.sparsegpt import sparsegpt_prune
 from tests.test_gptq import correlated_problem

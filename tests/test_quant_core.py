@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slimlm.core.packing import pack, packed_bytes, unpack
 from slimlm.errors import SlimlmError
 from slimlm.quant import qlinear as qlinear_module
 from slimlm.quant.grid import (
@@ -24,7 +25,6 @@ from slimlm.quant.grid import (
     quantize,
     quantize_weight,
 )
-from slimlm.quant.packing import pack, packed_bytes, unpack
 from slimlm.quant.qlinear import QuantizedLinear
 
 EPS = 1e-6

@@ -209,8 +209,8 @@ def test_autograd_and_bfloat16_inputs():
 def test_w8a8_recipes_fail_before_any_work():
     model = tiny_model("llama")
     cases = [
-        ({"stages": [{"method": "gptq", "activations": {"bits": 8}}]}, "rtn stage only"),
-        ({"stages": [{"method": "awq", "activations": {}}]}, "rtn stage only"),
+        ({"stages": [{"method": "gptq", "activations": {"bits": 8}}]}, "a setting of the rtn, smoothquant"),
+        ({"stages": [{"method": "awq", "activations": {}}]}, "a setting of the rtn, smoothquant"),
         ({"stages": [{"method": "rtn", "activations": {"outlier_threshold": 6.0}}]},
          "needs bits: 8, group_size: channel, symmetric: true"),
         ({"stages": [{"method": "rtn", "bits": 4, "group_size": "channel", "activations": {"fmt": "fp8_e4m3", "bits": 4}}]},

@@ -76,7 +76,7 @@ def test_lkd_feeds_the_next_block_the_teachers_activations(monkeypatch):
 
 
 @pytest.mark.parametrize("stage, message", [
-    ({"attention_bits": 9}, "attention_bits must be between 2 and 8"),
+    ({"attention_bits": 9}, "attention_bits: Input should be less than or equal to 8"),
     ({"activations": {"granularity": "per_tensor"}}, "token-wise"),
     ({"activations": {"bits": 8, "outlier_threshold": 6.0}}, "token-wise"),
     ({"lkd": {"lr": 0}}, "greater than 0"),

@@ -8,8 +8,31 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimlm.compress.engine import CompressionReport
+from slimlm.compress.engine import compress as run_recipe
 from slimlm.compress.recipe import Recipe, load_recipe
+from slimlm.data.calibration import calibration_samples
 from slimlm.errors import SlimlmError
+
+
+def with_calibration(recipe: Recipe, **overrides: object) -> Recipe:
+    """A copy of `recipe` whose calibration settings (corpus, samples, seqlen, seed, batch_size) take the
+    given values; None leaves a setting as it is."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if not given:
+        return recipe
+    calibration = recipe.calibration.model_validate({**recipe.calibration.model_dump(), **given})
+    return recipe.model_copy(update={"calibration": calibration})
+
+
+def calibration_tokens(recipe: Recipe, tokenizer: PreTrainedTokenizerBase | None,
+                       data_dir: str | os.PathLike[str] | None = None) -> torch.Tensor | None:
+    """The calibration segments the recipe asks for (token ids, (samples, seqlen)), or None if no stage calibrates."""
+    if not recipe.needs_calibration:
+        return None
+    if tokenizer is None:
+        raise SlimlmError("this recipe needs calibration: pass calibration=token ids or tokenizer=")
+    c = recipe.calibration
+    return calibration_samples(tokenizer, c.corpus, c.samples, c.seqlen, c.seed, data_dir)
 
 
 def compress(
@@ -25,16 +48,10 @@ def compress(
     Calibration segments come from `calibration` (token ids, shape (samples, seqlen)), or are drawn
     from the recipe's calibration corpus with `tokenizer`.
     """
-    from slimlm.compress.engine import compress as run
-    from slimlm.data.calibration import calibration_samples
-
     recipe = load_recipe(recipe)
-    if recipe.needs_calibration and calibration is None:
-        if tokenizer is None:
-            raise SlimlmError("this recipe needs calibration: pass calibration=token ids or tokenizer=")
-        c = recipe.calibration
-        calibration = calibration_samples(tokenizer, c.corpus, c.samples, c.seqlen, c.seed, data_dir)
-    return run(model, recipe, calibration, device)
+    if calibration is None:
+        calibration = calibration_tokens(recipe, tokenizer, data_dir)
+    return run_recipe(model, recipe, calibration, device)
 
 
-__all__ = ["CompressionReport", "Recipe", "compress", "load_recipe"]
+__all__ = ["CompressionReport", "Recipe", "calibration_tokens", "compress", "load_recipe", "with_calibration"]

@@ -11,9 +11,13 @@
    block's inputs. Each block is therefore calibrated on the activations of the already-compressed
    model, so the error of earlier blocks is accounted for, as in the GPTQ reference code.
 
-Stages that change the architecture (layer removal) run first, on the whole model, each on what
-the previous one left; the pass above then runs on the smaller model. Pruning stages with OWL get
-their per-block sparsity from a dense pre-pass (`slimlm.prune.owl`).
+Stages that change the architecture (`whole_model = True`: layer removal, SliceGPT, ...) run first, on
+the whole model, each on what the previous one left; the pass above then runs on the smaller model.
+A stage may plan per block from a look at the whole model first (`Stage.plan`: OWL's sparsities).
+
+The engine knows methods only through the interface in `slimlm.core.stage` and finds them through
+the registry (`slimlm.core.registry`); the pieces of the pass that methods use themselves (block
+inputs, the block context, the report) live in `slimlm.core.blocks`.
 
 Memory: only the block being processed needs to sit on the compute device (`device`); the rest of
 the model stays where it is (CPU RAM). Working memory is about
@@ -31,266 +35,29 @@ weights, and at most 28672^2 * 4 B = 3.3 GB for the largest Hessian: about 24 GB
 with the other 79 blocks in CPU RAM. Halve the first term by calibrating on fewer or shorter
 segments, or keep the cache in bfloat16.
 """
-
 from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from slimlm.compress.recipe import Recipe, StageBase, select_targets
+from slimlm.compress.recipe import Recipe, select_targets
+from slimlm.core.blocks import (
+    BlockContext,
+    BlockInputs,
+    CompressionReport,
+    block_targets,
+    capture_block_inputs,
+    on_device,
+    run_block,
+)
+from slimlm.core.stage import ModelContext
 from slimlm.errors import SlimlmError
-from slimlm.models.adapter import BlockAdapter, ModelAdapter, is_linear, linear_shape
+from slimlm.models.adapter import ModelAdapter, linear_shape
 from slimlm.progress import progress
-
-
-class _InputsCaptured(Exception):
-    """Raised by the hook on the first block once its inputs are stored: the rest of the model is not needed."""
-
-
-class _InputsCollected(Exception):
-    """Raised inside a block once every module of interest has seen its input: the rest is not needed."""
-
-
-@dataclass
-class BlockInputs:
-    """Calibration activations entering a block, one entry per batch of segments."""
-
-    hidden: list[torch.Tensor]
-    args: list[tuple]
-    kwargs: list[dict]
-
-    @property
-    def tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
-
-@dataclass
-class BlockContext:
-    """What a method sees of the block it processes."""
-
-    model: PreTrainedModel
-    adapter: ModelAdapter
-    index: int
-    block: nn.Module
-    targets: dict[str, str]  # full module name -> role, the stage's targets in this block
-    inputs: BlockInputs | None  # None when no stage of the recipe calibrates
-    device: torch.device
-    # A method may set the next block's inputs itself (AWQ propagates float outputs); by default the
-    # engine runs the compressed block to get them.
-    next_inputs: list[torch.Tensor] | None = None
-    # The residual stream entering the MLP half and the half itself, kept by collect(..., keep_residual=True)
-    # so that later MLP-only passes skip the attention half (valid while the attention half is unchanged).
-    residual: list[torch.Tensor] | None = None
-    residual_mlp: ResidualMlp | None = None
-    # This block's sparsity when a pruning stage plans one per block (OWL); None: the stage's own.
-    sparsity: float | None = None
-
-    def module(self, name: str) -> nn.Module:
-        return self.model.get_submodule(name)
-
-    def replace(self, name: str, new: nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        setattr(self.model.get_submodule(parent_name), child, new)
-
-    def run(self) -> list[torch.Tensor]:
-        """The block's outputs on every cached input batch (hooks attached by the caller fire)."""
-        if self.inputs is None:
-            raise SlimlmError("this method needs calibration data, but the run has none")
-        return run_block(self.block, self.inputs)
-
-    def collect(
-        self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None], keep_residual: bool = False
-    ) -> None:
-        """Pass (name, input) of each module to `sink` on every cached batch, running the block only as
-        far as the last of these modules needs (the MLP is skipped when only attention inputs are wanted).
-
-        With `keep_residual`, also keep the residual stream entering the MLP half (see `collect_mlp`)."""
-        if self.inputs is None:
-            raise SlimlmError("this method needs calibration data, but the run has none")
-        self.residual = self.residual_mlp = None
-        half = ResidualMlp.of(self.adapter[self.index]) if keep_residual else None
-        if half is None:
-            collect_block_inputs(self.block, self.inputs, modules, sink)
-            return
-        residual: list[torch.Tensor] = []
-        key = "<residual stream>"  # a name no module has
-
-        def split_sink(name, x):
-            residual.append(x) if name is key else sink(name, x)
-
-        collect_block_inputs(self.block, self.inputs, {**modules, key: half.norm}, split_sink)
-        if half.reproduces(self.block, self.inputs, residual[0]):
-            self.residual, self.residual_mlp = residual, half
-
-    def collect_mlp(self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> None:
-        """`collect` for MLP linears: runs only the MLP half on the kept residual stream when there is one."""
-        if self.residual is None:
-            return self.collect(modules, sink)
-        collect_block_inputs(self.residual_mlp, _plain_inputs(self.residual), modules, sink)
-
-    def run_mlp(self) -> list[torch.Tensor]:
-        """`run` when only the MLP changed since the residual stream was kept: runs the MLP half alone."""
-        if self.residual is None:
-            return self.run()
-        return run_block(self.residual_mlp, _plain_inputs(self.residual))
-
-    def names_with_roles(self, roles: tuple[str, ...]) -> list[str]:
-        return [name for name, role in self.targets.items() if role in roles]
-
-
-class ResidualMlp(nn.Module):
-    """The MLP half of a pre-norm decoder block: h -> h + mlp_out_norm(mlp(mlp_norm(h))).
-
-    Llama, Qwen2, Mistral, Gemma 1-3 and GPT-2 blocks end this way (Gemma 2/3 with the output norm).
-    The engine never assumes it: `reproduces` checks it against the real block before it is used,
-    and a block built otherwise (parallel attention and MLP, post-norm OPT) just runs whole.
-    """
-
-    def __init__(self, mlp: nn.Module, norm: nn.Module, out_norm: nn.Module | None):
-        super().__init__()
-        self.mlp, self.norm, self.out_norm = mlp, norm, out_norm
-
-    @classmethod
-    def of(cls, block: BlockAdapter) -> ResidualMlp | None:
-        mlp, norm = block.mlp_module(), block.norms.get("mlp_norm")
-        return None if mlp is None or norm is None else cls(mlp, norm, block.norms.get("mlp_out_norm"))
-
-    def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        out = self.mlp(self.norm(residual))
-        return residual + (self.out_norm(out) if self.out_norm is not None else out)
-
-    @torch.no_grad()
-    def reproduces(self, block: nn.Module, inputs: BlockInputs, residual: torch.Tensor) -> bool:
-        """Whether the block's output on the first cached batch equals this half applied to its residual."""
-        expected = block_output(block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0]))
-        return torch.allclose(self(residual), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-
-
-def _plain_inputs(hidden: list[torch.Tensor]) -> BlockInputs:
-    return BlockInputs(hidden, [()] * len(hidden), [{}] * len(hidden))
-
-
-@dataclass
-class LayerReport:
-    name: str
-    method: str
-    seconds: float
-    error: float | None = None  # the method's own error measure (GPTQ: sum of the OBS losses)
-
-
-@dataclass
-class CompressionReport:
-    layers: list[LayerReport] = field(default_factory=list)
-    seconds: float = 0.0
-    peak_rss_bytes: int = 0
-    peak_device_bytes: int | None = None
-    calibration_tokens: int = 0
-    block_sparsity: dict[int, list[float]] = field(default_factory=dict)  # stage index -> planned sparsity per block
-    structure: list[dict] = field(default_factory=list)  # what structural stages (layer removal, ...) did
-
-    def to_dict(self) -> dict:
-        return {
-            "seconds": self.seconds,
-            "peak_rss_bytes": self.peak_rss_bytes,
-            "peak_device_bytes": self.peak_device_bytes,
-            "calibration_tokens": self.calibration_tokens,
-            "block_sparsity": self.block_sparsity,
-            "structure": self.structure,
-            "layers": [vars(layer) for layer in self.layers],
-        }
-
-
-BlockMethod = Callable[[BlockContext, StageBase, CompressionReport], None]
-
-
-def block_output(output) -> torch.Tensor:
-    """Decoder blocks return a tensor (transformers >= 5) or a tuple whose first item is the hidden state."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    return [block_output(block(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
-
-
-@torch.no_grad()
-def dense_block_passes(
-    model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int, device: torch.device,
-    desc: str, pre_hooks: Callable[[BlockAdapter], list[tuple[nn.Module, Callable]]] | None = None,
-) -> Iterator[tuple[BlockAdapter, BlockInputs, list[torch.Tensor]]]:
-    """Run the calibration segments through the blocks in turn (each on `device` for its turn), with the
-    forward pre-hooks `pre_hooks(block)` names attached during its pass; yield (block, what entered it,
-    what left it). The model is not changed: each block reads the previous block's outputs."""
-    inputs = capture_block_inputs(model, adapter, calibration, batch_size, device)
-    for block in progress(adapter, desc=desc, total=len(adapter)):
-        handles = [module.register_forward_pre_hook(hook) for module, hook in (pre_hooks(block) if pre_hooks else [])]
-        try:
-            with _on_device([block.module], device):
-                outputs = run_block(block.module, inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        yield block, inputs, outputs
-        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
-
-
-@torch.no_grad()
-def capture_block_inputs(
-    model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int, device: torch.device
-) -> BlockInputs:
-    """Run the calibration segments up to the first block and keep what enters it."""
-    captured = BlockInputs([], [], [])
-
-    def hook(_module, args, kwargs):
-        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        captured.args.append(tuple(args[1:]))
-        captured.kwargs.append(dict(kwargs))
-        raise _InputsCaptured
-
-    handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with _on_device(_non_block_modules(model, adapter), device):
-            for start in progress(range(0, len(calibration), batch_size), desc="capture inputs"):
-                try:
-                    model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
-                except _InputsCaptured:
-                    pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _non_block_modules(model: PreTrainedModel, adapter: ModelAdapter) -> list[nn.Module]:
-    """Modules the forward pass needs before the first block: the blocks' siblings, the embeddings."""
-    parent_name = adapter.blocks_name.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    return [m for m in parent.children() if m is not adapter.blocks] + [adapter.embedding]
-
-
-@contextmanager
-def _on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
-    """Move modules to `device` for the duration, then back where their parameters were."""
-    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
-    for module in modules:
-        module.to(device)
-    try:
-        yield
-    finally:
-        for module, home in zip(modules, homes):
-            module.to(home)
-
-
-def _block_targets(adapter: ModelAdapter, index: int, stage: StageBase, selected: set[str]) -> dict[str, str]:
-    block = adapter[index]
-    prefix = f"{adapter.blocks_name}.{index}."
-    return {prefix + block.linear_names[role]: role for role in block.linears if prefix + block.linear_names[role] in selected}
 
 
 def validate_recipe_for_model(model: PreTrainedModel, recipe: Recipe) -> tuple[ModelAdapter, list[set[str]]]:
@@ -301,11 +68,7 @@ def validate_recipe_for_model(model: PreTrainedModel, recipe: Recipe) -> tuple[M
     selections = []
     for stage in recipe.stages:
         chosen = select_targets(names, stage)
-        for name in chosen:
-            if hasattr(stage, "check_layer"):
-                stage.check_layer(name, linear_shape(linears[name])[0])
-        if hasattr(stage, "check_model"):  # structural stages: does the architecture allow them?
-            stage.check_model(adapter)
+        stage.check(adapter, {name: linear_shape(linears[name])[0] for name in chosen})
         selections.append(set(chosen))
     return adapter, selections
 
@@ -317,8 +80,6 @@ def compress(
     device: str | torch.device | None = None,
 ) -> CompressionReport:
     """Apply `recipe` to `model` in place, block by block (see the module docstring)."""
-    from slimlm.compress.methods import METHOD_FUNCTIONS, STRUCTURAL_FUNCTIONS, plan_stage
-
     start = time.perf_counter()
     adapter, selections = validate_recipe_for_model(model, recipe)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -329,11 +90,11 @@ def compress(
     report = CompressionReport()
     was_training = model.training
     model.eval()
-    structural = [stage for stage in recipe.stages if stage.structural]
-    for stage in structural:  # architecture changes first, each on the model the previous one left
-        STRUCTURAL_FUNCTIONS[stage.method](model, stage, calibration, recipe.calibration.batch_size, device, report)
-    if structural:
-        block_stages = [stage for stage in recipe.stages if not stage.structural]
+    whole_model = [stage for stage in recipe.stages if stage.whole_model]
+    for stage in whole_model:  # architecture changes first, each on the model the previous one left
+        stage.apply(ModelContext(model, calibration, recipe.calibration.batch_size, device), report)
+    if whole_model:
+        block_stages = [stage for stage in recipe.stages if not stage.whole_model]
         if not block_stages:
             return _finish(model, recipe, report, start, device, was_training)
         recipe = recipe.model_copy(update={"stages": block_stages})
@@ -342,18 +103,18 @@ def compress(
     if recipe.needs_calibration:
         inputs = capture_block_inputs(model, adapter, calibration, recipe.calibration.batch_size, device)
         report.calibration_tokens = inputs.tokens
-    plans = [plan_stage(model, adapter, stage, selected, inputs, device) for stage, selected in zip(recipe.stages, selections)]
+    plans = [stage.plan(model, adapter, selected, inputs, device) for stage, selected in zip(recipe.stages, selections)]
     report.block_sparsity = {i: plan for i, plan in enumerate(plans) if plan is not None}
     for index in progress(range(len(adapter)), desc="compress blocks", total=len(adapter)):
         block = adapter.blocks[index]
-        with _on_device([block], device):
+        with on_device([block], device):
             next_hidden = None
             for stage, selected, plan in zip(recipe.stages, selections, plans):
-                targets = _block_targets(adapter, index, stage, selected)
+                targets = block_targets(adapter, index, stage, selected)
                 if targets:
                     context = BlockContext(model, adapter, index, block, targets, inputs, device,
-                                           sparsity=plan[index] if plan is not None else None)
-                    METHOD_FUNCTIONS[stage.method](context, stage, report)
+                                           plan=plan[index] if plan is not None else None)
+                    stage.apply(context, report)
                     next_hidden = context.next_inputs  # a later stage's changes invalidate earlier outputs
             if inputs is not None and index + 1 < len(adapter):
                 next_hidden = next_hidden if next_hidden is not None else run_block(block, inputs)
@@ -381,39 +142,3 @@ def round_float_parameters_(model: nn.Module, dtype: torch.dtype) -> None:
             tensor.copy_(tensor.to(dtype).to(tensor.dtype))
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The (out, in) weight of a linear, whichever way it is stored (GPT-2's Conv1D keeps (in, out))."""
-    if getattr(module, "is_compressed_linear", False):
-        raise SlimlmError(f"{type(module).__name__} is already compressed by an earlier stage: "
-                          "give the stages disjoint targets, or quantize last")
-    if not is_linear(module):
-        raise SlimlmError(f"{type(module).__name__} is not a linear layer")
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T
-
-
-@torch.no_grad()
-def collect_block_inputs(
-    block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]
-) -> None:
-    """Run `block` on each input batch until every module has received its input (see BlockContext.collect)."""
-    pending: set[str] = set()
-
-    def hook_for(name: str):
-        def hook(_module, args):
-            sink(name, args[0])
-            pending.discard(name)
-            if not pending:
-                raise _InputsCollected
-        return hook
-
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
-    try:
-        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
-            pending.update(modules)
-            try:
-                block(hidden, *args, **kwargs)
-            except _InputsCollected:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()

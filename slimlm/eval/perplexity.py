@@ -11,7 +11,7 @@ Protocol (recorded in every result):
 GPTQ's code multiplies each window's mean loss by `seqlen` and divides the sum by
 `windows * seqlen`; with equal-length windows that is the same number as step 4.
 
-With a quantized KV cache (`kv_cache`, `slimlm.infer.kv_quant`), each window is fed through slimlm's
+With a quantized KV cache (`kv_cache`, `slimlm.infer.quantized_cache`), each window is fed through slimlm's
 decoder runner in chunks of `kv_chunk` tokens, so every chunk after the first attends to the
 quantized keys and values of the earlier ones (a single chunk attends only to itself, in full
 precision): the windows, the scored tokens and step 4 are unchanged.
@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from slimlm.data.calibration import tokenize_corpus
 from slimlm.data.corpora import Corpus, load_corpus
 from slimlm.errors import SlimlmError
+from slimlm.models.loss import next_token_loss  # noqa: F401  (re-exported: its old home)
 from slimlm.progress import progress
 
 PROTOCOL = (
@@ -87,23 +88,16 @@ def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:-1], window[1:].to(logits.device), reduction="none")
 
 
-def next_token_loss(model: PreTrainedModel, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Float32 cross-entropy of tokens 2..L of each segment of `ids` (batch, L) given those before it.
-    Differentiable (no inference mode): the loss that LoRA training and gradient-based scores use."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction=reduction)
-
-
 def perplexity_of_ids(
     model: PreTrainedModel, ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None, desc: str = "ppl",
     kv_cache=None, kv_chunk: int = 128,
 ) -> tuple[float, int, int, int]:
     """(mean NLL, tokens scored, windows used, windows available) over the windows of `ids`; with a
-    `kv_cache` spec (`slimlm.infer.kv_quant.KVQuantSpec`) each window goes through that cache in chunks."""
+    `kv_cache` spec (`slimlm.infer.quantized_cache.KVQuantSpec`) each window goes through that cache in chunks."""
     windows = token_windows(ids, seqlen, max_windows)
     runner = None
     if kv_cache is not None:
-        from slimlm.infer.kv_quant import check_chunk, chunked_nll
+        from slimlm.infer.quantized_cache import check_chunk, chunked_nll
         from slimlm.infer.runner import ModelRunner
 
         check_chunk(kv_chunk)

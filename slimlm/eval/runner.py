@@ -41,7 +41,7 @@ class EvalSettings:
         """The checked quantized-KV spec (None without kv_cache)."""
         if self.kv_cache is None:
             return None
-        from slimlm.infer.kv_quant import check_chunk, parse_kv_cache
+        from slimlm.infer.quantized_cache import check_chunk, parse_kv_cache
 
         check_chunk(self.kv_chunk)
         return parse_kv_cache(self.kv_cache, self.kv_group_size, self.kv_residual, self.kv_outliers,

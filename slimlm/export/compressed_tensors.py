@@ -40,10 +40,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from slimlm.core.packing import pack
+from slimlm.core.registry import layer_kind
 from slimlm.errors import SlimlmError
-from slimlm.export.native import save_extras, atomic_directory
-from slimlm.quant.packing import pack
-from slimlm.quant.qlinear import QuantizedLinear
+from slimlm.export.native import atomic_directory, save_extras
 
 FORMAT = "pack-quantized"
 
@@ -65,7 +65,7 @@ def check_recipe_exportable(recipe, in_features: dict[str, int], selections: lis
             raise SlimlmError("--export-ct: act_order needs static_groups: true to be exportable")
 
 
-def check_exportable(name: str, layer: QuantizedLinear) -> None:
+def check_exportable(name: str, layer: nn.Module) -> None:
     """Fail with the fix if compressed-tensors cannot express this layer."""
     if layer.fmt != "int":
         raise SlimlmError(f"{name}: compressed-tensors pack-quantized holds integer grids only (this layer is {layer.fmt})")
@@ -94,7 +94,7 @@ def export_compressed_tensors(
     model: PreTrainedModel, directory: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase | None = None
 ) -> Path:
     """Write `model` (quantized by slimlm) as a compressed-tensors checkpoint directory."""
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    quantized = {name: m for name, m in model.named_modules() if layer_kind(m) == "quantized"}
     if not quantized:
         raise SlimlmError("the model has no quantized layers to export")
     for name, layer in quantized.items():
@@ -108,7 +108,7 @@ def export_compressed_tensors(
     return _write(directory, tensors, config, model, tokenizer)
 
 
-def _float_tensors(model: PreTrainedModel, quantized: dict[str, QuantizedLinear]) -> dict[str, torch.Tensor]:
+def _float_tensors(model: PreTrainedModel, quantized: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Every other tensor of the state dict; a tied head is left out (the config re-ties it)."""
     prefixes = tuple(f"{name}." for name in quantized)
     tied = {f"{name}.weight" for name, m in model.named_modules() if m is model.get_output_embeddings()}
@@ -120,7 +120,7 @@ def _float_tensors(model: PreTrainedModel, quantized: dict[str, QuantizedLinear]
     }
 
 
-def _layer_tensors(name: str, layer: QuantizedLinear, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _layer_tensors(name: str, layer: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out = {
         f"{name}.weight_packed": pack_int32(layer.codes(), layer.bits),
         f"{name}.weight_scale": layer.scale.to(dtype).contiguous(),
@@ -133,7 +133,7 @@ def _layer_tensors(name: str, layer: QuantizedLinear, dtype: torch.dtype) -> dic
     return out
 
 
-def _quantization_config(model: PreTrainedModel, quantized: dict[str, QuantizedLinear]) -> dict:
+def _quantization_config(model: PreTrainedModel, quantized: dict[str, nn.Module]) -> dict:
     groups: dict[tuple, list[str]] = {}
     for name, layer in quantized.items():
         groups.setdefault((layer.bits, layer.group_size, layer.symmetric), []).append(name)

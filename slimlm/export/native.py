@@ -32,16 +32,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-import slimlm
+from slimlm.core.registry import checkpoint_sections, layer_class, layer_kind
 from slimlm.errors import SlimlmError
-from slimlm.prune.sparse_linear import SparseLinear
-from slimlm.quant.qlinear import QuantizedLinear
-from slimlm.quant.llm_int8 import LLMInt8Linear
-from slimlm.quant.w8a8 import Int8Linear
+from slimlm.version import __version__
 
 SLIMLM_CONFIG = "slimlm.json"
 WEIGHTS = "model.safetensors"
@@ -72,24 +69,29 @@ def save(
         save_extras(staging, model, tokenizer)
         section = {
             "format_version": FORMAT_VERSION,
-            "slimlm_version": slimlm.__version__,
+            "slimlm_version": __version__,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "compressed_modules": {
-                name: module.meta() for name, module in model.named_modules()
-                if isinstance(module, (QuantizedLinear, SparseLinear, Int8Linear))
-            },
+            "compressed_modules": compressed_modules(model),
             "resized_linears": resized_linears(model),
-            "residual_shortcuts": {name: {"parts": module.slicegpt_parts, "attn": list(module.attn_shortcut.shape),
-                                          "mlp": list(module.mlp_shortcut.shape)}
-                                   for name, module in model.named_modules() if hasattr(module, "slicegpt_parts")},
+            **{key: found.collect(model) for key, found in checkpoint_sections().items()},
             "recipe": recipe,
         }
-        plain = not (section["compressed_modules"] or section["resized_linears"] or section["residual_shortcuts"])
+        plain = not any(section[key] for key in ("compressed_modules", "resized_linears", *checkpoint_sections()))
         section["weights_file"] = WEIGHTS if plain else SLIMLM_ONLY_WEIGHTS
         save_file(storage_state_dict(model), str(staging / section["weights_file"]),
                   metadata={"format": "pt", "producer": "slimlm"})
         (staging / SLIMLM_CONFIG).write_text(json.dumps(section, indent=2) + "\n")
     return Path(directory).expanduser()
+
+
+def compressed_modules(model: nn.Module) -> dict[str, dict]:
+    """Metadata of every registered compressed layer kind in the model (`slimlm.core.registry.register_layer`)."""
+    found = {}
+    for name, module in model.named_modules():
+        kind = layer_kind(module)
+        if kind is not None:
+            found[name] = {"kind": kind, **module.meta()}
+    return found
 
 
 def resized_linears(model: PreTrainedModel) -> dict[str, list[int | bool]]:
@@ -193,25 +195,20 @@ def load(
     section = json.loads((directory / SLIMLM_CONFIG).read_text())
     if section.get("format_version") != FORMAT_VERSION:
         raise SlimlmError(f"{directory}: checkpoint format {section.get('format_version')} is not supported "
-                          f"by slimlm {slimlm.__version__} (expects {FORMAT_VERSION})")
+                          f"by slimlm {__version__} (expects {FORMAT_VERSION})")
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     dtype = getattr(torch, section.get("dtype", "float32"))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, meta in section["compressed_modules"].items():
         parent_name, _, child = name.rpartition(".")
-        if meta.get("kind") in ("int8", "llm_int8"):  # scales, range and fp16 weights keep their dtypes
-            module = (LLMInt8Linear if meta["kind"] == "llm_int8" else Int8Linear).empty(meta)
-        else:
-            module = (SparseLinear if meta.get("kind") == "sparse" else QuantizedLinear).empty(meta).to(dtype)
-            keep_float32(module)  # an activation grid's range and input shift are saved in float32
+        module = layer_class(meta.get("kind", "quantized")).from_meta(meta, dtype)  # kind-less: format 1's first files
         setattr(model.get_submodule(parent_name), child, module)
     for name, (in_features, out_features, bias) in section.get("resized_linears", {}).items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, nn.Linear(in_features, out_features, bias=bias, dtype=dtype))
-    from slimlm.prune.slicegpt import install_shortcuts_  # here: slicegpt imports the engine, which imports this
-
-    for name, meta in section.get("residual_shortcuts", {}).items():
-        install_shortcuts_(model.get_submodule(name), meta["parts"], tuple(meta["attn"]), tuple(meta["mlp"]), dtype)
+    for key, found in checkpoint_sections().items():
+        for name, meta in section.get(key, {}).items():
+            found.install(model.get_submodule(name), meta, dtype)
     # load_state_dict copies into the model's tensors, widening narrowed floats back to their dtype.
     weights = directory / section.get("weights_file", WEIGHTS)
     if not weights.is_file():
@@ -230,12 +227,3 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
-
-def keep_float32(module: nn.Module) -> None:
-    """The activation-quantization buffers of a simulated W+A layer stay float32 whatever the model dtype."""
-    quantizer = getattr(module, "input_quantizer", None)
-    if quantizer is not None:
-        quantizer.float()
-    for name in ("input_shift", "input_scale"):
-        if getattr(module, name, None) is not None:
-            setattr(module, name, getattr(module, name).float())

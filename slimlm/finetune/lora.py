@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from slimlm.core.stage import StrictModel
 from slimlm.errors import SlimlmError
-from slimlm.eval.perplexity import next_token_loss
 from slimlm.models.adapter import ModelAdapter, linear_shape
+from slimlm.models.loss import next_token_loss
 from slimlm.progress import progress
 
 
@@ -121,3 +123,14 @@ def train_lora(model: nn.Module, segments: torch.Tensor, steps: int, batch_size:
     finally:
         model.train(was_training)
     return TrainingReport(steps, tokens, losses[0], losses[-1])
+
+
+class LoRARecovery(StrictModel):
+    """LoRA fine-tuning after structural pruning, on the calibration segments."""
+
+    steps: int = Field(100, ge=1)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, ge=1)

@@ -8,11 +8,20 @@ sampling, streaming, speculative decoding and quantized KV caches (naive, KIVI, 
 """
 
 from slimlm.infer.cache import CacheShape, ContiguousCache, PagedCache
-from slimlm.infer.engine import (CACHE_KINDS, CacheSettings, GenerationResult, GenerationStats, TokenEvent,
-                                 generate, generate_ids, stream_ids, stream_text)
+from slimlm.infer.engine import (
+                                 CACHE_KINDS,
+                                 CacheSettings,
+                                 GenerationResult,
+                                 GenerationStats,
+                                 TokenEvent,
+                                 generate,
+                                 generate_ids,
+                                 stream_ids,
+                                 stream_text,
+)
 from slimlm.infer.kivi import KiviCache
-from slimlm.infer.kv_quant import KVQuantSpec, NaiveQuantCache, chunked_kl, chunked_perplexity, parse_kv_cache
 from slimlm.infer.kvquant import KVQuantCache, calibrate_from_corpus, calibrate_kvquant
+from slimlm.infer.quantized_cache import KVQuantSpec, NaiveQuantCache, chunked_kl, chunked_perplexity, parse_kv_cache
 from slimlm.infer.runner import SUPPORTED_FAMILIES, ModelRunner
 from slimlm.infer.sampling import SamplingSettings, next_token_probs
 from slimlm.infer.speculative import SpeculativeStats, speculative_decode, speculative_generate

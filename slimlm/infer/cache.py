@@ -34,7 +34,7 @@ has no paged attention kernel on CPU, so `read` gathers a sequence's blocks into
 (one `index_select` per layer and step) before the fused attention.
 
 Quantized KV caches (a naive per-token baseline, KIVI and KVQuant) implement the same protocol:
-`slimlm.infer.kv_quant`, `slimlm.infer.kivi` and `slimlm.infer.kvquant` (which stores keys before RoPE).
+`slimlm.infer.quantized_cache`, `slimlm.infer.kivi` and `slimlm.infer.kvquant` (which stores keys before RoPE).
 """
 
 from __future__ import annotations

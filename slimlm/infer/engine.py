@@ -12,7 +12,7 @@ tokens; sampling draws from one generator for the whole batch, so the random str
 Caches: `contiguous` (preallocated to the longest prompt + max_new_tokens), `paged`
 (PagedAttention blocks, `block_size` tokens) and `sinks` (StreamingLLM: `sink_tokens` +
 `window`, unbounded length); `CacheSettings(kv_quant="kivi-2bit")` replaces the contiguous cache
-by a quantized one (`slimlm.infer.kv_quant`, `slimlm.infer.kivi`, `slimlm.infer.kvquant`; KVQuant
+by a quantized one (`slimlm.infer.quantized_cache`, `slimlm.infer.kivi`, `slimlm.infer.kvquant`; KVQuant
 needs `kv_calibration`, from `slimlm.infer.kvquant.calibrate_kvquant`). Timings: time to first token =
 prefill + first sample; per-token latency = decode time / decode steps (a step gives one token to
 every running sequence); tokens/s = generated tokens / total time.
@@ -43,7 +43,7 @@ class CacheSettings:
     block_size: int = 16  # paged
     sink_tokens: int = 4  # sinks
     window: int = 256  # sinks
-    kv_quant: str | None = None  # contiguous only: "naive-4bit", "kivi-2bit", ... (slimlm.infer.kv_quant)
+    kv_quant: str | None = None  # contiguous only: "naive-4bit", "kivi-2bit", ... (slimlm.infer.quantized_cache)
     kv_group_size: int = 32  # quantized: channels (per token) or tokens (KIVI keys) per scale
     kv_residual: int = 128  # KIVI: recent tokens kept in full precision
     kv_outliers: float = 0.01  # KVQuant: fraction of values kept sparse in float16
@@ -63,7 +63,7 @@ class CacheSettings:
 
     def kv_spec(self):
         """The checked quantization spec, or None for a float cache."""
-        from slimlm.infer.kv_quant import parse_kv_cache
+        from slimlm.infer.quantized_cache import parse_kv_cache
 
         if self.kv_quant is None:
             return None
@@ -143,7 +143,7 @@ def validate_request(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> N
 def make_cache(runner: ModelRunner, settings: CacheSettings, max_lengths: list[int]) -> KVCache:
     shape = runner.cache_shape()
     if settings.kv_quant is not None:
-        from slimlm.infer.kv_quant import make_quantized_cache
+        from slimlm.infer.quantized_cache import make_quantized_cache
 
         return make_quantized_cache(shape, len(max_lengths), settings.kv_spec())
     if settings.kind == "paged":

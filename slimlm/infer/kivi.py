@@ -33,8 +33,14 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.infer.cache import CacheShape
-from slimlm.infer.kv_quant import (KVQuantSpec, LayerStoreCache, PerTokenStore, dequantize_groups_last,
-                                   quantize_groups_last, tensor_bytes)
+from slimlm.infer.quantized_cache import (
+    KVQuantSpec,
+    LayerStoreCache,
+    PerTokenStore,
+    dequantize_groups_last,
+    quantize_groups_last,
+    tensor_bytes,
+)
 
 
 class _KiviLayer:

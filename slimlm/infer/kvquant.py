@@ -24,7 +24,7 @@ Quantization" (arXiv:2401.18079), Sec. 3.1-3.6. Per layer and sequence the cache
   sequence keeps its keys and values in full precision (the model's dtype).
 
 Storage per layer and sequence: key codes [tokens, ceil(C * b / 8)] and value codes likewise (packed
-with `slimlm.quant.packing`), value offset and half-range [tokens] float16, outlier counts [tokens]
+with `slimlm.core.packing`), value offset and half-range [tokens] float16, outlier counts [tokens]
 int16 and outlier positions (int16) and values (float16) for keys and for values, the sink token
 [kv_heads, 1, head_dim]. Per cache (shared by the batch, counted once in `bytes_held`): per layer the
 key offsets and half-ranges [C] float16 and the two codebooks [2^b] float16.
@@ -61,11 +61,11 @@ from dataclasses import dataclass
 
 import torch
 
+from slimlm.core.packing import pack, packed_bytes, unpack
 from slimlm.errors import SlimlmError
 from slimlm.infer.cache import CacheShape
-from slimlm.infer.kv_quant import _FP16_MIN_SCALE, KV_BITS, KVQuantSpec, LayerStoreCache, tensor_bytes
+from slimlm.infer.quantized_cache import _FP16_MIN_SCALE, KV_BITS, KVQuantSpec, LayerStoreCache, tensor_bytes
 from slimlm.quant.grid import fit_weighted_codebook
-from slimlm.quant.packing import pack, packed_bytes, unpack
 
 HISTOGRAM_BINS = 4096
 DEFAULT_SAMPLES, DEFAULT_SEQLEN, DEFAULT_CORPUS = 16, 512, "wikitext2"
@@ -194,8 +194,8 @@ def calibrate_kvquant(model, segments: torch.Tensor, bits: int, outliers: float 
                       source: str = "ids") -> KVQuantCalibration:
     """Offline KVQuant calibration from `segments` [n, L] token ids (L >= 2): per-layer key thresholds and
     Fisher-weighted nuq codebooks (see the module docstring). Runs one forward and backward per segment."""
-    from slimlm.eval.perplexity import next_token_loss
     from slimlm.infer.runner import ModelRunner
+    from slimlm.models.loss import next_token_loss
 
     _check_bits(bits)
     KVQuantSpec("kvquant", bits, outliers=outliers)  # checks the outlier fraction

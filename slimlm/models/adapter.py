@@ -85,6 +85,9 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
         return module.weight.shape[0], module.weight.shape[1]
     return module.in_features, module.out_features  # nn.Linear and compressed linears
 
+# The linears each pre-norm reads into, in a block's order (`BlockAdapter.norm_readers`).
+NORM_READERS = {"attn_norm": ("q", "k", "v", "qkv"), "mlp_norm": ("gate", "up")}
+
 
 @dataclass
 class BlockAdapter:
@@ -102,6 +105,17 @@ class BlockAdapter:
 
     def mlp_linears(self) -> dict[str, nn.Module]:
         return {r: m for r, m in self.linears.items() if r in MLP_ROLES}
+
+    def norm_readers(self) -> dict[str, list[str]]:
+        """Norm role -> the roles of the linears that read that norm's output, for the norms this block has
+        (pre-norm blocks: attn_norm feeds q, k, v or a fused qkv; mlp_norm feeds gate and up). Methods that
+        move a scale out of a norm into the linears after it (AWQ, SmoothQuant) take their groups from here."""
+        readers = {}
+        for norm, roles in NORM_READERS.items():
+            present = [role for role in roles if role in self.linears]
+            if norm in self.norms and present:
+                readers[norm] = present
+        return readers
 
     def mlp_module(self) -> nn.Module | None:
         """The submodule that holds the MLP's linears (Llama's `mlp`), or None where they sit directly

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
-from slimlm.compress.hessian import SharedInputs
-from slimlm.compress.recipe import PruneFields
-from slimlm.compress.sparsity import apply_mask_, n_m_mask, unstructured_mask
-from slimlm.compress.statistics import ChannelStatistics
+from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, linear_weight
+from slimlm.core.hessian import SharedInputs
+from slimlm.core.sparsity import apply_mask_, n_m_mask, unstructured_mask
+from slimlm.core.statistics import ChannelStatistics
+from slimlm.errors import SlimlmError
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
+
+if TYPE_CHECKING:
+    from slimlm.prune.fields import PruneFields
 
 
 def block_sparsity(context: BlockContext, stage: PruneFields) -> float:
     """The stage's sparsity, or this block's OWL sparsity when the recipe asks for OWL."""
-    return context.sparsity if context.sparsity is not None else stage.sparsity
+    return context.plan if context.plan is not None else stage.sparsity
 
 
 def mask_from_score(score: torch.Tensor, stage: PruneFields, sparsity: float, per_row: bool = True) -> torch.Tensor:
@@ -147,3 +150,11 @@ def _builds_biases(model: nn.Module, roles: tuple[str, ...]) -> bool:
     with torch.device("meta"):
         fresh = ModelAdapter(type(model)(model.config))[0]
     return all(fresh.linears[r].bias is not None for r in roles if r in fresh.linears)
+
+
+def require_separate_projections(adapter, method: str) -> None:
+    """Structured pruning that cuts heads and channels needs separate q/k/v/o and up/down linears."""
+    roles = set(adapter[0].linears)
+    if not {"q", "k", "v", "o", "up", "down"} <= roles:
+        raise SlimlmError(f"{method} needs separate q/k/v/o and up/down projections; this {adapter.family} "
+                          f"model has {sorted(roles)} (fused qkv is not supported)")

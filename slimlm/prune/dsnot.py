@@ -24,13 +24,17 @@ and the candidate pointers stop at the ends of their lists instead of running pa
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
 
-from slimlm.compress.engine import BlockContext, CompressionReport
-from slimlm.compress.hessian import HessianAccumulator, inverse_cholesky_upper, prepare_hessian
-from slimlm.compress.recipe import DSnoTStage
-from slimlm.compress.statistics import ChannelStatistics
+import torch
+from pydantic import Field
+
+from slimlm.core.blocks import BlockContext, CompressionReport
+from slimlm.core.hessian import HessianAccumulator, inverse_cholesky_upper, prepare_hessian
+from slimlm.core.stage import register
+from slimlm.core.statistics import ChannelStatistics
 from slimlm.prune.common import block_sparsity, collect_statistics, mask_from_score, prune_targets, wanda_score
+from slimlm.prune.fields import PruneFields
 
 
 class _Accumulators:
@@ -149,3 +153,22 @@ def _pruning_candidates(mask: torch.Tensor, wanda: torch.Tensor, contribution: t
     rank = torch.arange(kept).expand_as(value)
     key = torch.where(value < 0, rank, torch.where(value > 0, 2 * kept - rank, kept))  # zeros in between
     return by_score.gather(1, torch.sort(key, dim=1, stable=True)[1])
+
+
+@register
+class DSnoTStage(PruneFields):
+    """DSnoT (Zhang et al., 2024): training-free prune-and-grow on top of an initial mask."""
+
+    method: Literal["dsnot"] = "dsnot"
+    initial: Literal["wanda", "sparsegpt", "magnitude"] = "wanda"
+    max_cycles: int = Field(50, ge=1)
+    update_threshold: float = Field(0.1, ge=0, description="stop a row once |reconstruction error| is this small")
+    variance_power: float = Field(1.0, ge=0, description="regrowing score divided by var(X_j)^power")
+    skip_roles: list[str] = Field(default_factory=lambda: ["gate", "up", "down"],
+                                  description="linears that keep the initial mask (the reference skips the MLP)")
+    same_sign: bool | None = Field(None, description="stop a row when its error would change sign "
+                                   "(default: as the reference, only for N:M)")
+    dampening: float = Field(0.01, gt=0, lt=1, description="for initial: sparsegpt, the Hessian dampening")
+
+    def apply(self, context: BlockContext, report: CompressionReport) -> None:
+        dsnot_block(context, self, report)

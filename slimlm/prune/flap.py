@@ -36,14 +36,23 @@ get a zero one, so the outputs do not change).
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
+from pydantic import Field
 from transformers import PreTrainedModel
 
-from slimlm.compress.engine import CompressionReport, dense_block_passes
-from slimlm.compress.recipe import FLAPStage
-from slimlm.compress.statistics import ChannelStatistics
+from slimlm.core.blocks import CompressionReport, dense_block_passes
+from slimlm.core.stage import ModelContext, Stage, register
+from slimlm.core.statistics import ChannelStatistics
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
-from slimlm.prune.common import attention_shape, declare_biases_, prune_block_, set_block_shape_
+from slimlm.prune.common import (
+    attention_shape,
+    declare_biases_,
+    prune_block_,
+    require_separate_projections,
+    set_block_shape_,
+)
 
 
 @torch.no_grad()
@@ -124,7 +133,7 @@ def _compensated_bias(linear: torch.nn.Module, removed: torch.Tensor, mean: torc
 def flap(model: PreTrainedModel, stage: FLAPStage, calibration: torch.Tensor, batch_size: int,
          device: torch.device, report: CompressionReport) -> None:
     adapter = ModelAdapter(model)
-    stage.check_model(adapter)
+    require_separate_projections(adapter, stage.method)
     heads, kv_heads, head_dim = attention_shape(model.config)
     per_group = heads // kv_heads
     before = sum(p.numel() for p in model.parameters())
@@ -162,3 +171,23 @@ def flap(model: PreTrainedModel, stage: FLAPStage, calibration: torch.Tensor, ba
         "uniform_blocks": len(set(shapes)) == 1, "parameters_before": before, "parameters_after": after,
         "parameter_reduction": 1 - after / before,
     })
+
+
+@register
+class FLAPStage(Stage):
+    """FLAP (An et al., 2024): fluctuation-based structured pruning with bias compensation."""
+
+    method: Literal["flap"] = "flap"
+    whole_model: ClassVar[bool] = True  # changes the architecture: runs before the block-by-block pass
+    ratio: float = Field(0.2, gt=0, lt=1, description="fraction of the blocks' attention and MLP parameters removed")
+    metric: Literal["WIFV", "IFV", "WIFN"] = Field("WIFV", description="the paper's fluctuation metric, or its ablations")
+    structure: Literal["AL-AM", "UL-UM"] = Field(
+        "UL-UM", description="the same fraction in every block and module (equal blocks: plain transformers loads "
+        "them; the default), or the paper's adaptive widths across blocks and modules (a slimlm checkpoint)")
+    bias_compensation: bool = True
+
+    def check(self, adapter, layers: dict[str, int]) -> None:
+        require_separate_projections(adapter, self.method)
+
+    def apply(self, context: ModelContext, report: CompressionReport) -> None:
+        flap(context.model, self, context.calibration, context.batch_size, context.device, report)

@@ -19,16 +19,19 @@ shortens `config.num_hidden_layers` and, where the config has one, `config.layer
 from __future__ import annotations
 
 import math
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 from transformers import PreTrainedModel
 
-from slimlm.compress.engine import CompressionReport, dense_block_passes
-from slimlm.compress.recipe import DropLayersStage
-from slimlm.eval.perplexity import next_token_loss
+from slimlm.core.blocks import CompressionReport, dense_block_passes
+from slimlm.core.stage import ModelContext, Stage, register
+from slimlm.errors import SlimlmError
 from slimlm.models.adapter import ModelAdapter, text_config
+from slimlm.models.loss import next_token_loss
 from slimlm.progress import progress
 
 
@@ -95,3 +98,33 @@ def drop_layers(model: PreTrainedModel, stage: DropLayersStage, calibration: tor
     remove_blocks_(model, adapter, removed)
     report.structure.append({"method": "drop_layers", "criterion": stage.criterion, "importance": importance,
                              "removed_blocks": removed, "blocks_left": len(adapter) - count})
+
+
+@register
+class DropLayersStage(Stage):
+    """Layer removal: the least important blocks go (ShortGPT's angular criterion or Shortened LLaMA's perplexity)."""
+
+    method: Literal["drop_layers"] = "drop_layers"
+    whole_model: ClassVar[bool] = True  # changes the architecture: runs before the block-by-block pass
+    count: int | None = Field(None, ge=1, description="blocks to remove")
+    ratio: float | None = Field(None, gt=0, lt=1, description="or: the fraction of blocks to remove")
+    criterion: Literal["angular", "perplexity"] = "angular"
+
+    @model_validator(mode="after")
+    def _count_or_ratio(self):
+        if (self.count is None) == (self.ratio is None):
+            raise ValueError("give exactly one of `count` (blocks to remove) and `ratio` (fraction of blocks)")
+        return self
+
+    def check(self, adapter, layers: dict[str, int]) -> None:
+        self.blocks_to_remove(len(adapter))
+
+    def blocks_to_remove(self, blocks: int) -> int:
+        count = self.count if self.count is not None else round(self.ratio * blocks)
+        if not 1 <= count < blocks:
+            raise SlimlmError(f"drop_layers: cannot remove {count} of the model's {blocks} blocks; "
+                              f"choose 1 to {blocks - 1}")
+        return count
+
+    def apply(self, context: ModelContext, report: CompressionReport) -> None:
+        drop_layers(context.model, self, context.calibration, context.batch_size, context.device, report)

@@ -28,16 +28,20 @@ pruned here, because transformers configs hold one head count and one MLP width 
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
+from pydantic import Field
 from transformers import PreTrainedModel
 
-from slimlm.compress.engine import CompressionReport
-from slimlm.compress.recipe import LLMPrunerStage
+from slimlm.core.blocks import CompressionReport
+from slimlm.core.stage import ModelContext, Stage, register
 from slimlm.errors import SlimlmError
-from slimlm.eval.perplexity import next_token_loss
+from slimlm.finetune.lora import LoRARecovery, add_lora, merge_lora_, train_lora
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
+from slimlm.models.loss import next_token_loss
 from slimlm.progress import progress
-from slimlm.prune.common import attention_shape, prune_block_, set_block_shape_
+from slimlm.prune.common import attention_shape, prune_block_, require_separate_projections, set_block_shape_
 
 
 def accumulate_gradients(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int, device: torch.device) -> None:
@@ -110,7 +114,7 @@ def _keep(importance: torch.Tensor, ratio: float) -> torch.Tensor:
 def llm_pruner(model: PreTrainedModel, stage: LLMPrunerStage, calibration: torch.Tensor, batch_size: int,
                device: torch.device, report: CompressionReport) -> None:
     adapter = ModelAdapter(model)
-    stage.check_model(adapter)
+    require_separate_projections(adapter, stage.method)
     heads, kv_heads, head_dim = attention_shape(model.config)
     before = sum(p.numel() for p in model.parameters())
     accumulate_gradients(model, calibration[: stage.gradient_samples], batch_size, device)
@@ -130,8 +134,6 @@ def llm_pruner(model: PreTrainedModel, stage: LLMPrunerStage, calibration: torch
     summary = {"method": "llm_pruner", "parameters_before": before, "kv_heads": [kv_heads, len(kv_keep)],
                "attention_heads": [heads, len(q_keep)], "mlp_width": [mlp.numel(), len(channel_keep)]}
     if stage.recovery is not None:
-        from slimlm.finetune.lora import add_lora, merge_lora_, train_lora
-
         r = stage.recovery
         add_lora(model, rank=r.rank, alpha=r.alpha, dropout=r.dropout)
         trained = train_lora(model, calibration, r.steps, r.batch_size, r.lr)
@@ -141,3 +143,24 @@ def llm_pruner(model: PreTrainedModel, stage: LLMPrunerStage, calibration: torch
     summary["parameters_after"] = sum(p.numel() for p in model.parameters())
     summary["parameter_reduction"] = 1 - summary["parameters_after"] / before
     report.structure.append(summary)
+
+
+@register
+class LLMPrunerStage(Stage):
+    """LLM-Pruner (Ma et al., 2023): coupled attention groups and MLP channels by first-order Taylor importance."""
+
+    method: Literal["llm_pruner"] = "llm_pruner"
+    whole_model: ClassVar[bool] = True  # changes the architecture: runs before the block-by-block pass
+    ratio: float = Field(0.2, gt=0, lt=1, description="fraction of each block's KV-head groups and MLP channels removed")
+    importance: Literal["element", "vector"] = "element"
+    aggregation: Literal["sum", "mean", "max", "prod"] = "sum"
+    attention_unit: Literal["kv_group", "query_head"] = Field(
+        "kv_group", description="remove whole KV groups, or query heads (the same number in every group)")
+    gradient_samples: int = Field(10, ge=1, description="calibration segments for the gradients (the paper: 10)")
+    recovery: LoRARecovery | None = None
+
+    def check(self, adapter, layers: dict[str, int]) -> None:
+        require_separate_projections(adapter, self.method)
+
+    def apply(self, context: ModelContext, report: CompressionReport) -> None:
+        llm_pruner(context.model, self, context.calibration, context.batch_size, context.device, report)

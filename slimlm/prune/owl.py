@@ -12,24 +12,25 @@ with more outliers are pruned less and the sparsities span S - lam .. S + lam wi
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from transformers import PreTrainedModel
 
-from slimlm.compress.engine import BlockContext, BlockInputs, _block_targets, _on_device, linear_weight, run_block
-from slimlm.compress.recipe import PruneFields, StageBase
+from slimlm.core.blocks import BlockContext, BlockInputs, block_targets, linear_weight, on_device, run_block
+from slimlm.core.stage import Stage, StrictModel
 from slimlm.models.adapter import ModelAdapter
 from slimlm.progress import progress
 from slimlm.prune.common import collect_statistics, wanda_score
 
 
 @torch.no_grad()
-def outlier_ratios(model: PreTrainedModel, adapter: ModelAdapter, stage: StageBase, selected: set[str],
+def outlier_ratios(model: PreTrainedModel, adapter: ModelAdapter, stage: Stage, selected: set[str],
                    inputs: BlockInputs, device: torch.device, multiple: float) -> list[float]:
     """Percentage of outlier Wanda scores in each block of the dense model."""
     ratios = []
     for index in progress(range(len(adapter)), desc="OWL outlier ratios", total=len(adapter)):
         block = adapter.blocks[index]
-        with _on_device([block], device):
-            targets = _block_targets(adapter, index, stage, selected)
+        with on_device([block], device):
+            targets = block_targets(adapter, index, stage, selected)
             context = BlockContext(model, adapter, index, block, targets, inputs, device)
             statistics = collect_statistics(context)
             scores = torch.cat([wanda_score(linear_weight(context.module(name)), statistics.pop(name)).flatten()
@@ -49,7 +50,25 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
     return [float(1 - k) for k in keep]
 
 
-def plan_owl(model: PreTrainedModel, adapter: ModelAdapter, stage: PruneFields, selected: set[str],
+def plan_owl(model: PreTrainedModel, adapter: ModelAdapter, stage: OWLMixin, selected: set[str],
              inputs: BlockInputs, device: torch.device) -> list[float]:
     ratios = outlier_ratios(model, adapter, stage, selected, inputs, device, stage.owl.outlier_multiple)
     return owl_sparsities(ratios, stage.sparsity, stage.owl.lam)
+
+
+class OWLConfig(StrictModel):
+    """OWL (Yin et al., 2024): non-uniform sparsity per block from its share of outlier scores."""
+
+    lam: float = Field(0.08, gt=0, lt=1, description="block sparsities span target - lam .. target + lam")
+    outlier_multiple: float = Field(5.0, gt=0, description="an outlier is a Wanda score above this many times the block mean")
+
+
+class OWLMixin(Stage):
+    """A pruning stage whose `owl` setting replaces the uniform sparsity by OWL's per block: `plan` runs the
+    dense pre-pass and hands each block its sparsity (`BlockContext.plan`)."""
+
+    owl: OWLConfig | None = None
+
+    def plan(self, model: PreTrainedModel, adapter: ModelAdapter, selected: set[str], inputs: BlockInputs | None,
+             device: torch.device) -> list[float] | None:
+        return None if self.owl is None else plan_owl(model, adapter, self, selected, inputs, device)

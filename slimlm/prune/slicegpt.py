@@ -48,14 +48,23 @@ from __future__ import annotations
 import copy
 import math
 import types
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from transformers import PreTrainedModel
 
-from slimlm.compress.engine import (
-    BlockInputs, CompressionReport, _on_device, capture_block_inputs, dense_block_passes, run_block)
-from slimlm.compress.recipe import SliceGPTStage
+from slimlm.core.blocks import (
+    BlockInputs,
+    CompressionReport,
+    capture_block_inputs,
+    dense_block_passes,
+    on_device,
+    run_block,
+)
+from slimlm.core.registry import CheckpointSection, register_section
+from slimlm.core.stage import ModelContext, Stage, register
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import BlockAdapter, ModelAdapter, text_config
 from slimlm.progress import progress
@@ -266,6 +275,21 @@ def install_shortcuts_(block: nn.Module, parts: list[str], attn_shape: tuple[int
     block.forward = types.MethodType(shortcut_block_forward, block)
 
 
+def _shortcut_metadata(model: nn.Module) -> dict[str, dict]:
+    """The checkpoint's record of every block with residual shortcuts: its parts and the matrices' shapes."""
+    return {name: {"parts": module.slicegpt_parts, "attn": list(module.attn_shortcut.shape),
+                   "mlp": list(module.mlp_shortcut.shape)}
+            for name, module in model.named_modules() if hasattr(module, "slicegpt_parts")}
+
+
+def _install_from_metadata(block: nn.Module, meta: dict, dtype: torch.dtype) -> None:
+    install_shortcuts_(block, meta["parts"], tuple(meta["attn"]), tuple(meta["mlp"]), dtype)
+
+
+# The native checkpoint saves and restores the shortcuts under this key of slimlm.json.
+register_section("residual_shortcuts", CheckpointSection(_shortcut_metadata, _install_from_metadata))
+
+
 def block_parts(block: BlockAdapter) -> list[str]:
     """Paths of the attention module, the MLP module and the two norms inside the block."""
     mlp = block.mlp_module()
@@ -314,7 +338,7 @@ def slice_per_block_(model: PreTrainedModel, adapter: ModelAdapter, calibration:
         signal: list[torch.Tensor] = []
         hook = block.norms["mlp_norm"].register_forward_pre_hook(lambda _m, args: signal.append(args[0].detach()))
         batches = BlockInputs(hidden_in, inputs.args, inputs.kwargs)
-        with _on_device([module], device):
+        with on_device([module], device):
             try:
                 run_block(module, batches)
             finally:
@@ -383,3 +407,31 @@ def slicegpt(model: PreTrainedModel, stage: SliceGPTStage, calibration: torch.Te
         "kept_variance": sum(kept) / len(kept), "parameters_before": before, "parameters_after": after,
         "parameter_reduction": 1 - after / before,
     })
+
+
+@register
+class SliceGPTStage(Stage):
+    """SliceGPT (Ashkboos et al., 2024): rotate the residual stream onto its principal axes, delete the weakest."""
+
+    method: Literal["slicegpt"] = "slicegpt"
+    whole_model: ClassVar[bool] = True  # changes the architecture: runs before the block-by-block pass
+    slicing: float | None = Field(None, ge=0, lt=1, description="fraction of the hidden size deleted")
+    parameter_reduction: float | None = Field(
+        None, gt=0, lt=1, description="or: the fraction of the model's parameters to remove (the closest width is chosen)")
+    round_to: int = Field(8, ge=1, description="the new hidden size is a multiple of this (and of what the config demands)")
+    dampening: float = Field(0.01, ge=0, lt=1, description="fraction of the mean covariance diagonal added before PCA")
+    rotation: Literal["per_block", "global"] = Field(
+        "global", description="one rotation for all blocks (a plain transformers model; the default), or the "
+        "paper's rotation per block (shortcut matrices on the residual connections: a slimlm checkpoint)")
+
+    @model_validator(mode="after")
+    def _slicing_or_reduction(self):
+        if (self.slicing is None) == (self.parameter_reduction is None):
+            raise ValueError("give exactly one of `slicing` (fraction of the hidden size) and `parameter_reduction`")
+        return self
+
+    def check(self, adapter, layers: dict[str, int]) -> None:
+        check_slicegpt_model(adapter)
+
+    def apply(self, context: ModelContext, report: CompressionReport) -> None:
+        slicegpt(context.model, self, context.calibration, context.batch_size, context.device, report)

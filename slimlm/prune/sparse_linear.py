@@ -23,13 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimlm.compress.sparsity import check_n_m
+from slimlm.core.blocks import linear_weight
+from slimlm.core.packing import pack, unpack
+from slimlm.core.registry import register_layer
+from slimlm.core.sparsity import PRUNED, check_n_m
 from slimlm.errors import SlimlmError
-from slimlm.quant.packing import pack, unpack
 
 META_VERSION = 1
 
 
+@register_layer("sparse")
 class SparseLinear(nn.Module):
     is_compressed_linear = True
 
@@ -120,6 +123,10 @@ class SparseLinear(nn.Module):
                 "bias": self.bias is not None}
 
     @classmethod
+    def from_meta(cls, meta: dict, dtype: torch.dtype) -> SparseLinear:
+        return cls.empty(meta).to(dtype)
+
+    @classmethod
     def empty(cls, meta: dict) -> SparseLinear:
         if meta.get("version") != META_VERSION:
             raise SlimlmError(f"sparse-layer metadata version {meta.get('version')!r} is not supported "
@@ -134,9 +141,6 @@ class SparseLinear(nn.Module):
 
 def sparsify_model_(model: nn.Module, n_m: tuple[int, int] | None = None) -> int:
     """Replace every pruned linear (marked by a pruning stage) by its SparseLinear; returns how many."""
-    from slimlm.compress.engine import linear_weight
-    from slimlm.compress.sparsity import PRUNED
-
     replaced = 0
     for name, module in list(model.named_modules()):
         if getattr(module, PRUNED, False) and not getattr(module, "is_compressed_linear", False):

@@ -5,7 +5,7 @@ code (`sparsegpt.py`, `fasterprune`):
 
 - H = 2 X X^T from the layer's calibration inputs, dead inputs fixed, dampening lambda = 1% of
   the mean diagonal, and the upper Cholesky factor of H^-1 (shared with GPTQ,
-  `slimlm.compress.hessian`);
+  `slimlm.core.hessian`);
 - adaptive mask selection (Sec. 3.3): columns are processed in blocks of Bs = `block_size` (128);
   at the start of each block the weights with the smallest w^2 / [H^-1]_jj^2 across the block
   (all rows) are chosen for pruning, the block's share being the target sparsity; for N:M the
@@ -14,7 +14,7 @@ code (`sparsegpt.py`, `fasterprune`):
   replaces w and the error (w - q) / [H^-1]_jj updates the remaining columns of the block at once
   and the rest of the matrix once per block (the lazy updates of GPTQ);
 - joint sparsification and quantization (Sec. 3.5, `quantize:`): the kept weights are quantized
-  in the same sweep with GPTQ's grid (`slimlm.quant.gptq.SweepGrid`: group parameters computed
+  in the same sweep with GPTQ's grid (`slimlm.quant.grid.SweepGrid`: group parameters computed
   at each group's first column from the updated weights); pruned weights get the code of zero.
 
 As in the reference code, one pass of the block gathers every linear's Hessian (no sequential
@@ -24,17 +24,22 @@ order inside a block) and the pruned block's outputs feed the next block.
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
-from slimlm.compress.hessian import SharedHessians, inverse_cholesky_upper, prepare_hessian
-from slimlm.compress.recipe import JointQuantization, SparseGPTStage
-from slimlm.compress.sparsity import mark_pruned
+from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, linear_weight
+from slimlm.core.hessian import SharedHessians, inverse_cholesky_upper, prepare_hessian
+from slimlm.core.obs import lazy_batches
+from slimlm.core.sparsity import mark_pruned
+from slimlm.core.stage import register
+from slimlm.errors import SlimlmError
 from slimlm.prune.common import block_sparsity
-from slimlm.quant.grid import QuantizedWeight, dequantize
+from slimlm.prune.fields import PruneFields
+from slimlm.quant.fields import WeightQuantFields
+from slimlm.quant.grid import QuantizedWeight, SweepGrid, dequantize
 from slimlm.quant.grid import quantize as quantize_codes
-from slimlm.quant.gptq import SweepGrid
 from slimlm.quant.qlinear import QuantizedLinear
 
 
@@ -59,11 +64,8 @@ def sparsegpt_prune(
         codes_t = torch.zeros(columns, rows, dtype=torch.uint8, device=W.device)
     mask_t = torch.zeros(columns, rows, dtype=torch.bool, device=W.device)  # column-major, True = pruned
     loss = torch.zeros(rows, device=W.device)
-    for start in range(0, columns, block_size):
-        end = min(start + block_size, columns)
-        W1 = W[:, start:end].T.contiguous()  # (block columns, rows)
-        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        Hinv1 = Hinv[start:end, start:end]
+    for start, end, W1, Hinv1, Err1 in lazy_batches(W, Hinv, block_size):
+        Q1 = torch.zeros_like(W1)
         diagonal = torch.diag(Hinv1)
         mask1 = mask_t[start:end]
         if n_m is None:  # adaptive mask: the block's smallest w^2 / [H^-1]_jj^2, all rows together
@@ -92,7 +94,6 @@ def sparsegpt_prune(
             W1[i:] -= Hinv1[i, i:, None] * err[None, :]
             Err1[i] = err
         W[:, start:end] = Q1.T
-        W[:, end:] -= Err1.T @ Hinv[start:end, end:]
     quantized = grid.quantized(codes_t, identity) if grid is not None else None
     return W, mask_t.T.contiguous(), quantized, float(loss.sum())
 
@@ -116,3 +117,29 @@ def sparsegpt_block(context: BlockContext, stage: SparseGPTStage, report: Compre
                 weight.copy_(pruned.to(weight.dtype))
             mark_pruned(module)
         report.layers.append(LayerReport(name, "sparsegpt", time.perf_counter() - start, loss))
+
+
+class JointQuantization(WeightQuantFields):
+    """SparseGPT's joint mode: quantize the kept weights in the same sweep."""
+
+    clip: Literal["minmax", "mse"] = "minmax"
+
+
+@register
+class SparseGPTStage(PruneFields):
+    """SparseGPT (Frantar and Alistarh, 2023)."""
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    dampening: float = Field(0.01, gt=0, lt=1, description="fraction of the mean Hessian diagonal added")
+    block_size: int = Field(128, ge=1, description="columns per adaptive mask block and lazy update")
+    quantize: JointQuantization | None = Field(None, description="quantize in the same sweep (bits, group_size, ...)")
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        PruneFields.check_layer(self, name, in_features)
+        if self.n_m and self.block_size % self.n_m[1]:
+            raise SlimlmError(f"block_size {self.block_size} must be a multiple of M = {self.n_m[1]}")
+        if self.quantize is not None:
+            self.quantize.check_layer(name, in_features)
+
+    def apply(self, context: BlockContext, report: CompressionReport) -> None:
+        sparsegpt_block(context, self, report)

@@ -10,9 +10,12 @@ statistics of all its linears, they are pruned, and the pruned block's outputs f
 
 from __future__ import annotations
 
-from slimlm.compress.engine import BlockContext, CompressionReport
-from slimlm.compress.recipe import WandaStage
+from typing import Literal
+
+from slimlm.core.blocks import BlockContext, CompressionReport
+from slimlm.core.stage import register
 from slimlm.prune.common import block_sparsity, collect_statistics, mask_from_score, prune_targets, wanda_score
+from slimlm.prune.fields import PruneFields
 
 
 def wanda_block(context: BlockContext, stage: WandaStage, report: CompressionReport) -> None:
@@ -20,3 +23,13 @@ def wanda_block(context: BlockContext, stage: WandaStage, report: CompressionRep
     statistics = collect_statistics(context)
     prune_targets(context, report, "wanda", lambda name, _role, weight: mask_from_score(
         wanda_score(weight, statistics.pop(name)), stage, sparsity, per_row=True))
+
+
+@register
+class WandaStage(PruneFields):
+    """Wanda (Sun et al., 2024): score |W_ij| * ||X_j||_2 compared within each output row."""
+
+    method: Literal["wanda"] = "wanda"
+
+    def apply(self, context: BlockContext, report: CompressionReport) -> None:
+        wanda_block(context, self, report)

@@ -40,14 +40,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
-from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, block_output, linear_weight
-from slimlm.compress.recipe import AWQStage
-from slimlm.compress.transforms import divide_norm_, divide_output_channels_, multiply_input_channels_
+from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, block_output, linear_weight
+from slimlm.core.stage import Stage, register
+from slimlm.core.transforms import divide_norm_, divide_output_channels_, multiply_input_channels_
 from slimlm.errors import SlimlmError
+from slimlm.quant.fields import GroupSize, WeightQuantFields
 from slimlm.quant.grid import fake_quantize, fake_quantize_groups, find_params, group_bounds, quantize_weight
 from slimlm.quant.qlinear import QuantizedLinear
 
@@ -160,15 +163,14 @@ def _float_pass(context: BlockContext, names: dict[str, str], attention: nn.Modu
 
 
 def _scaling_groups(context: BlockContext, block, names: dict[str, str], has_mlp_module: bool) -> list[ScalingGroup]:
-    groups = []
-    attention_layers = [names[r] for r in ("q", "k", "v", "qkv") if r in names]
-    groups.append(ScalingGroup(block.norms["attn_norm"], True, attention_layers, "attention"))
+    readers = block.norm_readers()
+    groups = [ScalingGroup(block.norms["attn_norm"], True, [names[r] for r in readers["attn_norm"]], "attention")]
     if "v" in names:
         v, o = context.module(names["v"]), context.module(names["o"])  # the live modules, not the adapter's snapshot
         if linear_weight(v).shape[0] == linear_weight(o).shape[1]:  # multi-head attention: o reads v one to one
             groups.append(ScalingGroup(v, False, [names["o"]], names["o"]))
-    mlp_layers = [names[r] for r in ("gate", "up") if r in names]
-    groups.append(ScalingGroup(block.norms["mlp_norm"], True, mlp_layers, "mlp" if has_mlp_module else names["up"]))
+    groups.append(ScalingGroup(block.norms["mlp_norm"], True, [names[r] for r in readers["mlp_norm"]],
+                               "mlp" if has_mlp_module else names["up"]))
     if "gate" in names or _activation_is_relu(context, block):
         groups.append(ScalingGroup(context.module(names["up"]), False, [names["down"]], names["down"]))
     return groups
@@ -287,3 +289,27 @@ def _clamp_groups(weight: torch.Tensor, max_val: torch.Tensor, group_size: int |
         limit = max_val[:, g : g + 1]
         clamped[:, start:end] = torch.maximum(torch.minimum(weight[:, start:end], limit), -limit)
     return clamped
+
+
+@register
+class AWQStage(WeightQuantFields, Stage):
+    """AWQ (Lin et al., 2024)."""
+
+    method: Literal["awq"] = "awq"
+    grid: int = Field(20, ge=2, description="alpha grid points in [0, 1]")
+    clip_search: bool = True
+    clip_grid: int = Field(20, ge=2)
+    max_shrink: float = Field(0.5, gt=0, lt=1)
+    clip_tokens: int = Field(512, ge=16, description="input tokens sampled for the clipping search")
+    search_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float16", description="precision of the scale search's forward passes (the reference code runs float16)")
+
+    @field_validator("group_size")
+    @classmethod
+    def _not_per_tensor(cls, group_size: GroupSize) -> GroupSize:
+        if group_size == "tensor":
+            raise ValueError('AWQ scales per group or per channel: use an integer group_size or "channel"')
+        return group_size
+
+    def apply(self, context: BlockContext, report: CompressionReport) -> None:
+        awq_block(context, self, report)

@@ -4,7 +4,7 @@ Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization
 Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323). Implemented: Algorithm 1 with the
 paper's three refinements, as in the IST-DASLab reference code (`gptq.py`):
 
-- H = 2 X X^T from the calibration inputs of the layer (`slimlm.compress.hessian`); dead inputs
+- H = 2 X X^T from the calibration inputs of the layer (`slimlm.core.hessian`); dead inputs
   (H_jj = 0) get H_jj = 1 and a zero weight column;
 - dampening: lambda = `dampening` * mean(diag H) added to the diagonal;
 - the upper Cholesky factor of H^-1 replaces the repeated inverse updates (Eq. 5 becomes a row of
@@ -27,77 +27,24 @@ agree whenever the group size is a multiple of the block size).
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
+from pydantic import Field
 
-from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
-from slimlm.compress.hessian import SharedHessians, inverse_cholesky_upper, prepare_hessian
-from slimlm.compress.recipe import GPTQStage
-from slimlm.compress.sparsity import pruned_mask
+from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, linear_weight
+from slimlm.core.hessian import SharedHessians, inverse_cholesky_upper, prepare_hessian
+from slimlm.core.obs import lazy_batches
+from slimlm.core.sparsity import pruned_mask
+from slimlm.core.stage import Stage, register
 from slimlm.models.adapter import MLP_ROLES
-from slimlm.quant.grid import QuantizedWeight, find_params, group_bounds
+from slimlm.quant.fields import WeightQuantFields
+from slimlm.quant.grid import QuantizedWeight, SweepGrid
 from slimlm.quant.qlinear import QuantizedLinear
 
 # True-sequential order inside a block (the reference code's `sequential` groups): each group is
 # quantized on inputs produced by the already-quantized groups before it.
 SEQUENTIAL_GROUPS = (("q", "k", "v", "qkv"), ("o",), ("gate", "up"), ("down",))
-
-
-class SweepGrid:
-    """Scale and zero point of each column during a left-to-right OBS sweep (GPTQ; SparseGPT's joint mode).
-
-    Group-wise: a group's parameters are computed when the sweep reaches the group's first column,
-    from the weights as updated so far; per-channel, per-tensor and `static_groups`: computed up
-    front from the unquantized weights in the original column order. Records each column's group
-    (g_idx) and assembles the QuantizedWeight at the end.
-    """
-
-    def __init__(self, W: torch.Tensor, perm: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                 clip: str = "minmax", static_groups: bool = False, per_tensor: bool = False):
-        rows, columns = W.shape
-        self.bits, self.group_size, self.symmetric, self.clip = bits, group_size, symmetric, clip
-        self.bounds = group_bounds(columns, group_size)
-        self.group_of_column = _group_lookup(self.bounds, columns)
-        self.order = perm.tolist()
-        self.static = None
-        if per_tensor:
-            self.static = [_tensor_params(W, bits, symmetric, clip)] * len(self.bounds)
-        elif group_size is None or static_groups:
-            self.static = [find_params(W[:, start:end], bits, symmetric, clip) for start, end in self.bounds]
-        self.params: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(self.static)) if self.static else {}
-        self.group_index = torch.zeros(columns, dtype=torch.int32)  # per position in processing order
-        self._current: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def at(self, position: int, W1: torch.Tensor, i: int, W: torch.Tensor, block_end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) for the column at `position` of the (permuted) sweep; W1 is the current lazy
-        block, column-major, with this column at row i; W the full (permuted) matrix."""
-        if self.static is not None:
-            group = self.group_of_column[self.order[position]]
-            self._current = self.static[group]
-        else:
-            group = self.group_of_column[position]
-            if position == self.bounds[group][0]:
-                width = self.bounds[group][1] - position
-                # The group's weights as updated so far: in-block part from W1, the rest from W.
-                current = torch.cat([W1[i:].T, W[:, block_end:]], dim=1)[:, :width]
-                self.params[group] = find_params(current, self.bits, self.symmetric, self.clip)
-            self._current = self.params[group]
-        self.group_index[position] = group
-        return self._current
-
-    def quantized(self, codes_t: torch.Tensor, perm: torch.Tensor) -> QuantizedWeight:
-        """The QuantizedWeight from the codes in processing order, (columns, rows)."""
-        groups = range(len(self.bounds))
-        scales = torch.stack([self.params[g][0] for g in groups], dim=1)
-        zeros = torch.stack([self.params[g][1] for g in groups], dim=1)
-        inverse = torch.argsort(perm)
-        codes = codes_t.T[:, inverse].contiguous()
-        g_idx = self.group_index[inverse.cpu()]
-        trivial = torch.equal(g_idx, torch.tensor(self.group_of_column, dtype=torch.int32))
-        return QuantizedWeight(
-            codes=codes, scale=scales, zero=zeros, bits=self.bits, group_size=self.group_size,
-            symmetric=self.symmetric, fmt="int", g_idx=None if trivial else g_idx.to(codes.device), codebook=None,
-        )
 
 
 def gptq_quantize(
@@ -132,12 +79,8 @@ def gptq_quantize(
     # Column-major copies: the loop below reads and updates one column at a time, contiguously.
     codes_t = torch.zeros(columns, rows, dtype=torch.uint8, device=device)
     loss = torch.zeros(rows, device=device)
-    for block_start in range(0, columns, block_size):
-        block_end = min(block_start + block_size, columns)
-        W1 = W[:, block_start:block_end].T.contiguous()  # (block columns, rows)
+    for block_start, block_end, W1, Hinv1, Err1 in lazy_batches(W, Hinv, block_size):
         Q1 = torch.empty_like(W1)  # integer codes, as floats until the block ends
-        Err1 = torch.empty_like(W1)
-        Hinv1 = Hinv[block_start:block_end, block_start:block_end]
         for i in range(block_end - block_start):
             scale, zero = grid.at(block_start + i, W1, i, W, block_end)
             # q = clamp(round(w / s) + z), err = (w - s (q - z)) / [H^-1]_jj: the grid's `quantize`,
@@ -150,21 +93,7 @@ def gptq_quantize(
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
         codes_t[block_start:block_end] = Q1.to(torch.uint8)
         loss += Err1.square().sum(0) / 2  # the OBS loss (w - q)^2 / [H^-1]_jj^2 / 2 of the paper
-        W[:, block_end:] -= Err1.T @ Hinv[block_start:block_end, block_end:]
     return grid.quantized(codes_t, perm), float(loss.sum())
-
-
-def _group_lookup(bounds: list[tuple[int, int]], columns: int) -> list[int]:
-    lookup = [0] * columns
-    for group, (start, end) in enumerate(bounds):
-        lookup[start:end] = [group] * (end - start)
-    return lookup
-
-
-def _tensor_params(W: torch.Tensor, bits: int, symmetric: bool, clip: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One scale and zero point for the whole matrix, broadcast to every row."""
-    scale, zero = find_params(W.reshape(1, -1), bits, symmetric, clip)
-    return scale.expand(W.shape[0]).clone(), zero.expand(W.shape[0]).clone()
 
 
 def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionReport) -> None:
@@ -197,3 +126,19 @@ def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionRepor
             report.layers.append(LayerReport(name, "gptq", time.perf_counter() - start, loss))
     if context.residual is not None:
         context.next_inputs = context.run_mlp()
+
+
+@register
+class GPTQStage(WeightQuantFields, Stage):
+    """GPTQ (Frantar et al., 2023)."""
+
+    method: Literal["gptq"] = "gptq"
+    dampening: float = Field(0.01, gt=0, lt=1, description="fraction of the mean Hessian diagonal added")
+    block_size: int = Field(128, ge=1, description="columns per lazy batch update")
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    clip: Literal["minmax", "mse"] = "minmax"
+
+    def apply(self, context: BlockContext, report: CompressionReport) -> None:
+        gptq_block(context, self, report)

@@ -711,3 +711,75 @@ def _encode(
         codes=codes, scale=scale, zero=zero, bits=bits, group_size=group_size,
         symmetric=symmetric if fmt == "int" else fmt != "codebook", fmt=fmt, codebook=codebook,
     )
+
+
+# The grid during a left-to-right OBS sweep (GPTQ; SparseGPT's joint sparsify-and-quantize mode).
+
+class SweepGrid:
+    """Scale and zero point of each column during a left-to-right OBS sweep (GPTQ; SparseGPT's joint mode).
+
+    Group-wise: a group's parameters are computed when the sweep reaches the group's first column,
+    from the weights as updated so far; per-channel, per-tensor and `static_groups`: computed up
+    front from the unquantized weights in the original column order. Records each column's group
+    (g_idx) and assembles the QuantizedWeight at the end.
+    """
+
+    def __init__(self, W: torch.Tensor, perm: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                 clip: str = "minmax", static_groups: bool = False, per_tensor: bool = False):
+        rows, columns = W.shape
+        self.bits, self.group_size, self.symmetric, self.clip = bits, group_size, symmetric, clip
+        self.bounds = group_bounds(columns, group_size)
+        self.group_of_column = _group_lookup(self.bounds, columns)
+        self.order = perm.tolist()
+        self.static = None
+        if per_tensor:
+            self.static = [_tensor_params(W, bits, symmetric, clip)] * len(self.bounds)
+        elif group_size is None or static_groups:
+            self.static = [find_params(W[:, start:end], bits, symmetric, clip) for start, end in self.bounds]
+        self.params: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(self.static)) if self.static else {}
+        self.group_index = torch.zeros(columns, dtype=torch.int32)  # per position in processing order
+        self._current: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def at(self, position: int, W1: torch.Tensor, i: int, W: torch.Tensor, block_end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) for the column at `position` of the (permuted) sweep; W1 is the current lazy
+        block, column-major, with this column at row i; W the full (permuted) matrix."""
+        if self.static is not None:
+            group = self.group_of_column[self.order[position]]
+            self._current = self.static[group]
+        else:
+            group = self.group_of_column[position]
+            if position == self.bounds[group][0]:
+                width = self.bounds[group][1] - position
+                # The group's weights as updated so far: in-block part from W1, the rest from W.
+                current = torch.cat([W1[i:].T, W[:, block_end:]], dim=1)[:, :width]
+                self.params[group] = find_params(current, self.bits, self.symmetric, self.clip)
+            self._current = self.params[group]
+        self.group_index[position] = group
+        return self._current
+
+    def quantized(self, codes_t: torch.Tensor, perm: torch.Tensor) -> QuantizedWeight:
+        """The QuantizedWeight from the codes in processing order, (columns, rows)."""
+        groups = range(len(self.bounds))
+        scales = torch.stack([self.params[g][0] for g in groups], dim=1)
+        zeros = torch.stack([self.params[g][1] for g in groups], dim=1)
+        inverse = torch.argsort(perm)
+        codes = codes_t.T[:, inverse].contiguous()
+        g_idx = self.group_index[inverse.cpu()]
+        trivial = torch.equal(g_idx, torch.tensor(self.group_of_column, dtype=torch.int32))
+        return QuantizedWeight(
+            codes=codes, scale=scales, zero=zeros, bits=self.bits, group_size=self.group_size,
+            symmetric=self.symmetric, fmt="int", g_idx=None if trivial else g_idx.to(codes.device), codebook=None,
+        )
+
+
+def _group_lookup(bounds: list[tuple[int, int]], columns: int) -> list[int]:
+    lookup = [0] * columns
+    for group, (start, end) in enumerate(bounds):
+        lookup[start:end] = [group] * (end - start)
+    return lookup
+
+
+def _tensor_params(W: torch.Tensor, bits: int, symmetric: bool, clip: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale and zero point for the whole matrix, broadcast to every row."""
+    scale, zero = find_params(W.reshape(1, -1), bits, symmetric, clip)
+    return scale.expand(W.shape[0]).clone(), zero.expand(W.shape[0]).clone()

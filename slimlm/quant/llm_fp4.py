@@ -62,11 +62,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 from torch import Tensor
 
-from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
+from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, linear_weight
+from slimlm.core.stage import Stage, register
 from slimlm.errors import SlimlmError
 from slimlm.quant.activation import ACTIVATION_FORMATS, ActivationQuantizer
 from slimlm.quant.grid import FP4_MAGNITUDES, QuantizedWeight, fp_decode, fp_encode, fp_max
@@ -308,3 +311,48 @@ def llm_fp4_block(context: BlockContext, stage, report: CompressionReport) -> No
         report.layers.append(LayerReport(name, choice.label(), time.perf_counter() - start, choice.error))
     for name, layer in layers.items():
         context.replace(name, layer)
+
+
+@register
+class LLMFP4Stage(Stage):
+    """LLM-FP4 (Liu et al., EMNLP 2023): FP4 W4A4 with a joint format / maximum-value search and per-channel
+    pre-shifted activation exponent biases folded into the weights (`slimlm.quant.llm_fp4`)."""
+
+    method: Literal["llm_fp4"] = "llm_fp4"
+    weight_format: Literal["fp4_e2m1", "fp4_e1m2", "fp4_e3m0"] = Field(
+        "fp4_e2m1", description="the weights' 4-bit FP format (the search's start when search_formats)")
+    search_formats: bool = Field(True, description="search the exponent / mantissa split (E1M2, E2M1, E3M0) by the "
+                                 "layer output error (activations: the FP4 formats the activation grid holds)")
+    max_grid: int = Field(20, description="candidate maximum values per format, evenly spaced in "
+                          "[min_fraction, 1] x absmax")
+    min_fraction: float = Field(0.3, description="the smallest candidate maximum as a fraction of absmax")
+    exponent_bias: bool = Field(True, description="per-channel pre-shifted exponent bias of the activations "
+                                "(powers of two folded into the weight columns); false: per-tensor only")
+    max_shift: int | None = Field(None, description="largest per-channel shift |rho_j| (None: 2^E - 1, the "
+                                  "reference's clamp)")
+    search_tokens: int = Field(256, ge=16, description="calibration tokens sampled per linear for the search")
+    search_rounds: int = Field(1, ge=1, description="alternating weight / activation search rounds (the reference: 3)")
+
+    @field_validator("max_grid")
+    @classmethod
+    def _max_grid(cls, grid: int) -> int:
+        if grid < 2:
+            raise ValueError(f"max_grid must be at least 2 (got {grid}): absmax and at least one smaller maximum")
+        return grid
+
+    @field_validator("min_fraction")
+    @classmethod
+    def _min_fraction(cls, fraction: float) -> float:
+        if not 0 < fraction < 1:  # NaN fails too
+            raise ValueError(f"min_fraction must be in (0, 1) (got {fraction}); e.g. 0.3")
+        return fraction
+
+    @field_validator("max_shift")
+    @classmethod
+    def _max_shift(cls, shift: int | None) -> int | None:
+        if shift is not None and not 0 <= shift <= 30:
+            raise ValueError(f"max_shift must be between 0 and 30 (got {shift}); None uses 2^E - 1")
+        return shift
+
+    def apply(self, context: BlockContext, report: CompressionReport) -> None:
+        llm_fp4_block(context, self, report)

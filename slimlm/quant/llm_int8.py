@@ -35,6 +35,7 @@ import math
 import torch
 from torch import Tensor
 
+from slimlm.core.registry import register_layer
 from slimlm.errors import SlimlmError
 from slimlm.quant.w8a8 import Int8Linear
 
@@ -49,6 +50,7 @@ def check_outlier_threshold(threshold: float) -> float:
     return float(threshold)
 
 
+@register_layer("llm_int8")
 class LLMInt8Linear(Int8Linear):
     """`Int8Linear` plus the float path for outlier feature columns; see the module docstring."""
 

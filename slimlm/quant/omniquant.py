@@ -65,17 +65,20 @@ from __future__ import annotations
 import math
 import time
 import weakref
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, block_output, linear_weight
-from slimlm.compress.recipe import OmniQuantStage
-from slimlm.compress.transforms import divide_norm_
+from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, block_output, linear_weight
+from slimlm.core.stage import Stage, register
+from slimlm.core.transforms import divide_norm_
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 from slimlm.quant.activation import fake_quantize_tokens
+from slimlm.quant.fields import ActivationQuantConfig, GroupSize, WeightQuantFields
 from slimlm.quant.grid import fake_quantize_ste, group_bounds, group_minmax, quantize_weight_range, range_params
 from slimlm.quant.qlinear import QuantizedLinear
 from slimlm.quant.smoothquant import smoothing_groups, smoothing_scales
@@ -378,3 +381,69 @@ def train_block(block: nn.Module, trainables: dict[str, TrainableLinear], lets: 
         let.clear()
     return losses
 
+
+@register
+class OmniQuantStage(WeightQuantFields, Stage):
+    """OmniQuant (Shao et al., ICLR 2024): learnable weight clipping (LWC) and learnable equivalent
+    transformation (LET), trained block by block (`slimlm.quant.omniquant`)."""
+
+    method: Literal["omniquant"] = "omniquant"
+    group_size: GroupSize = Field("channel", description='input columns per scale, or "channel" (the paper\'s default)')
+    activations: ActivationQuantConfig | None = Field(
+        None, description="also quantize the linears' inputs (the paper: per-token dynamic asymmetric, W4A4 / W6A6); "
+        "None: weight-only")
+    lwc: bool = Field(True, description="learn each weight group's clipping range (Eq. 2)")
+    let: bool = Field(True, description="learn channel scales (and, with activations, shifts) of the linears after "
+                      "each norm (Eq. 3-4); the paper uses it for weight-activation quantization")
+    epochs: int = Field(20, description="passes over the calibration segments per block (the paper: 20 for W4A4/W6A6)")
+    lwc_lr: float = Field(1e-2, description="AdamW learning rate of the clipping parameters")
+    let_lr: float = Field(5e-3, description="AdamW learning rate of the scales and shifts")
+    batch_size: int = Field(1, ge=1, description="calibration segments per optimisation step (the paper: 1)")
+    alpha: float = Field(0.5, description="migration strength of the SmoothQuant-style initial scales")
+    aug_loss: bool = Field(False, description="add the error against the float block on the same (quantized) inputs "
+                           "(the reference's --aug_loss)")
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, epochs: int) -> int:
+        if epochs < 1:
+            raise ValueError(f"epochs must be at least 1 (got {epochs}); OmniQuant trains each block (the paper: 20)")
+        return epochs
+
+    @field_validator("lwc_lr", "let_lr")
+    @classmethod
+    def _learning_rate(cls, lr: float) -> float:
+        if not lr > 0:  # NaN fails too
+            raise ValueError(f"learning rates must be positive (got {lr}); the paper uses lwc_lr 1e-2, let_lr 5e-3")
+        return lr
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, alpha: float) -> float:
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1] (got {alpha}); the reference initialises with 0.5")
+        return alpha
+
+    @field_validator("group_size")
+    @classmethod
+    def _not_per_tensor(cls, group_size: GroupSize) -> GroupSize:
+        if group_size == "tensor":
+            raise ValueError('LWC learns a range per output channel or group: use an integer group_size or "channel"')
+        return group_size
+
+    @model_validator(mode="after")
+    def _settings(self):
+        if not (self.lwc or self.let):
+            raise ValueError("lwc and let are both off: there is nothing to learn (use the rtn method)")
+        acts = self.activations
+        if acts is not None:
+            if acts.outlier_threshold is not None:
+                raise ValueError("outlier_threshold (LLM.int8()) is a setting of the rtn stage; OmniQuant's LET "
+                                 "handles the outliers instead")
+            if acts.granularity != "per_token" or getattr(acts, "fmt", "int") != "int":
+                raise ValueError("OmniQuant quantizes activations per token on a dynamic integer grid, as the paper "
+                                 "does: set activations.granularity: per_token (and fmt: int)")
+        return self
+
+    def apply(self, context: BlockContext, report: CompressionReport) -> None:
+        omniquant_block(context, self, report)

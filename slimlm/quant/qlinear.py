@@ -1,7 +1,7 @@
 """`QuantizedLinear`: a linear layer that stores its weight as packed codes of `slimlm.quant.grid`.
 
 Buffers (the state dict holds only these tensors): `packed` (uint8 codes packed along the input
-dimension, `slimlm.quant.packing`), `scale` (out, n_groups) float16 by default (float32 where
+dimension, `slimlm.core.packing`), `scale` (out, n_groups) float16 by default (float32 where
 float16 would lose precision), `zero` (out, n_groups) uint8 (asymmetric integer grids only;
 symmetric grids use 2^(bits-1)), `g_idx` (in,) int32 (act-order only), `codebook` (out, n_groups,
 2^bits) (codebooks only, which have no scale) and `bias`. `meta()` describes the shapes, so
@@ -55,10 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimlm.core.packing import pack, packed_bytes, unpack
+from slimlm.core.registry import register_layer
 from slimlm.errors import SlimlmError
 from slimlm.quant.activation import ActivationQuantizer
 from slimlm.quant.grid import QuantizedWeight, check_format, dequantize_codes, group_bounds
-from slimlm.quant.packing import pack, packed_bytes, unpack
 
 META_VERSION = 1
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -83,6 +84,7 @@ def _parse_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+@register_layer("quantized")
 class QuantizedLinear(nn.Module):
     """y = x @ W.T + b with W held as packed codes; see the module docstring for paths and buffers."""
 
@@ -183,6 +185,18 @@ class QuantizedLinear(nn.Module):
         if self.input_scale is not None:
             x = x / self.input_scale
         return x if self.input_quantizer is None else self.input_quantizer.fake_quantize(x)
+
+    @classmethod
+    def from_meta(cls, meta: dict, dtype: torch.dtype) -> QuantizedLinear:
+        """The empty layer a checkpoint's metadata describes, in the model's dtype; an activation grid's range
+        and input shift stay float32, as they were saved."""
+        layer = cls.empty(meta).to(dtype)
+        if layer.input_quantizer is not None:
+            layer.input_quantizer.float()
+        for name in ("input_shift", "input_scale"):
+            if getattr(layer, name, None) is not None:
+                setattr(layer, name, getattr(layer, name).float())
+        return layer
 
     @classmethod
     def empty(cls, meta: dict) -> QuantizedLinear:

@@ -17,10 +17,14 @@ W8A8 plus input columns holding an |x| >= threshold computed in float from float
 from __future__ import annotations
 
 import time
+from typing import Literal
 
-from slimlm.compress.engine import BlockContext, CompressionReport, LayerReport, linear_weight
-from slimlm.compress.recipe import ActivationQuantConfig, RTNStage, WeightQuantFields
+from pydantic import Field, model_validator
+
+from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, linear_weight
+from slimlm.core.stage import Stage, register
 from slimlm.errors import SlimlmError
+from slimlm.quant.fields import ActivationQuantConfig, WeightActivationFields, WeightQuantFields
 from slimlm.quant.grid import quantize_weight
 from slimlm.quant.llm_int8 import LLMInt8Linear
 from slimlm.quant.qlinear import QuantizedLinear
@@ -89,3 +93,26 @@ def wa_layer(module, weights: WeightQuantFields, activations: ActivationQuantCon
     quantized = quantize_weight(weight.float(), weights.bits, weights.group_columns, weights.symmetric, clip=clip,
                                 granularity=weights.granularity, fmt=getattr(weights, "fmt", "int"))
     return QuantizedLinear.replacing(module, quantized).quantize_inputs(activations)
+
+
+@register
+class RTNStage(WeightActivationFields, Stage):
+    """Round-to-nearest weight quantization (data-free baseline); with `activations`, the inputs too (W8A8
+    with an integer GEMM; W4A8, W6A6, W4A4 and FP8 simulated)."""
+
+    method: Literal["rtn"] = "rtn"
+    clip: Literal["minmax", "mse"] = "minmax"
+    activations: ActivationQuantConfig | None = Field(
+        None, description="also quantize the inputs (8-bit symmetric per-channel weights: an integer GEMM)")
+
+    @model_validator(mode="after")
+    def _outliers(self):
+        self.check_outlier_path(self.activations)
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.activations is not None and self.activations.granularity == "per_tensor"
+
+    def apply(self, context: BlockContext, report: CompressionReport) -> None:
+        rtn_block(context, self, report)

@@ -11,7 +11,7 @@ or a fused qkv after the attention norm; [gate, up] or [up] after the MLP norm),
 with max |X_j| over the calibration tokens. Y = (X diag(s)^-1)(diag(s) W^T): the norm's weight (and
 bias) is divided by s and each linear's weight columns multiplied by s, so the float model is
 unchanged (the folding code is AWQ's, `slimlm.quant.awq.apply_scales` on
-`slimlm.compress.transforms`). Then every target linear becomes an `Int8Linear` (int8 symmetric
+`slimlm.core.transforms`). Then every target linear becomes an `Int8Linear` (int8 symmetric
 per-channel weights; activations per token by default, or per tensor, static, calibrated on the
 smoothed inputs).
 
@@ -33,23 +33,30 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from transformers import PreTrainedModel
 
-from slimlm.compress.engine import (BlockContext, CompressionReport, collect_block_inputs, dense_block_passes,
-                                    linear_weight, run_block)
-from slimlm.compress.recipe import SmoothQuantStage
+from slimlm.core.blocks import (
+    BlockContext,
+    CompressionReport,
+    collect_block_inputs,
+    dense_block_passes,
+    linear_weight,
+    run_block,
+)
+from slimlm.core.stage import Stage, register
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import BlockAdapter, ModelAdapter
 from slimlm.quant.awq import ScalingGroup, apply_scales
+from slimlm.quant.fields import ActivationQuantConfig, GroupSize, WeightActivationFields
 from slimlm.quant.rtn import replace_quantizing_inputs, wa_layer
 
+
 # (norm role, roles of the linears reading that norm's output)
-SMOOTHED_GROUPS = (("attn_norm", ("q", "k", "v", "qkv")), ("mlp_norm", ("gate", "up")))
-
-
 @dataclass
 class SmoothingGroup:
     norm: str  # path of the norm inside the block
@@ -67,12 +74,8 @@ def smoothing_groups(block: BlockAdapter) -> list[SmoothingGroup]:
     if not {"attn_norm", "mlp_norm"} <= set(block.norm_names):  # one norm feeding both halves would mis-scale the MLP
         raise SlimlmError(f"block {block.index}: SmoothQuant needs a norm in front of attention and one in front "
                           f"of the MLP; this block has norms {sorted(block.norm_names)}")
-    groups = []
-    for norm_role, roles in SMOOTHED_GROUPS:
-        linears = [block.linear_names[role] for role in roles if role in block.linear_names]
-        if norm_role in block.norm_names and linears:
-            groups.append(SmoothingGroup(block.norm_names[norm_role], linears))
-    return groups
+    return [SmoothingGroup(block.norm_names[norm], [block.linear_names[role] for role in roles])
+            for norm, roles in block.norm_readers().items()]
 
 
 def smoothing_scales(activation_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -171,3 +174,49 @@ def _quantized_error(context: BlockContext, groups: list[SmoothingGroup], activa
     outputs = run_block(trial, context.inputs)
     error = sum(float((out.float() - ref.float()).pow(2).sum()) for out, ref in zip(outputs, reference))
     return error / sum(ref.numel() for ref in reference)
+
+
+@register
+class SmoothQuantStage(WeightActivationFields, Stage):
+    """SmoothQuant (Xiao et al., ICML 2023): move activation outliers into the weights, then W8A8 (`Int8Linear`;
+    other weight / activation bits simulated)."""
+
+    method: Literal["smoothquant"] = "smoothquant"
+    bits: int = Field(8, description="weight bits, 2 to 8")
+    group_size: GroupSize = Field("channel", description='input columns per scale, or "channel" / "tensor"')
+    symmetric: bool = True
+    alpha: float = Field(0.5, description="migration strength in [0, 1]: s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)")
+    alpha_grid: list[float] | None = Field(
+        None, description="search alpha per block among these values (e.g. [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]) by the "
+        "mean squared error of the quantized block's output against the float block; replaces `alpha`")
+    activations: ActivationQuantConfig = Field(default_factory=ActivationQuantConfig,
+                                               description="the activation grid (default: 8-bit per-token dynamic)")
+    clip: Literal["minmax", "mse"] = Field("minmax", description="the int8 weight grid's range")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, alpha: float) -> float:
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1] (got {alpha}); the paper uses 0.5 for most models")
+        return alpha
+
+    @field_validator("alpha_grid")
+    @classmethod
+    def _alpha_grid(cls, grid: list[float] | None) -> list[float] | None:
+        if grid is not None:
+            if not grid:
+                raise ValueError("alpha_grid is empty: give values in [0, 1], e.g. [0.3, 0.4, 0.5, 0.6, 0.7, 0.8]")
+            bad = [a for a in grid if not 0 <= a <= 1]
+            if bad:
+                raise ValueError(f"alpha_grid values must be in [0, 1] (got {bad})")
+        return grid
+
+    @model_validator(mode="after")
+    def _no_outlier_decomposition(self):
+        if self.activations.outlier_threshold is not None:
+            raise ValueError("outlier_threshold (LLM.int8()) is a setting of the rtn stage; SmoothQuant removes "
+                             "the outliers by smoothing instead")
+        return self
+
+    def apply(self, context: BlockContext, report: CompressionReport) -> None:
+        smoothquant_block(context, self, report)

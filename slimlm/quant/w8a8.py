@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimlm.core.registry import register_layer
 from slimlm.errors import SlimlmError
 from slimlm.quant.activation import ActivationQuantizer, check_activation_settings
 from slimlm.quant.grid import quantize_weight, signed_offset
@@ -53,6 +54,7 @@ def int8_weight(weight: Tensor, clip: str = "minmax") -> tuple[Tensor, Tensor]:
     return codes, qw.scale[:, 0].contiguous()
 
 
+@register_layer("int8")
 class Int8Linear(nn.Module):
     """y = x @ W.T + b with int8 weights and int8-quantized inputs; see the module docstring."""
 
@@ -86,6 +88,11 @@ class Int8Linear(nn.Module):
         if bias is not None:
             layer.bias = bias.detach().clone()
         return layer.to(weight.device)
+
+    @classmethod
+    def from_meta(cls, meta: dict, dtype: torch.dtype) -> Int8Linear:
+        """The empty layer a checkpoint's metadata describes (its scales and float16 weights keep their dtypes)."""
+        return cls.empty(meta)
 
     @classmethod
     def empty(cls, meta: dict) -> Int8Linear:

@@ -30,16 +30,19 @@ choosing for a number of iterations; here one Adam step per cached calibration b
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from slimlm.compress.engine import BlockContext, CompressionReport, block_output, linear_weight
-from slimlm.compress.recipe import ZeroQuantStage
+from slimlm.core.blocks import BlockContext, CompressionReport, block_output, linear_weight
+from slimlm.core.stage import Stage, StrictModel, register
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress_bar
 from slimlm.quant.activation import fake_quantize_tokens
+from slimlm.quant.fields import ActivationQuantConfig, GroupSize, WeightQuantFields
 from slimlm.quant.grid import column_groups, fake_quantize_ste, group_minmax, range_params
 from slimlm.quant.rtn import replace_quantizing_inputs
 
@@ -141,3 +144,40 @@ def _distil(context: BlockContext, stage: ZeroQuantStage) -> None:
             student.write_back(originals[name])
             context.replace(name, originals[name])
     context.next_inputs = teacher  # LKD's next block learns from the teacher's activations
+
+
+class LKDConfig(StrictModel):
+    """ZeroQuant's layer-by-layer knowledge distillation: each quantized block is trained to match the float block."""
+
+    epochs: int = Field(2, ge=1, description="passes over the calibration batches per block")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate of the block's weights")
+
+
+@register
+class ZeroQuantStage(WeightQuantFields, Stage):
+    """ZeroQuant (Yao et al., NeurIPS 2022): group-wise weights, token-wise dynamic activations, optional LKD."""
+
+    method: Literal["zeroquant"] = "zeroquant"
+    bits: int = Field(8, description="weight bits of the MLP linears (2 to 8)")
+    attention_bits: int | None = Field(
+        None, ge=2, le=8, description="weight bits of the attention linears (default: `bits`; the paper's W4/8-A8: 8)")
+    group_size: GroupSize = Field(64, description='input columns per weight scale, or "channel" / "tensor"')
+    symmetric: bool = True
+    activations: ActivationQuantConfig = Field(default_factory=ActivationQuantConfig,
+                                               description="the activation grid (default: 8-bit per-token dynamic)")
+    lkd: LKDConfig | None = Field(None, description="layer-by-layer knowledge distillation (needs calibration data)")
+
+    @model_validator(mode="after")
+    def _token_wise(self):
+        if self.activations.granularity != "per_token" or self.activations.outlier_threshold is not None \
+                or self.activations.fmt != "int":
+            raise ValueError("ZeroQuant quantizes activations token-wise on a dynamic integer grid: use "
+                             "activations: {granularity: per_token} without outlier_threshold or fmt")
+        return self
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.lkd is not None
+
+    def apply(self, context: BlockContext, report: CompressionReport) -> None:
+        zeroquant_block(context, self, report)

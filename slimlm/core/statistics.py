@@ -1,5 +1,5 @@
 """Per-input-channel statistics of a linear's calibration inputs (Wanda's ||X_j||_2, DSnoT's mean and
-variance, OWL's outlier scores). Accumulated over batches like the Hessian (`slimlm.compress.hessian`),
+variance, OWL's outlier scores). Accumulated over batches like the Hessian (`slimlm.core.hessian`),
 and shared the same way between linears that read one tensor (`SharedInputs(ChannelStatistics)`)."""
 
 from __future__ import annotations

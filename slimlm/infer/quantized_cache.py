@@ -2,7 +2,7 @@
 
 A quantized cache implements the `slimlm.infer.cache.KVCache` protocol with keys stored after
 RoPE (`rotate_on_read = False`). It holds *packed* unsigned integer codes (the bit layout of
-`slimlm.quant.packing`: four 2-bit or two 4-bit codes per byte, eight 3-bit codes in 3 bytes),
+`slimlm.core.packing`: four 2-bit or two 4-bit codes per byte, eight 3-bit codes in 3 bytes),
 float16 scales and zero points, and a full-precision window of recent tokens (model dtype). The
 grid is the shared asymmetric integer grid of `slimlm.quant.grid` (`range_params`, `quantize`,
 `dequantize`): value = scale * (code - zero), with the min-max range widened to contain 0 and an
@@ -52,10 +52,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimlm.core.packing import pack, packed_bytes, unpack
 from slimlm.errors import SlimlmError
 from slimlm.infer.cache import CacheShape, _check_counts
 from slimlm.quant.grid import dequantize, quantize, range_params
-from slimlm.quant.packing import pack, packed_bytes, unpack
 
 KV_METHODS = ("naive", "kivi", "kvquant")
 KV_BITS = (2, 3, 4, 8)

@@ -1,0 +1,303 @@
+"""The block-by-block calibration pass that every method runs in: what enters a decoder block, the
+context a method sees of the block it compresses, and the report methods write to.
+
+`slimlm.compress.engine` drives the pass over a recipe's stages; methods (`slimlm.quant`, `slimlm.prune`,
+...) use what is here to run the block on its cached inputs and to collect its linears' inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from slimlm.errors import SlimlmError
+from slimlm.models.adapter import BlockAdapter, ModelAdapter, is_linear
+from slimlm.progress import progress
+
+if TYPE_CHECKING:
+    from slimlm.core.stage import Stage
+
+
+class _InputsCaptured(Exception):
+    """Raised by the hook on the first block once its inputs are stored: the rest of the model is not needed."""
+
+
+class _InputsCollected(Exception):
+    """Raised inside a block once every module of interest has seen its input: the rest is not needed."""
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering a block, one entry per batch of segments."""
+
+    hidden: list[torch.Tensor]
+    args: list[tuple]
+    kwargs: list[dict]
+
+    @property
+    def tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of the block it processes."""
+
+    model: PreTrainedModel
+    adapter: ModelAdapter
+    index: int
+    block: nn.Module
+    targets: dict[str, str]  # full module name -> role, the stage's targets in this block
+    inputs: BlockInputs | None  # None when no stage of the recipe calibrates
+    device: torch.device
+    # A method may set the next block's inputs itself (AWQ propagates float outputs); by default the
+    # engine runs the compressed block to get them.
+    next_inputs: list[torch.Tensor] | None = None
+    # The residual stream entering the MLP half and the half itself, kept by collect(..., keep_residual=True)
+    # so that later MLP-only passes skip the attention half (valid while the attention half is unchanged).
+    residual: list[torch.Tensor] | None = None
+    residual_mlp: ResidualMlp | None = None
+    # This block's entry of the stage's whole-model plan (`Stage.plan`; OWL: the block's sparsity), or None.
+    plan: Any = None
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def replace(self, name: str, new: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), child, new)
+
+    def run(self) -> list[torch.Tensor]:
+        """The block's outputs on every cached input batch (hooks attached by the caller fire)."""
+        if self.inputs is None:
+            raise SlimlmError("this method needs calibration data, but the run has none")
+        return run_block(self.block, self.inputs)
+
+    def collect(
+        self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None], keep_residual: bool = False
+    ) -> None:
+        """Pass (name, input) of each module to `sink` on every cached batch, running the block only as
+        far as the last of these modules needs (the MLP is skipped when only attention inputs are wanted).
+
+        With `keep_residual`, also keep the residual stream entering the MLP half (see `collect_mlp`)."""
+        if self.inputs is None:
+            raise SlimlmError("this method needs calibration data, but the run has none")
+        self.residual = self.residual_mlp = None
+        half = ResidualMlp.of(self.adapter[self.index]) if keep_residual else None
+        if half is None:
+            collect_block_inputs(self.block, self.inputs, modules, sink)
+            return
+        residual: list[torch.Tensor] = []
+        key = "<residual stream>"  # a name no module has
+
+        def split_sink(name, x):
+            residual.append(x) if name is key else sink(name, x)
+
+        collect_block_inputs(self.block, self.inputs, {**modules, key: half.norm}, split_sink)
+        if half.reproduces(self.block, self.inputs, residual[0]):
+            self.residual, self.residual_mlp = residual, half
+
+    def collect_mlp(self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> None:
+        """`collect` for MLP linears: runs only the MLP half on the kept residual stream when there is one."""
+        if self.residual is None:
+            return self.collect(modules, sink)
+        collect_block_inputs(self.residual_mlp, _plain_inputs(self.residual), modules, sink)
+
+    def run_mlp(self) -> list[torch.Tensor]:
+        """`run` when only the MLP changed since the residual stream was kept: runs the MLP half alone."""
+        if self.residual is None:
+            return self.run()
+        return run_block(self.residual_mlp, _plain_inputs(self.residual))
+
+    def names_with_roles(self, roles: tuple[str, ...]) -> list[str]:
+        return [name for name, role in self.targets.items() if role in roles]
+
+
+class ResidualMlp(nn.Module):
+    """The MLP half of a pre-norm decoder block: h -> h + mlp_out_norm(mlp(mlp_norm(h))).
+
+    Llama, Qwen2, Mistral, Gemma 1-3 and GPT-2 blocks end this way (Gemma 2/3 with the output norm).
+    The engine never assumes it: `reproduces` checks it against the real block before it is used,
+    and a block built otherwise (parallel attention and MLP, post-norm OPT) just runs whole.
+    """
+
+    def __init__(self, mlp: nn.Module, norm: nn.Module, out_norm: nn.Module | None):
+        super().__init__()
+        self.mlp, self.norm, self.out_norm = mlp, norm, out_norm
+
+    @classmethod
+    def of(cls, block: BlockAdapter) -> ResidualMlp | None:
+        mlp, norm = block.mlp_module(), block.norms.get("mlp_norm")
+        return None if mlp is None or norm is None else cls(mlp, norm, block.norms.get("mlp_out_norm"))
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(self.norm(residual))
+        return residual + (self.out_norm(out) if self.out_norm is not None else out)
+
+    @torch.no_grad()
+    def reproduces(self, block: nn.Module, inputs: BlockInputs, residual: torch.Tensor) -> bool:
+        """Whether the block's output on the first cached batch equals this half applied to its residual."""
+        expected = block_output(block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0]))
+        return torch.allclose(self(residual), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def _plain_inputs(hidden: list[torch.Tensor]) -> BlockInputs:
+    return BlockInputs(hidden, [()] * len(hidden), [{}] * len(hidden))
+
+
+@dataclass
+class LayerReport:
+    name: str
+    method: str
+    seconds: float
+    error: float | None = None  # the method's own error measure (GPTQ: sum of the OBS losses)
+
+
+@dataclass
+class CompressionReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    peak_device_bytes: int | None = None
+    calibration_tokens: int = 0
+    block_sparsity: dict[int, list[float]] = field(default_factory=dict)  # stage index -> planned sparsity per block
+    structure: list[dict] = field(default_factory=list)  # what structural stages (layer removal, ...) did
+
+    def to_dict(self) -> dict:
+        return {
+            "seconds": self.seconds,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_device_bytes": self.peak_device_bytes,
+            "calibration_tokens": self.calibration_tokens,
+            "block_sparsity": self.block_sparsity,
+            "structure": self.structure,
+            "layers": [vars(layer) for layer in self.layers],
+        }
+
+
+def block_output(output) -> torch.Tensor:
+    """Decoder blocks return a tensor (transformers >= 5) or a tuple whose first item is the hidden state."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+    return [block_output(block(h, *a, **k)) for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs)]
+
+
+@torch.no_grad()
+def dense_block_passes(
+    model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int, device: torch.device,
+    desc: str, pre_hooks: Callable[[BlockAdapter], list[tuple[nn.Module, Callable]]] | None = None,
+) -> Iterator[tuple[BlockAdapter, BlockInputs, list[torch.Tensor]]]:
+    """Run the calibration segments through the blocks in turn (each on `device` for its turn), with the
+    forward pre-hooks `pre_hooks(block)` names attached during its pass; yield (block, what entered it,
+    what left it). The model is not changed: each block reads the previous block's outputs."""
+    inputs = capture_block_inputs(model, adapter, calibration, batch_size, device)
+    for block in progress(adapter, desc=desc, total=len(adapter)):
+        handles = [module.register_forward_pre_hook(hook) for module, hook in (pre_hooks(block) if pre_hooks else [])]
+        try:
+            with on_device([block.module], device):
+                outputs = run_block(block.module, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        yield block, inputs, outputs
+        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int, device: torch.device
+) -> BlockInputs:
+    """Run the calibration segments up to the first block and keep what enters it."""
+    captured = BlockInputs([], [], [])
+
+    def hook(_module, args, kwargs):
+        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        captured.args.append(tuple(args[1:]))
+        captured.kwargs.append(dict(kwargs))
+        raise _InputsCaptured
+
+    handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with on_device(_non_block_modules(model, adapter), device):
+            for start in progress(range(0, len(calibration), batch_size), desc="capture inputs"):
+                try:
+                    model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
+                except _InputsCaptured:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _non_block_modules(model: PreTrainedModel, adapter: ModelAdapter) -> list[nn.Module]:
+    """Modules the forward pass needs before the first block: the blocks' siblings, the embeddings."""
+    parent_name = adapter.blocks_name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return [m for m in parent.children() if m is not adapter.blocks] + [adapter.embedding]
+
+
+@contextmanager
+def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Move modules to `device` for the duration, then back where their parameters were."""
+    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(modules, homes):
+            module.to(home)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a linear, whichever way it is stored (GPT-2's Conv1D keeps (in, out))."""
+    if getattr(module, "is_compressed_linear", False):
+        raise SlimlmError(f"{type(module).__name__} is already compressed by an earlier stage: "
+                          "give the stages disjoint targets, or quantize last")
+    if not is_linear(module):
+        raise SlimlmError(f"{type(module).__name__} is not a linear layer")
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
+@torch.no_grad()
+def collect_block_inputs(
+    block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]
+) -> None:
+    """Run `block` on each input batch until every module has received its input (see BlockContext.collect)."""
+    pending: set[str] = set()
+
+    def hook_for(name: str):
+        def hook(_module, args):
+            sink(name, args[0])
+            pending.discard(name)
+            if not pending:
+                raise _InputsCollected
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
+    try:
+        for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            pending.update(modules)
+            try:
+                block(hidden, *args, **kwargs)
+            except _InputsCollected:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def block_targets(adapter: ModelAdapter, index: int, stage: Stage, selected: set[str]) -> dict[str, str]:
+    """The stage's selected linears in block `index`: full module name -> role."""
+    block = adapter[index]
+    prefix = f"{adapter.blocks_name}.{index}."
+    return {prefix + block.linear_names[role]: role for role in block.linears if prefix + block.linear_names[role] in selected}
