@@ -102,7 +102,7 @@ def write_report(path: Path, reference_path: Path, reference: dict, results: dic
         f"Reference: `{reference_path}`, written at commit {reference['commit']} ({reference['date']}, "
         f"{reference['machine']}, torch {reference['torch']}) by `{reference['command']}`.",
         f"Checked: commit {commit}{' with uncommitted changes under slimlm/' if dirty else ''}, "
-        f"{time.strftime('%Y-%m-%d')}, {machine_info()["cpu"]}, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}, {machine_info()['cpu']}, torch {torch.__version__}, "
         f"by `{' '.join(sys.argv)}`.",
         "",
         f"**{summary}**",
