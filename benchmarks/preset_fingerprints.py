@@ -1,8 +1,11 @@
 """Fingerprints of every preset's compressed weights on a tiny model: the no-behaviour-change check.
 
-Each preset in `slimlm.compress.presets.PRESETS` compresses the same tiny random Llama (2 blocks, hidden
-128, MLP 256, seeded) on the same random calibration tokens, on one thread; the script records a SHA-256
-of the resulting state dict (names, dtypes, shapes and bytes) and of the logits on a fixed probe.
+Each preset in `slimlm.compress.presets.PRESETS` compresses the same tiny random models (a Llama with 2
+blocks, hidden 128, MLP 256; the 2-block, hidden-64 OPT and GPT-2 of `slimlm.models.tiny`, whose post-norm
+MLP, ReLU, biases and fused Conv1D attention take other code paths; all seeded) on the same random
+calibration tokens, on one thread; the script records a SHA-256 of the resulting state dict (names,
+dtypes, shapes and bytes) and of the logits on a fixed probe. A preset a model cannot take records its
+error message instead, which must not change either.
 
     python benchmarks/preset_fingerprints.py --write benchmarks/results/preset_fingerprints.json
     python benchmarks/preset_fingerprints.py --check benchmarks/results/preset_fingerprints.json
@@ -26,13 +29,19 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from slimlm.compress import compress
 from slimlm.compress.presets import PRESETS
+from slimlm.models.tiny import tiny_model
 from slimlm.results import machine_info
 
 CONFIG = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def tiny_llama() -> torch.nn.Module:
+FAMILIES = ("llama", "opt", "gpt2")
+
+
+def tiny(family: str) -> torch.nn.Module:
+    if family != "llama":
+        return tiny_model(family)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **CONFIG), dtype=torch.float32).eval()
 
@@ -46,16 +55,16 @@ def digest_state(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(preset: str) -> dict:
+def fingerprint(family: str, preset: str) -> dict:
     calibration = torch.randint(0, CONFIG["vocab_size"], (16, 64), generator=torch.Generator().manual_seed(0))
     probe = torch.randint(0, CONFIG["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(1))
-    model = tiny_llama()
+    model = tiny(family)
     torch.manual_seed(0)
     start = time.perf_counter()
     try:
         compress(model, preset, calibration=calibration)
     except Exception as error:  # noqa: BLE001 - a preset this tiny model cannot take is recorded, not fatal
-        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
+        return {"error": f"{type(error).__name__}: {error}"}
     with torch.no_grad():
         logits = model(probe).logits.contiguous()
     return {"state": digest_state(model), "logits": hashlib.sha256(logits.numpy().tobytes()).hexdigest(),
@@ -68,14 +77,16 @@ def main() -> int:
     mode.add_argument("--write", type=Path, help="record the fingerprints in this JSON file")
     mode.add_argument("--check", type=Path, help="compare against the fingerprints in this JSON file")
     parser.add_argument("--presets", help="comma-separated subset (default: all)")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated tiny model families")
     parser.add_argument("--report", type=Path, help="with --check: also write the comparison as a Markdown table")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    names = args.presets.split(",") if args.presets else list(PRESETS)
+    presets = args.presets.split(",") if args.presets else list(PRESETS)
+    names = [f"{family}/{preset}" for family in args.families.split(",") for preset in presets]
     results = {}
     for name in names:
-        results[name] = fingerprint(name)
-        print(f"{name:32s} {results[name].get('state', results[name].get('error'))[:64]}", flush=True)
+        results[name] = fingerprint(*name.split("/"))
+        print(f"{name:40s} {results[name].get('state', results[name].get('error'))[:64]}", flush=True)
     if args.write:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
         meta = {"command": " ".join(sys.argv), "commit": commit, "machine": machine_info()["cpu"],
@@ -83,17 +94,21 @@ def main() -> int:
         args.write.write_text(json.dumps({"meta": meta, "presets": results}, indent=1) + "\n")
         return 0
     reference = json.loads(args.check.read_text())["presets"]
-    bad = [n for n in names if {k: v for k, v in results[n].items() if k != "seconds"}
-           != {k: v for k, v in reference.get(n, {}).items() if k != "seconds"}]
-    missing = sorted(set(reference) - set(results)) if not args.presets else []
-    summary = f"{len(names) - len(bad)} identical, {len(bad)} different: {bad}; missing presets: {missing}"
+    new = [n for n in names if n not in reference]  # presets added since the reference: nothing to compare
+    bad = [n for n in names if n in reference and {k: v for k, v in results[n].items() if k != "seconds"}
+           != {k: v for k, v in reference[n].items() if k != "seconds"}]
+    missing = sorted(set(reference) - set(results)) if not (args.presets or args.families != ",".join(FAMILIES)) else []
+    summary = (f"{len(names) - len(bad) - len(new)} identical, {len(bad)} different: {bad}; missing presets: "
+               f"{missing}; new since the reference (not compared): {len(new)}")
     print(summary)
     if args.report:
-        write_report(args.report, args.check, json.loads(args.check.read_text())["meta"], results, bad, summary)
+        write_report(args.report, args.check, json.loads(args.check.read_text())["meta"], reference, results, bad,
+                     summary)
     return 1 if bad or missing else 0
 
 
-def write_report(path: Path, reference_path: Path, reference: dict, results: dict, bad: list[str], summary: str) -> None:
+def write_report(path: Path, reference_path: Path, reference: dict, reference_presets: dict, results: dict,
+                 bad: list[str], summary: str) -> None:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "slimlm"], capture_output=True, text=True).stdout.strip()
     lines = [
@@ -107,16 +122,18 @@ def write_report(path: Path, reference_path: Path, reference: dict, results: dic
         "",
         f"**{summary}**",
         "",
-        "Tiny random Llama (2 blocks, hidden 128, MLP 256, seed 0), 16 x 64 random calibration tokens, one thread. "
+        "Tiny random models (Llama: 2 blocks, hidden 128, MLP 256; OPT and GPT-2: 2 blocks, hidden 64; seed 0), "
+        "16 x 64 random calibration tokens, one thread. "
         "`state`: SHA-256 of the state dict (names, dtypes, shapes, bytes); `logits`: of the logits on a fixed probe. "
         "A preset the tiny model cannot take records its error, which must also be unchanged.",
         "",
-        "| preset | same | state | logits |",
+        "| model/preset | same | state | logits |",
         "|---|---|---|---|",
     ]
     for name, result in results.items():
         state = result.get("state", result.get("error", ""))[:16]
-        lines.append(f"| {name} | {'no' if name in bad else 'yes'} | {state} | {result.get('logits', '')[:16]} |")
+        same = "new" if name not in reference_presets else "no" if name in bad else "yes"
+        lines.append(f"| {name} | {same} | {state} | {result.get('logits', '')[:16]} |")
     path.write_text("\n".join(lines) + "\n")
 
 

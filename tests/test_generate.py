@@ -163,7 +163,7 @@ def test_compressed_models_run_through_the_runner(recipe):
     slimlm.compress(model, recipe, calibration=calibration)
     if recipe.startswith("magnitude"):
         assert sparsify_model_(model, (2, 4)) > 0
-    runner = ModelRunner(model)
+    runner = ModelRunner(model, fast_kernels=False)  # exact: bf16 decode kernels are tested in test_deploy_kernels
     tokens, counts = _batch(PROMPTS)
     logits = runner.forward(tokens, counts, ContiguousCache(runner.cache_shape(), 3, 16), all_logits=True)
     with torch.no_grad():

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # slimlm's own methods and layer kinds, in the order `slimlm compress --help` and errors list them.
 BUILTIN_MODULES = (
     "slimlm.quant.rtn", "slimlm.quant.smoothquant", "slimlm.quant.zeroquant", "slimlm.quant.gptq",
-    "slimlm.quant.awq", "slimlm.quant.omniquant", "slimlm.quant.llm_fp4",
+    "slimlm.quant.awq", "slimlm.quant.omniquant", "slimlm.quant.llm_fp4", "slimlm.quant.head",
     "slimlm.prune.magnitude", "slimlm.prune.wanda", "slimlm.prune.sparsegpt", "slimlm.prune.dsnot",
     "slimlm.prune.layer_drop", "slimlm.prune.llm_pruner", "slimlm.prune.slicegpt", "slimlm.prune.flap",
     # layer kinds only

@@ -101,7 +101,7 @@ def perplexity_of_ids(
         from slimlm.infer.runner import ModelRunner
 
         check_chunk(kv_chunk)
-        runner = ModelRunner(model)
+        runner = ModelRunner(model, fast_kernels=False)  # evaluation stays on the exact path
         kv_cache.check_head_dim(runner.head_dim)
     total_nll, scored = 0.0, 0
     for window in progress(windows, desc=desc, total=len(windows)):

@@ -201,7 +201,7 @@ def calibrate_kvquant(model, segments: torch.Tensor, bits: int, outliers: float 
     KVQuantSpec("kvquant", bits, outliers=outliers)  # checks the outlier fraction
     if segments.dim() != 2 or segments.shape[0] < 1 or segments.shape[1] < 2:
         raise SlimlmError(f"KVQuant calibration needs segments [n, L >= 2] of token ids, got {tuple(segments.shape)}")
-    runner = ModelRunner(model)  # a supported decoder (the cache is only used through the runner)
+    runner = ModelRunner(model, fast_kernels=False)  # exact; the cache is only used through the runner
     captured: dict[tuple[int, str], torch.Tensor] = {}
 
     def hook(key):

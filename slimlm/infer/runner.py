@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 from slimlm.errors import SlimlmError
 from slimlm.infer.cache import CacheShape, KVCache
 from slimlm.models.adapter import linear_shape, text_config
+from slimlm.quant.kernels import decode_kernels
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -55,7 +56,7 @@ class BlockShape:
 class ModelRunner:
     """Forward passes of a supported decoder with an explicit KV cache."""
 
-    def __init__(self, model: PreTrainedModel):
+    def __init__(self, model: PreTrainedModel, fast_kernels: bool = True):
         config = text_config(model)
         family = getattr(config, "model_type", "unknown")
         if family not in SUPPORTED_FAMILIES:
@@ -63,6 +64,9 @@ class ModelRunner:
                 f"slimlm generation supports {', '.join(SUPPORTED_FAMILIES)} decoders; {type(model).__name__} "
                 f"({family}) is not one of them")
         self.model, self.config, self.family = model, config, family
+        # Generation lets float32 quantized layers use the packed bf16 kernels where they are faster
+        # (`slimlm.quant.kernels`); evaluation through the runner passes False to stay exact.
+        self.fast_kernels = fast_kernels
         self.decoder = model.model
         self.layers = list(self.decoder.layers)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -105,6 +109,10 @@ class ModelRunner:
         """Run `tokens` [batch, new] (right-padded; `counts[b]` real tokens in row b) through the model,
         appending to `cache`. Returns logits [batch, new, vocab] if `all_logits`, else the logits of each
         row's last real token, [batch, vocab] (rows with count 0 give the logits of their padding)."""
+        with decode_kernels(self.fast_kernels):
+            return self._forward(tokens, counts, cache, all_logits)
+
+    def _forward(self, tokens: torch.Tensor, counts: list[int], cache: KVCache, all_logits: bool) -> torch.Tensor:
         tokens = tokens.to(self.device)
         batch, new = tokens.shape
         starts = torch.tensor(cache.reserve(list(counts)), device=self.device)

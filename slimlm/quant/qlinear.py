@@ -22,10 +22,11 @@ forward(x) has two paths giving the same function:
   (the int4 layout depends on the CPU's vector width); while cached they hold as many bytes as
   `packed` again, which buffer-based size metrics do not see (`clear_kernel_cache()` frees them).
   They run in x's dtype, and only bfloat16 has vectorised kernels on x86 in PyTorch 2.13
-  (float32/float16 fall back to scalar loops that are slower than the reference path), so by
-  default the fast path serves bfloat16 inputs;
-  `fast_path_casts_fp32_to_bf16 = True` also sends float32 inputs through it, rounded to bfloat16
-  (about 3 significant digits: fine for latency measurements, not for exact quality metrics).
+  (float32/float16 fall back to scalar loops that are slower than the reference path), so the
+  fast path serves bfloat16 inputs, and float32 inputs cast to bfloat16 (about 3 significant
+  digits) inside slimlm's generation runner on CPUs where that measured faster than float32
+  (`slimlm.quant.kernels`: AVX-512 BF16 / AMX machines, not AVX2-only ones). Evaluation stays on
+  the exact path. `fast_path_casts_fp32_to_bf16 = True / False` forces the cast on or off.
   Both kernels are matrix-vector kernels whose cost grows linearly with the number of tokens,
   while the reference path pays one dequantization and then a fast GEMM; on a 1536 x 576 layer
   (one AVX-512/AMX core) they cross near 80 tokens, so inputs of more than
@@ -59,15 +60,12 @@ from slimlm.core.packing import pack, packed_bytes, unpack
 from slimlm.core.registry import register_layer
 from slimlm.errors import SlimlmError
 from slimlm.quant.activation import ActivationQuantizer
+from slimlm.quant.kernels import HAS_INT4_KERNEL, HAS_INT8_KERNEL, fp32_decode_active
 from slimlm.quant.grid import QuantizedWeight, check_format, dequantize_codes, group_bounds
 
 META_VERSION = 1
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 _FAST_PATH_DTYPES = (torch.bfloat16,)
-_HAS_INT4_KERNEL = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-    torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
-)
-_HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -105,7 +103,7 @@ class QuantizedLinear(nn.Module):
         self.bits, self.group_size, self.symmetric, self.fmt = bits, group_size, symmetric, fmt
         self.n_groups = len(group_bounds(in_features, group_size))
         self.use_fast_path = True
-        self.fast_path_casts_fp32_to_bf16 = False
+        self.fast_path_casts_fp32_to_bf16: bool | None = None  # None: as the generation runner decides
         self.fast_path_max_tokens = 64
         self.last_path = "none"  # which path the latest forward took: "int4", "int8" or "reference"
         self._kernel_cache: dict[tuple, object] = {}  # kernel layouts; never in the state dict
@@ -318,18 +316,25 @@ class QuantizedLinear(nn.Module):
             return None
         if x.requires_grad and torch.is_grad_enabled():
             return None  # the kernels have no backward
-        if x.dtype not in _FAST_PATH_DTYPES and not (x.dtype == torch.float32 and self.fast_path_casts_fp32_to_bf16):
+        if x.dtype not in _FAST_PATH_DTYPES and not (x.dtype == torch.float32 and self._casts_fp32()):
             return None
         if x.numel() // self.in_features > self.fast_path_max_tokens:
             return None  # the reference path's dequantize + GEMM is faster for long inputs
         return self._static_kernel()
+
+    def _casts_fp32(self) -> bool:
+        """Whether float32 inputs go through the bfloat16 kernels: as set on the layer, else inside slimlm's
+        generation runner on CPUs where that measured faster (`slimlm.quant.kernels`)."""
+        if self.fast_path_casts_fp32_to_bf16 is not None:
+            return self.fast_path_casts_fp32_to_bf16
+        return fp32_decode_active()
 
     def _static_kernel(self) -> str | None:
         """The kernel this layer's format allows, independent of the input."""
         if self.fmt != "int" or self.packed is None or self.packed.device.type != "cpu":
             return None
         if (
-            _HAS_INT4_KERNEL
+            HAS_INT4_KERNEL
             and self.bits == 4
             and self.group_size in INT4_KERNEL_GROUP_SIZES
             and self.in_features % self.group_size == 0
@@ -337,7 +342,7 @@ class QuantizedLinear(nn.Module):
             and self._groups_in_order()
         ):
             return "int4"
-        if _HAS_INT8_KERNEL and self.bits == 8 and self.symmetric and self.group_size is None:
+        if HAS_INT8_KERNEL and self.bits == 8 and self.symmetric and self.group_size is None:
             return "int8"
         return None
 
