@@ -190,13 +190,13 @@ def test_entry_point_plugins_are_discovered(tmp_path, monkeypatch):
 def test_every_builtin_method_is_registered_with_the_interface():
     classes = registry.stage_classes()
     builtin = {"rtn", "smoothquant", "zeroquant", "gptq", "awq", "omniquant", "llm_fp4", "magnitude", "wanda",
-               "sparsegpt", "dsnot", "drop_layers", "llm_pruner", "slicegpt", "flap"}
+               "sparsegpt", "dsnot", "drop_layers", "llm_pruner", "slicegpt", "flap", "quantize_head"}
     assert builtin <= set(classes)
     for name in builtin:
         cls = classes[name]
         assert cls.apply is not Stage.apply and cls.__module__ in registry.BUILTIN_MODULES, cls
     whole_model = {name for name, cls in classes.items() if cls.whole_model and name in builtin}
-    assert whole_model == {"drop_layers", "llm_pruner", "slicegpt", "flap"}
+    assert whole_model == {"drop_layers", "llm_pruner", "slicegpt", "flap", "quantize_head"}
     assert {"quantized", "int8", "llm_int8", "sparse"} <= set(registry._layers)
 
 

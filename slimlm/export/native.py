@@ -226,4 +226,3 @@ def load(
     if (directory / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return model, tokenizer
-
