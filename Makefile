@@ -21,10 +21,18 @@ $(BIN)/.ready: pyproject.toml
 
 setup: $(BIN)/.ready
 
+# The main job on the embedded model and text: compress (RTN W4 g64 + 8-bit head: data-free, seconds; swap in
+# gptq-w4g64-head8 --calib-corpus pydoc for the calibrated method), with quality and size before and after in
+# one table, then decode with the float and the compressed model in slimlm's runner (tokens/s in each table).
+DEMO_OUT := .demo/smollm2-rtn-w4g64-head8
+DEMO_PROMPT := "def fibonacci(n):"
+
 demo: setup
 	$(BIN)/slimlm info --model smollm2-135m
-	$(BIN)/slimlm eval --model smollm2-135m --tasks pydoc --seqlen 512 --max-windows 8
-	$(BIN)/slimlm bench --model smollm2-135m --prompt-tokens 64 --new-tokens 16 --repeats 2
+	$(BIN)/slimlm compress --model smollm2-135m --recipe rtn-w4g64-head8 \
+		--out $(DEMO_OUT) --overwrite --eval pydoc --seqlen 512 --max-windows 8 --kl
+	$(BIN)/slimlm generate --model smollm2-135m --prompt $(DEMO_PROMPT) --max-new-tokens 48 --no-stop
+	$(BIN)/slimlm generate --model $(DEMO_OUT) --prompt $(DEMO_PROMPT) --max-new-tokens 48 --no-stop
 
 test: setup
 	SLIMLM_DATA=$(DATA) $(BIN)/python -m pytest -q -ra

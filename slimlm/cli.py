@@ -1,4 +1,5 @@
-"""Command line: `slimlm eval`, `slimlm info`, `slimlm bench`, `slimlm compress`, `slimlm generate`.
+"""Command line: `slimlm eval`, `slimlm info`, `slimlm bench`, `slimlm compress`, `slimlm generate`,
+`slimlm export`.
 
 Every command loads a model (`--model`: an embedded name, a directory, a .gguf file or a hub id),
 prints a table, and with `--json FILE` writes the full record (model, protocol, machine, library
@@ -98,7 +99,26 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--limit", type=_positive_int, help="first N examples of zero-shot tasks for --eval")
     squeeze.add_argument("--batch-size", type=_positive_int, default=16, help="zero-shot batch size for --eval")
     _add_generate_parser(commands, common)
+    _add_export_parser(commands, common)
     return parser
+
+
+def _add_export_parser(commands, common: argparse.ArgumentParser) -> None:
+    export = commands.add_parser("export", parents=[common], help="write a model to another runtime's format (GGUF)")
+    export.add_argument("--format", required=True, choices=["gguf"], help="gguf: one file llama.cpp loads")
+    export.add_argument("--out", required=True, help="the .gguf file to write")
+    export.add_argument("--type", dest="ftype", default="auto",
+                        help="auto (each quantized layer in the GGUF block format that holds it exactly), "
+                             "q8_0, q4_0, q4_1, q5_0, q5_1, f16, bf16 or f32")
+    export.add_argument("--exact", action="store_true",
+                        help="refuse the export if a quantized layer would be re-quantized for --type")
+    export.add_argument("--float-type", default="f16", help="unquantized linears with --type auto/--exact")
+    export.add_argument("--embedding-type",
+                        help="token embedding and untied output head (default q8_0 for quantized files)")
+    export.add_argument("--pre-tokenizer", help="llama.cpp's name of the BPE pre-tokenizer (default: detected)")
+    export.add_argument("--drop-activation-quant", action="store_true",
+                        help="export the weights of W8A8 / W+A layers; llama.cpp uses its own activation precision")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def _add_generate_parser(commands, common: argparse.ArgumentParser) -> None:
@@ -412,7 +432,8 @@ def run_generate(args: argparse.Namespace) -> tuple[dict, str]:
         result = generate(loaded.model, loaded.tokenizer, args.prompt, args.max_new_tokens, sampling, cache,
                           stop_at_eos=not args.no_stop, on_text=show if stream else None)
         metrics = {}
-    metrics.update(stats=result.stats.to_dict(), texts=result.texts, tokens=result.tokens)
+    metrics.update(stats=result.stats.to_dict(), texts=result.texts, tokens=result.tokens,
+                   decode_kernels=_decode_kernels(loaded.model))
     protocol = {"max_new_tokens": args.max_new_tokens, "sampling": vars(sampling),
                 "cache": _without_calibration(cache),
                 "draft": args.draft, "gamma": args.gamma if args.draft else None, "dtype": args.dtype}
@@ -434,11 +455,38 @@ def _generation_summary(stats, metrics: dict) -> dict:
     else:
         summary.update(per_token_s=stats.per_token_s, kv_bytes_held=stats.kv_bytes_held,
                        kv_bytes_wasted=stats.kv_bytes_wasted)
+    if metrics.get("decode_kernels"):
+        summary["decode_kernels"] = metrics["decode_kernels"]
     return summary
 
 
+def _decode_kernels(model) -> str | None:
+    """Which path the quantized layers took in the last decode step (None for a model without any)."""
+    from slimlm.core.registry import layer_kind
+
+    paths = sorted({m.last_path for m in model.modules() if layer_kind(m) == "quantized"})
+    return "+".join(paths) if paths else None
+
+
+def run_export(args: argparse.Namespace) -> tuple[dict, str]:
+    from pathlib import Path
+
+    from slimlm.export.gguf import check_options, describe, export_gguf
+
+    check_options(args.ftype, args.float_type, args.embedding_type, args.exact)  # before loading anything
+    if Path(args.out).expanduser().exists() and not args.overwrite:
+        raise SlimlmError(f"{args.out} exists: choose another output file or pass --overwrite")
+    loaded = _load(args.model, args)
+    result = export_gguf(loaded.model, loaded.tokenizer, args.out, ftype=args.ftype, float_type=args.float_type,
+                         embedding_type=args.embedding_type, exact=args.exact, pre_tokenizer=args.pre_tokenizer,
+                         drop_activation_quantization=args.drop_activation_quant, overwrite=args.overwrite)
+    protocol = {"format": args.format, "type": args.ftype, "exact": args.exact, "float_type": args.float_type,
+                "embedding_type": args.embedding_type}
+    return make_record(args.model, "export", protocol, result.to_dict()), describe(result)
+
+
 COMMANDS = {"eval": run_eval, "info": run_info, "bench": run_bench, "compress": run_compress,
-            "generate": run_generate}
+            "generate": run_generate, "export": run_export}
 
 if __name__ == "__main__":
     sys.exit(main())

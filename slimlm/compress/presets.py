@@ -20,6 +20,16 @@ for _bits in (2, 3, 4, 8):
             PRESETS[f"{_method}-w{_bits}{_suffix}"] = _weight_only(_method, _bits, _group)
         PRESETS[f"gptq-w{_bits}{_suffix}-actorder"] = _weight_only("gptq", _bits, _group, act_order=True)
 
+# GGUF block formats (`slimlm export --format gguf`, `slimlm.export.gguf`): group 32 with the block format's
+# symmetry, so the export carries the codes and scales as they are (Q4_0 = 4-bit symmetric, Q4_1 = 4-bit
+# asymmetric, Q5_0 / Q5_1 the same at 5 bits, Q8_0 = 8-bit symmetric). The only inexactness left is GGUF's
+# float16: slimlm stores scales in float16 unless they would overflow or turn subnormal (then float32,
+# rounded on export with the error reported), and Q4_1/Q5_1 round the offset -scale * zero to float16.
+_GGUF_GRIDS = {"q4_0": (4, True), "q4_1": (4, False), "q5_0": (5, True), "q5_1": (5, False), "q8_0": (8, True)}
+for _method in ("rtn", "gptq", "awq"):
+    for _format, (_bits, _symmetric) in _GGUF_GRIDS.items():
+        PRESETS[f"{_method}-gguf-{_format}"] = _weight_only(_method, _bits, 32, symmetric=_symmetric)
+
 # W8A8 (`slimlm.quant.w8a8`): int8 symmetric per-channel weights, int8 activations per token (dynamic)
 # or per tensor (static, calibrated), multiplied by an integer GEMM.
 _W8 = {"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True}
@@ -117,3 +127,9 @@ for _bits, _group in ((4, "channel"), (3, "channel"), (4, 128), (3, 128)):
     _stage = {"method": "omniquant", "bits": _bits, "group_size": _group, "lwc": True, "let": False}
     PRESETS[f"omniquant-w{_bits}a16{_suffix}"] = {"stages": [{**_stage, "epochs": 2}], "calibration": _OMNI_CPU}
     PRESETS[f"omniquant-w{_bits}a16{_suffix}-paper"] = {"stages": [{**_stage, "epochs": 20}], "calibration": _OMNI_PAPER}
+
+# Weight-only W4 g64 with the LM head quantized to 8 bits per channel (`quantize_head`): what slimlm's runner
+# decodes fastest on CPUs with the packed kernels (benchmarks/deploy.py); the embedding stays float.
+for _method in ("rtn", "gptq", "awq"):
+    PRESETS[f"{_method}-w4g64-head8"] = {"stages": [{"method": "quantize_head", "bits": 8},
+                                                    {"method": _method, "bits": 4, "group_size": 64}]}
