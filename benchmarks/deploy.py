@@ -170,7 +170,8 @@ def time_decoding(models: dict, prompts: list[list[int]], repeats: int) -> dict[
 @torch.no_grad()
 def quality(model, windows: torch.Tensor, chunk: int = 64) -> dict[str, float]:
     """Exact perplexity; KL of the decode path (chunks of `chunk` through the runner with and without
-    the decode kernels) from the exact path; KL to float32 is filled in by the caller's first row."""
+    the decode kernels) from the exact path; KL to float32 against the exact log-probabilities of the first
+    model measured (the caller measures float32 first), which `_FLOAT_REFERENCE` keeps."""
     from slimlm.infer.cache import ContiguousCache
     from slimlm.infer.runner import ModelRunner
 

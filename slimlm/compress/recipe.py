@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError, core_schema
 
 from slimlm.compress.presets import PRESETS
-from slimlm.core.registry import method_names, stage_class
+from slimlm.core.registry import method_names, stage_class, stage_classes
 from slimlm.core.stage import Stage, StrictModel
 from slimlm.errors import SlimlmError
 
@@ -123,15 +123,15 @@ def _explain(error: ValidationError, data: dict) -> str:
             valid = _valid_keys(item["loc"])
             message = f"unknown key {item['loc'][-1]!r}" + (f"; valid keys: {', '.join(valid)}" if valid else "")
             if item["loc"][-1] == "activations":
-                owners = [name for name, cls in _stage_classes_with("activations")]
+                owners = _methods_with_setting("activations")
                 message += (f"; activation quantization (W8A8) is a setting of the {', '.join(owners)} stages "
                             "(smoothquant always quantizes activations)")
         lines.append(f"  {where}: {message}")
     return "\n".join(lines)
 
 
-def _stage_classes_with(field: str) -> list[tuple[str, type[Stage]]]:
-    return [(name, stage_class(name)) for name in method_names() if field in stage_class(name).model_fields]
+def _methods_with_setting(field: str) -> list[str]:
+    return [name for name, cls in stage_classes().items() if field in cls.model_fields]
 
 
 def _valid_keys(loc: tuple) -> list[str]:

@@ -34,7 +34,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from slimlm.data.calibration import tokenize_corpus
 from slimlm.data.corpora import Corpus, load_corpus
 from slimlm.errors import SlimlmError
-from slimlm.models.loss import next_token_loss  # noqa: F401  (re-exported: its old home)
 from slimlm.progress import progress
 
 PROTOCOL = (
