@@ -239,7 +239,7 @@ def test_float_storage_rounds_in_memory_and_halves_the_float_part_on_disk(tmp_pa
     from slimlm.eval.efficiency import disk_bytes
 
     plain, rounded = tiny_model("llama"), tiny_model("llama")
-    compress(plain, recipe("rtn"))
+    compress(plain, {**recipe("rtn"), "float_storage": "float32"})
     compress(rounded, {**recipe("rtn"), "float_storage": "bfloat16"})
     embedding = rounded.model.embed_tokens.weight
     assert embedding.dtype == torch.float32 and torch.equal(embedding, embedding.bfloat16().float())
@@ -248,6 +248,23 @@ def test_float_storage_rounds_in_memory_and_halves_the_float_part_on_disk(tmp_pa
     reloaded, _ = load(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(rounded(PROBE).logits, reloaded(PROBE).logits)
+
+
+def test_float_storage_auto_keeps_a_16_bit_source_and_rounds_float32_to_bfloat16(tmp_path, tokenizer):
+    saved = tiny_model("llama", vocab_size=len(tokenizer)).to(torch.float16)
+    saved.save_pretrained(tmp_path / "fp16")
+    tokenizer.save_pretrained(tmp_path / "fp16")
+    loaded = load_model(str(tmp_path / "fp16")).model  # loaded as float32: the checkpoint's dtype is remembered
+    assert next(loaded.parameters()).dtype == torch.float32
+    assert compress(loaded, recipe("rtn")).float_storage == "float16"
+    float32_source = tiny_model("llama")
+    assert compress(float32_source, recipe("rtn")).float_storage == "bfloat16"
+    embedding = float32_source.model.embed_tokens.weight
+    assert torch.equal(embedding, embedding.bfloat16().float())
+    kept = tiny_model("llama")
+    original = kept.model.embed_tokens.weight.clone()
+    assert compress(kept, {**recipe("rtn"), "float_storage": "float32"}).float_storage == "float32"
+    assert torch.equal(kept.model.embed_tokens.weight, original)
 
 
 def test_adapter_metrics_and_cli_work_on_a_quantized_model(tmp_path, tokenizer, capsys):

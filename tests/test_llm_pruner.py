@@ -14,7 +14,8 @@ PROBE = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1
 
 
 def prune(model, **stage):
-    recipe = {"stages": [{"method": "llm_pruner", **stage}], "calibration": {"batch_size": 2}}
+    recipe = {"stages": [{"method": "llm_pruner", **stage}], "calibration": {"batch_size": 2},
+             "float_storage": "float32"}  # exactness checks: no bfloat16 rounding
     return compress(model, load_recipe(recipe), calibration=CALIBRATION)
 
 

@@ -16,7 +16,8 @@ RMS_FAMILIES = ("llama", "qwen2", "mistral")
 
 
 def slice_model(model, **stage):
-    recipe = load_recipe({"stages": [{"method": "slicegpt", **stage}], "calibration": {"batch_size": 2}})
+    recipe = load_recipe({"stages": [{"method": "slicegpt", **stage}], "calibration": {"batch_size": 2},
+                         "float_storage": "float32"})  # exactness checks: no bfloat16 rounding
     return compress(model, recipe, calibration=CALIBRATION)
 
 

@@ -124,14 +124,31 @@ def compress(
 
 def _finish(model: PreTrainedModel, recipe: Recipe, report: CompressionReport, start: float, device: torch.device,
             was_training: bool) -> CompressionReport:
-    if recipe.float_storage != "float32":
-        round_float_parameters_(model, getattr(torch, recipe.float_storage))
+    storage = resolve_float_storage(model, recipe.float_storage)
+    report.float_storage = str(storage).removeprefix("torch.")
+    if storage != torch.float32:
+        round_float_parameters_(model, storage)
     model.train(was_training)
     report.seconds = time.perf_counter() - start
     report.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device.type == "cuda":
         report.peak_device_bytes = torch.cuda.max_memory_allocated(device)
     return report
+
+
+def resolve_float_storage(model: nn.Module, setting: str) -> torch.dtype:
+    """The dtype the uncompressed float parameters are kept in: `setting`, or for "auto" the 16-bit
+    dtype the checkpoint was saved in (`slimlm_source_dtype`, set by `slimlm.models.load_model`; the
+    parameters' own dtype otherwise), else bfloat16: float32 storage doubles the file for a rounding
+    whose cost the evaluation of the compressed model measures."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    sixteen_bit = (torch.bfloat16, torch.float16)
+    own = next((tensor.dtype for tensor in model.parameters() if tensor.is_floating_point()), None)
+    for candidate in (getattr(model, "slimlm_source_dtype", None), own):
+        if candidate in sixteen_bit:
+            return candidate
+    return torch.bfloat16
 
 
 @torch.no_grad()

@@ -85,8 +85,9 @@ class Recipe(StrictModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     # Precision of the parameters no stage compresses (embedding, norms, LM head): rounded in memory
     # after compression, so the saved checkpoint stores them in that dtype and is still exactly the
-    # model that was evaluated.
-    float_storage: Literal["float32", "bfloat16", "float16"] = "float32"
+    # model that was evaluated. "auto": the checkpoint's own dtype when it is 16-bit (no rounding at
+    # all), else bfloat16 (`slimlm.compress.engine.resolve_float_storage`).
+    float_storage: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     @property
     def needs_calibration(self) -> bool:

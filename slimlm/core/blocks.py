@@ -168,6 +168,7 @@ class CompressionReport:
     calibration_tokens: int = 0
     block_sparsity: dict[int, list[float]] = field(default_factory=dict)  # stage index -> planned sparsity per block
     structure: list[dict] = field(default_factory=list)  # what structural stages (layer removal, ...) did
+    float_storage: str = "float32"  # the dtype the uncompressed float parameters were rounded to
 
     def to_dict(self) -> dict:
         return {
@@ -177,6 +178,7 @@ class CompressionReport:
             "calibration_tokens": self.calibration_tokens,
             "block_sparsity": self.block_sparsity,
             "structure": self.structure,
+            "float_storage": self.float_storage,
             "layers": [vars(layer) for layer in self.layers],
         }
 

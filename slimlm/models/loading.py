@@ -118,8 +118,22 @@ def load_model(
         loaded = _from_hub(spec, torch_dtype, trust_remote_code)
         kind, source = "hub", spec
     model, tokenizer = loaded
+    if kind in ("directory", "hub"):
+        model.slimlm_source_dtype = _checkpoint_dtype(source, trust_remote_code)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, source=source, source_kind=kind)
+
+
+def _checkpoint_dtype(source: str, trust_remote_code: bool) -> torch.dtype | None:
+    """The dtype the checkpoint's config says its weights were saved in (read before loading in another
+    dtype overwrote it): `compress` keeps uncompressed parameters at that width when it is 16-bit."""
+    try:
+        saved = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code).dtype
+    except (OSError, ValueError):
+        return None
+    if isinstance(saved, str):
+        saved = DTYPES.get(saved)
+    return saved if isinstance(saved, torch.dtype) else None
 
 
 def _from_directory(directory: Path, dtype: torch.dtype, trust_remote_code: bool):
