@@ -1,4 +1,5 @@
-"""Checks shared by several test modules (structural pruning round trips, quantized KV cache filling)."""
+"""Checks shared by several test modules (structural pruning round trips, quantized KV cache filling, a small
+byte-level tokenizer for exporters)."""
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -36,3 +37,19 @@ def fill_kv_cache(cache, tokens: int, step: int = 256, heads: int = 2, head_dim:
         for layer in range(layers):
             cache.write(layer, torch.randn(1, heads, step, head_dim, generator=generator).half(),
                         torch.randn(1, heads, step, head_dim, generator=generator).half())
+
+
+def small_bpe_tokenizer():
+    """A byte-level BPE tokenizer of 262 tokens (the real one's 49152 tokens make every exported file slow to read)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    vocab.update({char: index + 3 for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")

@@ -547,3 +547,21 @@ def test_vectorised_group_fake_quantization_equals_quantize_weight(group_size, s
     w = torch.randn(48, 576, generator=torch.Generator().manual_seed(0))
     expected = quantize_weight(w, 3, group_size, symmetric).dequantize()
     assert torch.allclose(fake_quantize_groups(w, 3, group_size, symmetric), expected, atol=1e-6)
+
+
+def test_signed_max_rule_maps_the_largest_magnitude_exactly_to_the_lowest_code():
+    """llama.cpp's Q4_0 rule: scale = m / -8 for the value m of largest magnitude, so m is code 0 exactly."""
+    w = torch.tensor([[0.5, -2.0, 1.0, 0.25], [3.0, -1.0, 0.1, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    scale, zero = find_params(w, 4, True, clip="signed_max")
+    torch.testing.assert_close(scale, torch.tensor([0.25, -0.375, -0.125]))
+    assert torch.equal(zero, torch.full((3,), 8.0))
+    q = quantize_weight(w, 4, None, True, clip="signed_max")
+    assert q.codes[0, 1] == 0 and q.codes[1, 0] == 0
+    assert q.dequantize()[0, 1] == -2.0 and q.dequantize()[1, 0] == 3.0
+    balanced = quantize_weight(torch.randn(64, 256), 4, 32, True)
+    signed = quantize_weight(torch.randn(64, 256), 4, 32, True, clip="signed_max")
+    assert signed.scale.abs().mean() < balanced.scale.abs().mean()  # a finer step: |m| / 8 against |m| / 7.5
+    with pytest.raises(SlimlmError, match="symmetric"):
+        find_params(w, 4, False, clip="signed_max")
+    with pytest.raises(SlimlmError, match="integer grids"):
+        quantize_weight(w, 4, None, True, clip="signed_max", fmt="fp4_e2m1")

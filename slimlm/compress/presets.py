@@ -25,10 +25,16 @@ for _bits in (2, 3, 4, 8):
 # asymmetric, Q5_0 / Q5_1 the same at 5 bits, Q8_0 = 8-bit symmetric). The only inexactness left is GGUF's
 # float16: slimlm stores scales in float16 unless they would overflow or turn subnormal (then float32,
 # rounded on export with the error reported), and Q4_1/Q5_1 round the offset -scale * zero to float16.
+# Q4_0 / Q5_0 take llama.cpp's own range rule (clip "signed_max": the largest-magnitude weight of a block
+# exact, a 6% finer step than the balanced symmetric grid) for RTN and GPTQ; GPTQ also orders columns by
+# activation (act_order with static_groups, so every 32-column block still has one scale).
 _GGUF_GRIDS = {"q4_0": (4, True), "q4_1": (4, False), "q5_0": (5, True), "q5_1": (5, False), "q8_0": (8, True)}
 for _method in ("rtn", "gptq", "awq"):
     for _format, (_bits, _symmetric) in _GGUF_GRIDS.items():
-        PRESETS[f"{_method}-gguf-{_format}"] = _weight_only(_method, _bits, 32, symmetric=_symmetric)
+        _extra = {"clip": "signed_max"} if _format in ("q4_0", "q5_0") and _method != "awq" else {}
+        if _method == "gptq":
+            _extra.update(act_order=True, static_groups=True)
+        PRESETS[f"{_method}-gguf-{_format}"] = _weight_only(_method, _bits, 32, symmetric=_symmetric, **_extra)
 
 # W8A8 (`slimlm.quant.w8a8`): int8 symmetric per-channel weights, int8 activations per token (dynamic)
 # or per tensor (static, calibrated), multiplied by an integer GEMM.
@@ -129,7 +135,14 @@ for _bits, _group in ((4, "channel"), (3, "channel"), (4, 128), (3, 128)):
     PRESETS[f"omniquant-w{_bits}a16{_suffix}-paper"] = {"stages": [{**_stage, "epochs": 20}], "calibration": _OMNI_PAPER}
 
 # Weight-only W4 g64 with the LM head quantized to 8 bits per channel (`quantize_head`): what slimlm's runner
-# decodes fastest on CPUs with the packed kernels (benchmarks/deploy.py); the embedding stays float.
+# decodes fastest on CPUs with the packed kernels (benchmarks/deploy.py); the embedding stays float
+# (-emb8: quantized too, sharing the head's codes when tied: the smallest file). W8 with an 8-bit head: the
+# whole model 8-bit.
 for _method in ("rtn", "gptq", "awq"):
     PRESETS[f"{_method}-w4g64-head8"] = {"stages": [{"method": "quantize_head", "bits": 8},
                                                     {"method": _method, "bits": 4, "group_size": 64}]}
+    PRESETS[f"{_method}-w4g64-head8-emb8"] = {
+        "stages": [{"method": "quantize_head", "bits": 8, "embedding": True},
+                   {"method": _method, "bits": 4, "group_size": 64}]}
+PRESETS["rtn-w8-head8"] = {"stages": [{"method": "quantize_head", "bits": 8},
+                                      {"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True}]}

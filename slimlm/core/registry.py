@@ -33,7 +33,7 @@ BUILTIN_MODULES = (
     "slimlm.prune.magnitude", "slimlm.prune.wanda", "slimlm.prune.sparsegpt", "slimlm.prune.dsnot",
     "slimlm.prune.layer_drop", "slimlm.prune.llm_pruner", "slimlm.prune.slicegpt", "slimlm.prune.flap",
     # layer kinds only
-    "slimlm.quant.qlinear", "slimlm.quant.w8a8", "slimlm.quant.llm_int8", "slimlm.prune.sparse_linear",
+    "slimlm.quant.qlinear", "slimlm.quant.qembedding", "slimlm.quant.w8a8", "slimlm.quant.llm_int8", "slimlm.prune.sparse_linear",
 )
 ENTRY_POINT_GROUP = "slimlm.methods"
 

@@ -173,7 +173,7 @@ def measure_latency(
     if min(prompt_tokens, new_tokens, batch, repeats) < 1:
         raise SlimlmError("prompt_tokens, new_tokens, batch and repeats must all be at least 1")
     device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = model.get_input_embeddings().num_embeddings
     prompt = torch.randint(0, vocab, (batch, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
     _generate(model, prompt[:, :8], 2)  # warm-up: first calls allocate and pick kernels
     prefills, steps = [], []

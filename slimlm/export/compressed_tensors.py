@@ -94,6 +94,12 @@ def export_compressed_tensors(
     model: PreTrainedModel, directory: str | os.PathLike[str], tokenizer: PreTrainedTokenizerBase | None = None
 ) -> Path:
     """Write `model` (quantized by slimlm) as a compressed-tensors checkpoint directory."""
+    others = {name: kind for name, m in model.named_modules() if (kind := layer_kind(m)) not in (None, "quantized")}
+    if others:
+        listed = ", ".join(f"{name} ({kind})" for name, kind in list(others.items())[:4])
+        raise SlimlmError(f"compressed-tensors' pack-quantized format holds quantized linears only; this model also "
+                          f"has {listed}{' ...' if len(others) > 4 else ''} (a quantized embedding: quantize the head "
+                          "without `embedding`); export it natively or as GGUF instead")
     quantized = {name: m for name, m in model.named_modules() if layer_kind(m) == "quantized"}
     if not quantized:
         raise SlimlmError("the model has no quantized layers to export")

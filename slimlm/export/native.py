@@ -203,6 +203,9 @@ def load(
         parent_name, _, child = name.rpartition(".")
         module = layer_class(meta.get("kind", "quantized")).from_meta(meta, dtype)  # kind-less: format 1's first files
         setattr(model.get_submodule(parent_name), child, module)
+    for module in model.modules():
+        if hasattr(module, "bind_shared_tensors"):  # layers sharing another's tensors (a tied quantized embedding)
+            module.bind_shared_tensors(model)
     for name, (in_features, out_features, bias) in section.get("resized_linears", {}).items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, nn.Linear(in_features, out_features, bias=bias, dtype=dtype))

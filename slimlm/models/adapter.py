@@ -154,7 +154,8 @@ class ModelAdapter:
 
     @property
     def tied_embeddings(self) -> bool:
-        return self.embedding.weight is self.lm_head.weight
+        weight = getattr(self.embedding, "weight", None)
+        return weight is not None and weight is getattr(self.lm_head, "weight", None)
 
     def linear_layers(self) -> dict[str, nn.Module]:
         """Every linear of every block, by its full module name (what recipes target)."""

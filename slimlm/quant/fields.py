@@ -18,6 +18,24 @@ from slimlm.quant.grid import check_format
 GroupSize = Union[int, Literal["channel", "tensor"]]
 
 
+class ClipField(StrictModel):
+    """How the weight grid's range is chosen (`slimlm.quant.grid`): min-max, the MSE-optimal shrink, or
+    llama.cpp's Q4_0 / Q5_0 signed-max rule (symmetric integer grids; weights only)."""
+
+    clip: Literal["minmax", "mse", "signed_max"] = Field(
+        "minmax", description='"minmax", "mse" (shrink search) or "signed_max" (llama.cpp Q4_0 rule, symmetric)')
+
+    @model_validator(mode="after")
+    def _signed_max_grid(self):
+        if self.clip != "signed_max":
+            return self
+        if not getattr(self, "symmetric", False) or getattr(self, "fmt", "int") != "int":
+            raise ValueError('clip "signed_max" (llama.cpp\'s Q4_0 rule) needs an integer grid with symmetric: true')
+        if getattr(self, "activations", None) is not None:
+            raise ValueError('clip "signed_max" is a weight rule; quantize activations with clip "minmax" or "mse"')
+        return self
+
+
 class WeightQuantFields(StrictModel):
     bits: int = Field(4, description="weight bits, 2 to 8")
     group_size: GroupSize = Field(128, description='input columns per scale, or "channel" / "tensor"')

@@ -38,7 +38,7 @@ from slimlm.core.obs import lazy_batches
 from slimlm.core.sparsity import pruned_mask
 from slimlm.core.stage import Stage, register
 from slimlm.models.adapter import MLP_ROLES
-from slimlm.quant.fields import WeightQuantFields
+from slimlm.quant.fields import ClipField, WeightQuantFields
 from slimlm.quant.grid import QuantizedWeight, SweepGrid
 from slimlm.quant.qlinear import QuantizedLinear
 
@@ -129,7 +129,7 @@ def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionRepor
 
 
 @register
-class GPTQStage(WeightQuantFields, Stage):
+class GPTQStage(WeightQuantFields, ClipField, Stage):
     """GPTQ (Frantar et al., 2023)."""
 
     method: Literal["gptq"] = "gptq"
@@ -138,7 +138,6 @@ class GPTQStage(WeightQuantFields, Stage):
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
-    clip: Literal["minmax", "mse"] = "minmax"
 
     def apply(self, context: BlockContext, report: CompressionReport) -> None:
         gptq_block(context, self, report)

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, linear_weight
 from slimlm.core.stage import Stage, register
 from slimlm.errors import SlimlmError
-from slimlm.quant.fields import ActivationQuantConfig, WeightActivationFields, WeightQuantFields
+from slimlm.quant.fields import ActivationQuantConfig, ClipField, WeightActivationFields, WeightQuantFields
 from slimlm.quant.grid import quantize_weight
 from slimlm.quant.llm_int8 import LLMInt8Linear
 from slimlm.quant.qlinear import QuantizedLinear
@@ -96,12 +96,11 @@ def wa_layer(module, weights: WeightQuantFields, activations: ActivationQuantCon
 
 
 @register
-class RTNStage(WeightActivationFields, Stage):
+class RTNStage(WeightActivationFields, ClipField, Stage):
     """Round-to-nearest weight quantization (data-free baseline); with `activations`, the inputs too (W8A8
     with an integer GEMM; W4A8, W6A6, W4A4 and FP8 simulated)."""
 
     method: Literal["rtn"] = "rtn"
-    clip: Literal["minmax", "mse"] = "minmax"
     activations: ActivationQuantConfig | None = Field(
         None, description="also quantize the inputs (8-bit symmetric per-channel weights: an integer GEMM)")
 
