@@ -104,20 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_export_parser(commands, common: argparse.ArgumentParser) -> None:
-    export = commands.add_parser("export", parents=[common], help="write a model to another runtime's format (GGUF)")
-    export.add_argument("--format", required=True, choices=["gguf"], help="gguf: one file llama.cpp loads")
-    export.add_argument("--out", required=True, help="the .gguf file to write")
+    export = commands.add_parser("export", parents=[common],
+                                 help="write a model to another runtime's format (GGUF, ONNX Runtime)")
+    export.add_argument("--format", required=True, choices=["gguf", "onnx"],
+                        help="gguf: one file llama.cpp loads; onnx: a directory onnxruntime-genai loads")
+    export.add_argument("--out", required=True, help="the .gguf file, or the ONNX model directory, to write")
     export.add_argument("--type", dest="ftype", default="auto",
-                        help="auto (each quantized layer in the GGUF block format that holds it exactly), "
+                        help="gguf: auto (each quantized layer in the GGUF block format that holds it exactly), "
                              "q8_0, q4_0, q4_1, q5_0, q5_1, f16, bf16 or f32")
     export.add_argument("--exact", action="store_true",
-                        help="refuse the export if a quantized layer would be re-quantized for --type")
-    export.add_argument("--float-type", default="f16", help="unquantized linears with --type auto/--exact")
+                        help="gguf: refuse the export if a quantized layer would be re-quantized for --type")
+    export.add_argument("--float-type", help="gguf: unquantized linears with --type auto/--exact (default f16)")
     export.add_argument("--embedding-type",
-                        help="token embedding and untied output head (default q8_0 for quantized files)")
-    export.add_argument("--pre-tokenizer", help="llama.cpp's name of the BPE pre-tokenizer (default: detected)")
+                        help="gguf: token embedding and untied output head (default q8_0 for quantized files)")
+    export.add_argument("--pre-tokenizer", help="gguf: llama.cpp's name of the BPE pre-tokenizer (default: detected)")
+    export.add_argument("--accuracy-level", type=int,
+                        help="onnx: MatMulNBits accuracy_level, 4 (default: int8 activations, ONNX Runtime's fast "
+                             "CPU path) or 0/1 (float32 arithmetic, slow)")
+    export.add_argument("--widen-bits", action="store_true",
+                        help="onnx: store 3-bit (5-7-bit) codes exactly in 4-bit (8-bit) MatMulNBits blocks")
     export.add_argument("--drop-activation-quant", action="store_true",
-                        help="export the weights of W8A8 / W+A layers; llama.cpp uses its own activation precision")
+                        help="export the weights of W8A8 / W+A layers; the runtime uses its own activation precision")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
@@ -471,18 +478,47 @@ def _decode_kernels(model) -> str | None:
 def run_export(args: argparse.Namespace) -> tuple[dict, str]:
     from pathlib import Path
 
+    _check_export_options(args)
+    if args.format == "onnx":
+        from slimlm.export.onnx import check_options as check_onnx
+        from slimlm.export.onnx import describe as describe_onnx
+        from slimlm.export.onnx import export_onnx
+
+        accuracy_level = 4 if args.accuracy_level is None else args.accuracy_level
+        check_onnx(accuracy_level)  # before loading anything
+        if Path(args.out).expanduser().exists() and not args.overwrite:
+            raise SlimlmError(f"{args.out} exists: choose another output directory or pass --overwrite")
+        loaded = _load(args.model, args)
+        result = export_onnx(loaded.model, loaded.tokenizer, args.out, accuracy_level=accuracy_level,
+                             widen_bits=args.widen_bits, drop_activation_quantization=args.drop_activation_quant,
+                             overwrite=args.overwrite)
+        protocol = {"format": "onnx", "accuracy_level": accuracy_level, "widen_bits": args.widen_bits}
+        return make_record(args.model, "export", protocol, result.to_dict()), describe_onnx(result)
+
     from slimlm.export.gguf import check_options, describe, export_gguf
 
-    check_options(args.ftype, args.float_type, args.embedding_type, args.exact)  # before loading anything
+    float_type = args.float_type or "f16"
+    check_options(args.ftype, float_type, args.embedding_type, args.exact)  # before loading anything
     if Path(args.out).expanduser().exists() and not args.overwrite:
         raise SlimlmError(f"{args.out} exists: choose another output file or pass --overwrite")
     loaded = _load(args.model, args)
-    result = export_gguf(loaded.model, loaded.tokenizer, args.out, ftype=args.ftype, float_type=args.float_type,
+    result = export_gguf(loaded.model, loaded.tokenizer, args.out, ftype=args.ftype, float_type=float_type,
                          embedding_type=args.embedding_type, exact=args.exact, pre_tokenizer=args.pre_tokenizer,
                          drop_activation_quantization=args.drop_activation_quant, overwrite=args.overwrite)
-    protocol = {"format": args.format, "type": args.ftype, "exact": args.exact, "float_type": args.float_type,
+    protocol = {"format": args.format, "type": args.ftype, "exact": args.exact, "float_type": float_type,
                 "embedding_type": args.embedding_type}
     return make_record(args.model, "export", protocol, result.to_dict()), describe(result)
+
+
+def _check_export_options(args: argparse.Namespace) -> None:
+    """Refuse options of the other format instead of ignoring them."""
+    given = {"onnx": {"--type": args.ftype != "auto", "--exact": args.exact, "--float-type": args.float_type,
+                      "--embedding-type": args.embedding_type, "--pre-tokenizer": args.pre_tokenizer},
+             "gguf": {"--accuracy-level": args.accuracy_level is not None, "--widen-bits": args.widen_bits}}
+    wrong = [option for option, value in given[args.format].items() if value]
+    if wrong:
+        other = "gguf" if args.format == "onnx" else "onnx"
+        raise SlimlmError(f"{', '.join(wrong)} applies to --format {other} only, not --format {args.format}")
 
 
 COMMANDS = {"eval": run_eval, "info": run_info, "bench": run_bench, "compress": run_compress,

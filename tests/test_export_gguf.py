@@ -14,6 +14,7 @@ from slimlm.compress import compress
 from slimlm.errors import SlimlmError
 from slimlm.export.gguf import export_gguf
 from slimlm.models.tiny import tiny_model
+from tests.helpers import small_bpe_tokenizer
 
 gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,19 +26,7 @@ LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v":
 
 @pytest.fixture(scope="module")
 def small_tokenizer():
-    """A byte-level BPE tokenizer of 262 tokens (the real one's 49152 tokens make every file slow to read)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    vocab.update({char: index + 3 for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return small_bpe_tokenizer()
 
 
 def export(model, tokenizer, path, **options):
@@ -277,6 +266,29 @@ def test_gguf_presets_target_the_block_formats():
         for name, bits, symmetric in (("q4_0", 4, True), ("q4_1", 4, False), ("q8_0", 8, True)):
             stage = load_recipe(f"{method}-gguf-{name}").stages[0]
             assert (stage.method, stage.bits, stage.group_size, stage.symmetric) == (method, bits, 32, symmetric)
+            if method != "awq":
+                assert getattr(stage, "clip") == ("signed_max" if name == "q4_0" else "minmax")
+
+
+@pytest.mark.parametrize("bits, target", [(4, "Q4_0"), (5, "Q5_0")])
+def test_signed_max_rtn_is_llama_cpps_own_block_quantization(small_tokenizer, tmp_path, bits, target):
+    """clip "signed_max" is llama.cpp's Q4_0 / Q5_0 rule: slimlm's RTN codes and scales, carried as they are,
+    give the blocks gguf-py's port of llama.cpp's reference quantizer makes from the float weights (up to
+    rounding ties: llama.cpp rounds x / d + 8.5 down, slimlm rounds half to even)."""
+    float_model = quantized(small_tokenizer)
+    model = quantized(small_tokenizer, bits=bits, group_size=32, symmetric=True, clip="signed_max")
+    export(model, small_tokenizer, tmp_path / "m.gguf", exact=True)
+    written = read_back(tmp_path / "m.gguf")
+    qtype = getattr(gguf.GGMLQuantizationType, target)
+    for name, weight in slimlm_weights(float_model).items():
+        kind, values = written[name]
+        reference = gguf.quants.dequantize(gguf.quants.quantize(weight, qtype), qtype).reshape(weight.shape)
+        assert kind == target
+        differs = values != reference
+        assert differs.mean() < 0.002, name  # ties only
+        step = np.abs(reference - values)[differs]
+        block_scale = np.abs(weight).reshape(-1, 32).max(axis=1) / 2 ** (bits - 1)
+        assert (step <= block_scale.max() * 1.01).all(), name  # one step apart at most
 
 
 def test_cli_export(tiny_dir, tmp_path, capsys):

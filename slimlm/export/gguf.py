@@ -63,6 +63,8 @@ from torch import nn
 
 from slimlm.core.registry import layer_kind
 from slimlm.errors import SlimlmError
+from slimlm.export.layers import WeightGrid as _Grid
+from slimlm.export.layers import check_block_modules, float_weight, head_is_tied, umask, weight_grid
 
 try:  # optional dependency: only this exporter needs it
     import gguf
@@ -160,52 +162,6 @@ class GGUFExport:
 
     def to_dict(self) -> dict:
         return {**self.summary(), "tensor_records": [asdict(t) for t in self.tensors]}
-
-
-@dataclass
-class _Grid:
-    """A quantized layer's weight grid, whatever its layer kind: value = scale * (code - zero)."""
-
-    module: str
-    kind: str
-    bits: int
-    symmetric: bool
-    group_size: int | None
-    fmt: str
-    in_features: int
-    out_features: int
-    layer: nn.Module
-    quantizes_inputs: bool
-    transforms_inputs: bool  # an input shift or divisor the weight alone does not express
-
-    def codes(self) -> torch.Tensor:
-        if self.kind in ("int8", "llm_int8"):
-            return (self.layer.weight.to(torch.int16) + 128).to(torch.uint8)
-        return self.layer.codes()
-
-    def scale(self) -> torch.Tensor:
-        if self.kind in ("int8", "llm_int8"):
-            return self.layer.weight_scale.reshape(-1, 1)
-        return self.layer.scale
-
-    def zero(self) -> torch.Tensor:
-        """(out, n_groups) integer zero codes (symmetric grids: 2^(bits-1))."""
-        zero = getattr(self.layer, "zero", None) if self.kind == "quantized" else None
-        if zero is None:
-            return torch.full_like(self.scale(), 2 ** (self.bits - 1), dtype=torch.int32)
-        return zero.to(torch.int32)
-
-    def column_groups(self) -> torch.Tensor:
-        """(in,) group index of each input column."""
-        g_idx = getattr(self.layer, "g_idx", None) if self.kind == "quantized" else None
-        if g_idx is not None:
-            return g_idx.long()
-        if self.group_size is None:
-            return torch.zeros(self.in_features, dtype=torch.long)
-        return torch.arange(self.in_features) // self.group_size
-
-    def dequantized(self) -> torch.Tensor:
-        return self.layer.dequantize_weight().float()
 
 
 @dataclass
@@ -308,31 +264,6 @@ def _architecture(model: nn.Module) -> tuple[str, bool]:
     return ARCHITECTURES[model_type]
 
 
-def _grid(name: str, module: nn.Module) -> _Grid | None:
-    kind = layer_kind(module)
-    if kind == "quantized":
-        transforms = getattr(module, "input_shift", None) is not None or getattr(module, "input_scale", None) is not None
-        return _Grid(name, kind, module.bits, module.symmetric, module.group_size, module.fmt, module.in_features,
-                     module.out_features, module, getattr(module, "input_quantizer", None) is not None, transforms)
-    if kind == "int8":  # W8A8: int8 symmetric per-channel weights, code = weight + 128, zero 128
-        return _Grid(name, kind, 8, True, None, "int", module.in_features, module.out_features, module, True, False)
-    return None
-
-
-def _float_weight(name: str, module: nn.Module) -> torch.Tensor:
-    kind = layer_kind(module)
-    if kind == "sparse":
-        return module.dense_weight().detach().float()
-    if kind == "llm_int8":  # outlier columns multiply the float16 weight, the rest its int8 rounding
-        return module.weight_fp16.detach().float()
-    if kind is not None:
-        raise SlimlmError(f"{name}: layer kind {kind!r} has no GGUF form; export the model before that stage "
-                          "or dequantize it to a plain linear")
-    if not isinstance(module, nn.Linear):
-        raise SlimlmError(f"{name}: {type(module).__name__} is not a linear layer GGUF can hold")
-    return module.weight.detach().float()
-
-
 def _plan(model, architecture: str, permute: bool, ftype: str, float_type: str, embedding_type: str | None,
           exact: bool, drop_activation_quantization: bool) -> list[_Item]:
     """Every tensor to write with its target type; refuses (before any file exists) what cannot be written."""
@@ -341,17 +272,23 @@ def _plan(model, architecture: str, permute: bool, ftype: str, float_type: str, 
     linear_float = float_type if strict else ftype
     embed_type = embedding_type or (ftype if ftype in FLOAT_TYPES else "q8_0")
     inner = model.model
-    items = [_Item("token_embd.weight", "model.embed_tokens.weight",
-                   inner.embed_tokens.weight.detach().float(), None, embed_type, "embedding")]
+    problems: list[str] = []
+    if weight_grid("model.embed_tokens", inner.embed_tokens) is not None:
+        # a quantized embedding: its codes carried into the format that fits them, unless one is asked for
+        items = [_linear_item("token_embd.weight", "model.embed_tokens", inner.embed_tokens,
+                              embedding_type or "auto", embed_type, exact, drop_activation_quantization, None,
+                              problems)]
+    else:
+        items = [_Item("token_embd.weight", "model.embed_tokens.weight",
+                       inner.embed_tokens.weight.detach().float(), None, embed_type, "embedding")]
     layers = list(inner.layers)
     if len(layers) != config.num_hidden_layers:
         raise SlimlmError(f"the model has {len(layers)} blocks but its config says {config.num_hidden_layers}; "
                           "GGUF needs them to agree")
     heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
-    problems: list[str] = []
     for index, block in enumerate(layers):
         prefix = f"model.layers.{index}"
-        _check_block_modules(block, prefix)
+        check_block_modules(block, prefix, _BLOCK_NAMES, "the GGUF llama/qwen2 architecture")
         for local, short in _BLOCK_NAMES.items():
             module = block.get_submodule(local)
             name, source = f"blk.{index}.{short}", f"{prefix}.{local}"
@@ -369,13 +306,13 @@ def _plan(model, architecture: str, permute: bool, ftype: str, float_type: str, 
     items.append(_Item("output_norm.weight", "model.norm.weight", inner.norm.weight.detach().float(), None,
                        "f32", "norm"))
     head = model.get_output_embeddings()
-    if not _tied(model):
-        grid = _grid("lm_head", head)
+    if not head_is_tied(model):
+        grid = weight_grid("lm_head", head)
         if grid is not None:
             items.append(_linear_item("output.weight", "lm_head", head, ftype, embed_type, strict,
                                       drop_activation_quantization, None, problems))
         else:
-            items.append(_Item("output.weight", "lm_head.weight", _float_weight("lm_head", head), None, embed_type,
+            items.append(_Item("output.weight", "lm_head.weight", float_weight("lm_head", head), None, embed_type,
                                "embedding"))
     if problems:
         raise SlimlmError("cannot write this model to GGUF " + ("exactly" if strict else "") + ":\n  "
@@ -383,30 +320,15 @@ def _plan(model, architecture: str, permute: bool, ftype: str, float_type: str, 
     return items
 
 
-def _check_block_modules(block: nn.Module, prefix: str) -> None:
-    """Refuse blocks holding parameters llama.cpp's architecture has no tensor for (q/k norms, shortcuts)."""
-    def known(name: str) -> bool:
-        return any(name.startswith(module + ".") for module in _BLOCK_NAMES)
-
-    for name, _ in block.named_parameters(recurse=True):
-        if not known(name):
-            raise SlimlmError(f"{prefix}.{name}: this block holds a tensor the GGUF llama/qwen2 architecture has no "
-                              "place for (a structural change such as SliceGPT shortcuts); export it natively")
-    for name, buffer in block.named_buffers(recurse=True):
-        if not known(name) and "rotary" not in name and buffer is not None and buffer.numel() > 0:
-            raise SlimlmError(f"{prefix}.{name}: this block holds a tensor the GGUF architecture has no place for; "
-                              "export it natively")
-
-
 def _linear_item(name: str, source: str, module: nn.Module, ftype: str, float_target: str, strict: bool,
                  drop_activation_quantization: bool, rotary: int | None, problems: list[str]) -> _Item:
-    grid = _grid(source, module)
+    grid = weight_grid(source, module)
     if layer_kind(module) == "llm_int8" and not drop_activation_quantization:
         raise SlimlmError(f"{source}: LLM.int8() picks int8 or float16 per input column at run time, which GGUF "
                           "does not describe; pass drop_activation_quantization=True (--drop-activation-quant) to "
                           "export its float16 weight re-quantized to the target type")
     if grid is None:
-        return _Item(name, f"{source}.weight", _float_weight(source, module), None, float_target, "linear", rotary)
+        return _Item(name, f"{source}.weight", float_weight(source, module), None, float_target, "linear", rotary)
     if grid.transforms_inputs:
         raise SlimlmError(f"{source}: this layer shifts or rescales its inputs before the matmul (OmniQuant LET, "
                           "LLM-FP4), which a GGUF weight cannot express; export a weight-only model")
@@ -439,15 +361,6 @@ def _refusal(grid: _Grid, ftype: str, fits: list[str]) -> str:
     exact = f"formats that carry it exactly: {', '.join(fits)}" if fits else "no GGUF block format carries it exactly"
     return (f"{what}: {why}; {exact}; or choose --type {'/'.join(BLOCK_TYPES)} without --exact to re-quantize "
             "it (error reported)")
-
-
-def _tied(model: nn.Module) -> bool:
-    """True when the output head is the embedding matrix itself (llama.cpp then reuses token_embd)."""
-    head = model.get_output_embeddings()
-    if head is None:
-        return True
-    weight = getattr(head, "weight", None) if layer_kind(head) is None else None
-    return weight is not None and weight is model.get_input_embeddings().weight
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,7 +432,7 @@ def _carry(item: _Item) -> tuple[np.ndarray, GGML, TensorRecord]:
         reference = reference[order]
     back = gguf.quants.dequantize(data, qtype).reshape(reference.shape)
     max_abs, rel_rms = _errors(back, reference.numpy())
-    step = d16.float().repeat_interleave(BLOCK, dim=1).numpy()
+    step = d16.float().abs().repeat_interleave(BLOCK, dim=1).numpy()  # llama.cpp's Q4_0 rule makes d < 0
     error = np.abs(back.astype(np.float64) - reference.numpy().astype(np.float64))
     steps = float(np.where(step > 0, error / np.where(step > 0, step, 1), 0).max())
     record = TensorRecord(item.name, item.source, [grid.out_features, grid.in_features], qtype.name, "carried",
@@ -565,7 +478,7 @@ def _vocabulary(model: nn.Module, tokenizer, pre_tokenizer: str | None) -> dict:
     if backend is None or json.loads(backend.to_str())["model"]["type"] != "BPE":
         raise SlimlmError("GGUF export writes byte-level BPE vocabularies (GPT-2 style, as SmolLM2, Llama 3 and "
                           "Qwen2 use); this tokenizer is not one: convert it with llama.cpp's convert_hf_to_gguf.py")
-    vocab_size = model.get_input_embeddings().weight.shape[0]
+    vocab_size = model.get_input_embeddings().num_embeddings
     reverse = {index: token for token, index in tokenizer.get_vocab().items()}
     if max(reverse) >= vocab_size:
         raise SlimlmError(f"the tokenizer has ids up to {max(reverse)} but the embedding only {vocab_size} rows")
@@ -627,7 +540,7 @@ def _metadata(writer, model, architecture: str, file_type: int) -> None:
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type(file_type)
-    writer.add_vocab_size(model.get_input_embeddings().weight.shape[0])
+    writer.add_vocab_size(model.get_input_embeddings().num_embeddings)
     writer.add_rope_dimension_count(head_dim)
     if head_dim != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(head_dim)
@@ -679,17 +592,11 @@ def _write(target: Path, model, architecture: str, items: list[_Item], encoded, 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual mode
+        os.chmod(temporary, 0o666 & ~umask())  # mkstemp makes the file private; give it the usual mode
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def describe(result: GGUFExport) -> str:
