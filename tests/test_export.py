@@ -1,4 +1,4 @@
-"""compressed-tensors export: loaded by transformers (symmetric), bit-exact against the library's packer."""
+"""compressed-tensors export: loaded by transformers (symmetric and asymmetric), bit-exact against the library's packer."""
 
 import pytest
 import torch
@@ -19,12 +19,17 @@ def quantized_tiny(family="llama", **stage):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
-def test_transformers_loads_a_symmetric_export_with_the_same_logits(family, tmp_path):
+@pytest.mark.parametrize("family, symmetric", [("llama", True), ("qwen2", True), ("gemma2", True), ("llama", False),
+                                               ("qwen2", False)])
+def test_transformers_loads_the_export_with_the_same_logits(family, symmetric, tmp_path):
+    import json
+
     from transformers import AutoModelForCausalLM
 
-    model = quantized_tiny(family, symmetric=True)
+    model = quantized_tiny(family, symmetric=symmetric)
     export_compressed_tensors(model, tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config.get("dequantize", False) is not symmetric  # asymmetric: the load path that unpacks zero points
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
     probe = torch.randint(0, 256, (2, 12))
     with torch.no_grad():

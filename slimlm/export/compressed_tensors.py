@@ -13,14 +13,20 @@ Layout written, per quantized linear `name` (the format llm-compressor produces)
 
 and `config.json` gains a `quantization_config` with `quant_method: compressed-tensors`, format
 `pack-quantized`, one config group per distinct (bits, group size, symmetry) whose `targets` list
-the quantized module names, and an `ignore` list of the linears left in float.
+the quantized module names, and an `ignore` list of the linears left in float. When any group is
+asymmetric it also says `dequantize: true` (transformers' `CompressedTensorsConfig` option), see below.
 
-Verified here (tests/test_export.py): transformers 5.23 with compressed-tensors 0.19 loads a
-symmetric export on CPU and computes the same logits as slimlm's model; for asymmetric exports the
-packed tensors are checked bit for bit against compressed-tensors' own compressor, but that
-transformers version cannot load any asymmetric pack-quantized checkpoint (llm-compressor's
-included): its loader expects the zero points unpacked and then fails to unpack them. vLLM was not
-tested (no GPU here).
+Verified here (tests/test_export.py, transformers 5.25, compressed-tensors 0.20.1, CPU): a symmetric
+export loads with plain `from_pretrained` and computes the same logits as slimlm's model. Asymmetric
+exports hold the tensors compressed-tensors' own compressor makes (checked bit for bit), yet plain
+loading of any asymmetric pack-quantized checkpoint (llm-compressor's included) fails in these
+releases: transformers builds the compressed layout with the zero-point parameter unpacked, shape
+(out, groups), and refuses the packed checkpoint tensor (size mismatch); writing it unpacked instead
+fails in the decompressor, which always unpacks (llm-compressor #1618 / #1704, compressed-tensors
+#458). Their dequantize-at-load path unpacks the zero points correctly, and with `dequantize: true` in
+the config plain `from_pretrained` takes it: logits identical to slimlm's. The model is then dense in
+memory after loading, which the compressed path also is after its first forward (it decompresses
+then). vLLM was not tested (no GPU here); it reads the quantization groups and ignores that key.
 
 The format cannot express a group size that does not divide a layer's width (slimlm's shorter
 last group), non-integer grids, or act-order with a permuted group index; those fail with a
@@ -156,11 +162,14 @@ def _quantization_config(model: PreTrainedModel, quantized: dict[str, nn.Module]
         for i, ((bits, group_size, symmetric), names) in enumerate(groups.items())
     }
     float_linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return {
+    config = {
         "quant_method": "compressed-tensors", "format": FORMAT, "quantization_status": "compressed",
         "config_groups": config_groups, "ignore": float_linears, "kv_cache_scheme": None,
         "global_compression_ratio": None, "sparsity_config": {}, "transform_config": {},
     }
+    if not all(symmetric for (_, _, symmetric) in groups):
+        config["dequantize"] = True  # the load path that unpacks zero points (see the module docstring)
+    return config
 
 
 def _write(directory, tensors, config: dict, model: PreTrainedModel, tokenizer) -> Path:
