@@ -1,10 +1,17 @@
 """slimlm's GGUF export checked by llama.cpp itself: quality, agreement with slimlm and decode speed.
 
 Writes `benchmarks/results/gguf_export.{json,md}`. SmolLM2-135M (the embedded float32 model) is
-quantized by slimlm (RTN and GPTQ at 4-bit symmetric group 32, exported to Q4_0; RTN 8-bit
-symmetric group 32, exported to Q8_0) and written with `slimlm.export.gguf.export_gguf` (token
-embedding Q8_0, norms F32). The float model is also written as F32, and llama.cpp's own Q4_0 is
-made from that file by `llama_model_quantize` (llama-quantize's code, no importance matrix).
+quantized by slimlm with its GGUF presets (`slimlm.compress.presets`): `rtn-gguf-q4_0` (RTN 4-bit
+symmetric group 32, llama.cpp's signed-max range rule), `gptq-gguf-q4_0` (the same grid by GPTQ with
+act-order and static groups), `awq-gguf-q4_0` (AWQ 4-bit symmetric group 32, balanced grid), all
+exported to Q4_0, and `rtn-gguf-q8_0` (RTN 8-bit symmetric group 32) exported to Q8_0; each file is
+written by `slimlm.export.gguf.export_gguf` (token embedding Q8_0, norms F32). GPTQ and AWQ calibrate
+on `calibration_samples(tokenizer, "c4", 128, 512, seed 0)`. The float model is also written as F32,
+and llama.cpp's own Q4_0 is made from that file by llama.cpp's `llama-quantize` tool, once plain and
+once with an importance matrix that `llama-imatrix` computes on the same calibration text (the 128
+calibration windows detokenized and concatenated, re-tokenized by llama.cpp into 512-token chunks);
+both tools are built by `benchmarks/peers/setup_llamacpp_tools.sh` from the llama.cpp that
+llama-cpp-python vendors.
 
 Every GGUF file then runs in llama.cpp (`llama-cpp-python` in its own virtual environment, built by
 `benchmarks/peers/setup_llamacpp.sh`), in one child process:
@@ -14,19 +21,22 @@ Every GGUF file then runs in llama.cpp (`llama-cpp-python` in its own virtual en
 - logits on a prompt (the first `--prompt-tokens` tokens of the embedded pydoc corpus) against
   slimlm's reference path on the same weights: max and mean absolute difference;
 - greedy decoding of `--new-tokens` tokens: how many agree with slimlm's greedy tokens;
-- decode tokens/s against llama.cpp's own Q4_0, in alternating runs within the process (medians of
-  `--repeats` runs, `--threads` threads); only the ratio is reported.
+- decode tokens/s against llama.cpp's own Q4_0 (plain), in alternating runs within the process
+  (medians of `--repeats` runs, `--threads` threads); only the ratio is reported.
 slimlm's perplexity of the same weights is computed by slimlm (reference path, float32); for the
-llama.cpp Q4_0 row slimlm reads that GGUF file back (dequantized by transformers' GGUF loader).
+llama.cpp rows slimlm reads those GGUF files back (dequantized by transformers' GGUF loader).
 
-    python benchmarks/gguf_export.py --data-dir ../shared/data
+    flock /tmp/slimlm-bench.lock python benchmarks/gguf_export.py --data-dir ../shared/data
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
+import pickle
+import re
 import shlex
 import statistics
 import subprocess
@@ -41,7 +51,7 @@ VENV_PYTHON = HERE / "peers" / ".venv-llamacpp" / "bin" / "python"
 
 # Runs inside the llama.cpp virtual environment (no slimlm, no torch): argv = request json, out json.
 LLAMA_CHILD = r"""
-import ctypes, json, sys, time
+import json, sys, time
 import numpy as np
 import llama_cpp
 from llama_cpp import Llama
@@ -49,15 +59,6 @@ from llama_cpp import Llama
 request, out = sys.argv[1:3]
 req = json.load(open(request))
 result = {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(), "files": {}}
-
-if req.get("quantize"):
-    source, target = req["quantize"]
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.nthread = req["threads"]
-    status = llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params))
-    if status != 0:
-        raise SystemExit(f"llama_model_quantize failed with {status}")
 
 def load(path, context):
     return Llama(model_path=path, n_ctx=context, n_batch=context, n_ubatch=context, n_threads=req["threads"],
@@ -102,19 +103,22 @@ for _ in range(req["repeats"]):  # alternate: reference, then every other file, 
 json.dump(result, open(out, "w"))
 """
 
+TOOLS = HERE / "peers" / "llamacpp-tools" / "bin"
+# name -> (slimlm preset or None for the float model, GGUF ftype of the export)
 CONFIGS = {
     "float32": (None, "f32"),
-    "rtn-w4g32-sym": ({"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}, "q4_0"),
-    "gptq-w4g32-sym": ({"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True}, "q4_0"),
-    "awq-w4g32-sym": ({"method": "awq", "bits": 4, "group_size": 32, "symmetric": True}, "q4_0"),
-    "rtn-w8g32-sym": ({"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True}, "q8_0"),
+    "rtn-gguf-q4_0": ("rtn-gguf-q4_0", "q4_0"),
+    "gptq-gguf-q4_0": ("gptq-gguf-q4_0", "q4_0"),
+    "awq-gguf-q4_0": ("awq-gguf-q4_0", "q4_0"),
+    "rtn-gguf-q8_0": ("rtn-gguf-q8_0", "q8_0"),
 }
+OWN, OWN_IMATRIX, OWN_IMATRIX_EQUAL = "llama.cpp Q4_0", "llama.cpp Q4_0 imatrix", "llama.cpp Q4_0 imatrix, all Q4_0"
 
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--configs", default="float32,rtn-w4g32-sym,gptq-w4g32-sym,rtn-w8g32-sym",
+    parser.add_argument("--configs", default=",".join(CONFIGS),
                         help="comma-separated subset of " + ", ".join(CONFIGS))
     parser.add_argument("--windows", type=int, default=20, help="WikiText-2 windows")
     parser.add_argument("--seqlen", type=int, default=512)
@@ -126,6 +130,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     parser.add_argument("--torch-threads", type=int, default=2, help="slimlm's threads (compression, perplexity)")
+    parser.add_argument("--no-imatrix", action="store_true", help="skip llama.cpp's Q4_0 with an importance matrix")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the configs an earlier run finished in --work-dir (GGUF file and slimlm results)")
     parser.add_argument("--work-dir", help="where the GGUF files go (default: a temporary directory)")
     parser.add_argument("--out", default=str(RESULTS / "gguf_export"))
     return parser.parse_args()
@@ -151,16 +158,73 @@ def slimlm_side(name: str, model, tokenizer, windows, prompt: list[int], args) -
             "greedy": ids[len(prompt):], "slimlm_paths": paths}
 
 
-def build(name: str, stage: dict | None, base, calibration):
-    """A copy of the float model with the config's stage applied (timed)."""
+def build(name: str, preset: str | None, base, calibration):
+    """A copy of the float model with the preset applied (timed), and the recipe that was applied."""
     from slimlm.compress import compress
+    from slimlm.compress.presets import PRESETS
 
     model, seconds = copy.deepcopy(base), 0.0
-    if stage is not None:
-        start = time.perf_counter()
-        compress(model, {"stages": [stage], "calibration": {"batch_size": 8}}, calibration=calibration)
-        seconds = time.perf_counter() - start
-    return model, seconds
+    if preset is None:
+        return model, seconds, None
+    recipe = {**copy.deepcopy(PRESETS[preset]), "calibration": {"batch_size": 8}}
+    start = time.perf_counter()
+    compress(model, recipe, calibration=calibration)
+    return model, time.perf_counter() - start, recipe
+
+
+def recipe_text(recipe: dict | None) -> str:
+    if recipe is None:
+        return "float"
+    return "; ".join(", ".join(f"{k}={v}" for k, v in stage.items()) for stage in recipe["stages"])
+
+
+def run_tool(command: list[str], log: Path) -> str:
+    """Run a llama.cpp tool, keep its output in `log`, fail loudly."""
+    print("$ " + shlex.join(command), flush=True)
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    log.write_text(done.stdout + "\n" + done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout + "\n" + done.stderr
+
+
+def llamacpp_quantize(f32: Path, work: Path, calibration, tokenizer, args) -> dict:
+    """llama.cpp's own Q4_0 files (llama-quantize, with and without llama-imatrix's importance matrix)."""
+
+
+    if not (TOOLS / "llama-quantize").is_file() or not (TOOLS / "llama-imatrix").is_file():
+        subprocess.run(["bash", str(HERE / "peers" / "setup_llamacpp_tools.sh")], check=True)
+    quantize, imatrix = str(TOOLS / "llama-quantize"), str(TOOLS / "llama-imatrix")
+    threads = str(args.torch_threads)
+    made = {}
+    plain = work / "llamacpp-q4_0.gguf"
+    command = [quantize, str(f32), str(plain), "Q4_0", threads]
+    run_tool(command, work / "llama-quantize.log")
+    made[OWN] = {"path": plain, "command": shlex.join(["llama-quantize", f32.name, plain.name, "Q4_0", threads])}
+    if args.no_imatrix:
+        return made
+    text = work / "calibration.txt"  # the calibration windows, detokenized and concatenated
+    text.write_text("".join(tokenizer.decode(window.tolist()) for window in calibration), encoding="utf-8")
+    matrix = work / "imatrix.gguf"
+    command = [imatrix, "-m", str(f32), "-f", str(text), "-c", str(args.calib_seqlen), "-b", str(args.calib_seqlen),
+               "--chunks", str(len(calibration)), "-t", threads, "-o", str(matrix)]
+    log = run_tool(command, work / "llama-imatrix.log")
+    chunks = re.findall(r"computing over (\d+) chunks", log)
+    about = {"imatrix_command": shlex.join(["llama-imatrix", "-m", f32.name, "-f", text.name, *command[5:-2],
+                                           "-o", matrix.name]),
+             "imatrix_chunks": int(chunks[-1]) if chunks else None,
+             "calibration_text_chars": len(text.read_text(encoding="utf-8")),
+             "calibration_text_sha256": hashlib.sha256(text.read_bytes()).hexdigest()}
+    # With an importance matrix llama-quantize's Q4_0 mixture stores ffn_down of the first n_layer/8 layers as
+    # Q4_1 (a slightly larger file); the second file keeps every linear Q4_0, the size of slimlm's Q4_0 files.
+    for name, extra, stem in ((OWN_IMATRIX, [], "imatrix"), (OWN_IMATRIX_EQUAL, ["--tensor-type", "ffn_down=q4_0"],
+                                                             "imatrix-all-q4_0")):
+        quantized = work / f"llamacpp-q4_0-{stem}.gguf"
+        run_tool([quantize, "--imatrix", str(matrix), *extra, str(f32), str(quantized), "Q4_0", threads],
+                 work / f"llama-quantize-{stem}.log")
+        made[name] = {"path": quantized, **about, "command": shlex.join(
+            ["llama-quantize", "--imatrix", matrix.name, *extra, f32.name, quantized.name, "Q4_0", threads])}
+    return made
 
 
 def run_llamacpp(request: dict, work: Path) -> dict:
@@ -223,51 +287,68 @@ def main() -> None:
                                       args.data_dir)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="slimlm-gguf-"))
     work.mkdir(parents=True, exist_ok=True)
-    ours, exports, files = {}, {}, {}
-    for name in names:
-        stage, ftype = CONFIGS[name]
-        model, seconds = build(name, stage, lm.model, calibration)
-        path = work / f"{name}.gguf"
-        result = export_gguf(model, tokenizer, path, ftype=ftype, overwrite=True)
-        exports[name] = {**result.summary(), "compression_seconds": seconds}
-        ours[name] = slimlm_side(name, model, tokenizer, windows, prompt, args)
+    ours, exports, files, recipes = {}, {}, {}, {}
+    for name in ["float32", *(n for n in names if n != "float32")]:
+        preset, ftype = CONFIGS[name]
+        path, cache = work / f"{name}.gguf", work / f"{name}.slimlm.pkl"
+        if args.reuse and path.is_file() and cache.is_file():  # a finished config of an interrupted run
+            ours[name], exports[name], recipes[name] = pickle.loads(cache.read_bytes())
+        else:
+            model, seconds, recipe = build(name, preset, lm.model, calibration)
+            result = export_gguf(model, tokenizer, path, ftype=ftype, overwrite=True)
+            exports[name] = {**result.summary(), "compression_seconds": seconds}
+            ours[name] = slimlm_side(name, model, tokenizer, windows, prompt, args)
+            recipes[name] = {"preset": preset, "recipe": recipe}
+            cache.write_bytes(pickle.dumps((ours[name], exports[name], recipes[name])))
+            del model
         files[name] = path
-        print(f"[{utc_now()}] {name}: exported {result.bytes} bytes, slimlm ppl computed", flush=True)
-        del model
-    own = work / "llamacpp-q4_0.gguf"
-    request = {"quantize": [str(files["float32"]), str(own)], "threads": args.threads, "seqlen": args.seqlen,
-               "windows": windows.tolist(), "prompt": prompt, "new_tokens": args.new_tokens, "repeats": args.repeats,
-               "speed_reference": str(own),
-               "files": {str(p): str(work / f"{n}.logits.npy") for n, p in [*files.items(), ("llamacpp", own)]}}
+        print(f"[{utc_now()}] {name}: exported {path.stat().st_size} bytes, slimlm ppl computed", flush=True)
+    made = llamacpp_quantize(files["float32"], work, calibration, tokenizer, args)
+    print(f"[{utc_now()}] llama.cpp quantized: {', '.join(made)}", flush=True)
+    for name, own in made.items():
+        own_model = load_model(str(own["path"])).model  # llama.cpp's weights, read back by slimlm
+        ours[name] = slimlm_side(name, own_model, tokenizer, windows, prompt, args)
+        files[name] = own["path"]
+        recipes[name] = {k: v for k, v in own.items() if k != "path"}
+        del own_model
+    logits = {name: work / (re.sub(r"[^A-Za-z0-9.-]+", "_", name) + ".logits.npy") for name in files}
+    speed_reference = str(made[OWN]["path"])
+    request = {"threads": args.threads, "seqlen": args.seqlen, "windows": windows.tolist(), "prompt": prompt,
+               "new_tokens": args.new_tokens, "repeats": args.repeats, "speed_reference": speed_reference,
+               "files": {str(files[n]): str(logits[n]) for n in files}}
     theirs = run_llamacpp(request, work)
-    own_model = load_model(str(own)).model  # llama.cpp's Q4_0 weights, read back by slimlm
-    ours["llama.cpp Q4_0"] = slimlm_side("llama.cpp Q4_0", own_model, tokenizer, windows, prompt, args)
-    files["llama.cpp Q4_0"] = own
-    reference_speed = statistics.median(theirs["files"][str(own)]["decode_s"])
+    reference_speed = statistics.median(theirs["files"][speed_reference]["decode_s"])
     rows = []
     for name, path in files.items():
         record = theirs["files"][str(path)]
         speed = reference_speed / statistics.median(record["decode_s"])
-        logits = work / (("llamacpp" if name == "llama.cpp Q4_0" else name) + ".logits.npy")
-        row = {"config": name, "written_by": "llama.cpp llama_model_quantize" if name == "llama.cpp Q4_0"
-               else "slimlm export_gguf", "gguf_types": gguf_types(path), "file_bytes": path.stat().st_size,
-               **compare(ours[name], record, logits), "decode_speed_vs_llamacpp_q4_0": speed,
+        by_llamacpp = name in made
+        row = {"config": name, "written_by": "llama.cpp llama-quantize" if by_llamacpp else "slimlm export_gguf",
+               "recipe": recipes[name]["command"] if by_llamacpp else recipe_text(recipes[name]["recipe"]),
+               "recipe_detail": recipes[name], "gguf_types": gguf_types(path), "file_bytes": path.stat().st_size,
+               **compare(ours[name], record, logits[name]), "decode_speed_vs_llamacpp_q4_0": speed,
                "decode_s_runs": record["decode_s"]}
         if name in exports:
             row["export"] = exports[name]
         row["slimlm_paths"] = ours[name]["slimlm_paths"]
         rows.append(row)
     command = shlex.join(["python", "benchmarks/gguf_export.py", *sys.argv[1:]])
+    imatrix = made.get(OWN_IMATRIX)  # the same matrix for both imatrix rows
     result = {"model": "smollm2-135m", "rows": rows,
               "protocol": {"windows": len(windows), "seqlen": args.seqlen, "scored_tokens_per_row": rows[0]["scored_tokens"],
                            "calibration": {"corpus": args.calib_corpus, "samples": args.calib_samples,
                                            "seqlen": args.calib_seqlen, "seed": 0},
                            "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
                            "llamacpp_threads": args.threads, "torch_threads": args.torch_threads,
-                           "imatrix": "not run: llama-cpp-python exposes llama_model_quantize (which accepts an "
-                                      "importance matrix) but not llama-imatrix, which computes one"},
+                           "imatrix": "not run (--no-imatrix)" if imatrix is None else (
+                               f"`{imatrix['imatrix_command']}` on the {args.calib_samples} calibration windows "
+                               f"detokenized and concatenated ({imatrix['calibration_text_chars']} characters), "
+                               f"re-tokenized by llama.cpp: {imatrix['imatrix_chunks']} chunks of {args.calib_seqlen} "
+                               f"tokens")},
               "llamacpp": {"version": theirs["version"], "system_info": theirs["system_info"],
-                           "build": "benchmarks/peers/setup_llamacpp.sh (GGML_NATIVE=OFF, AVX2/FMA/F16C, no AVX-512)"},
+                           "build": "benchmarks/peers/setup_llamacpp.sh (GGML_NATIVE=OFF, AVX2/FMA/F16C, no AVX-512)",
+                           "tools": "llama-quantize and llama-imatrix from the same vendored llama.cpp, built by "
+                                    "benchmarks/peers/setup_llamacpp_tools.sh (same flags)"},
               "machine": machine_info(), "versions": {**library_versions(), "llama-cpp-python": theirs["version"]},
               "date": utc_now(), "command": command}
     write_results(Path(args.out), [result], _table(rows), preamble=_preamble(result))
@@ -275,7 +356,7 @@ def main() -> None:
 
 
 def _table(rows: list[dict]) -> str:
-    columns = ("config", "written_by", "file_bytes", "llamacpp_ppl", "slimlm_ppl", "ppl_ratio", "greedy_agree",
+    columns = ("config", "written_by", "recipe", "file_bytes", "llamacpp_ppl", "slimlm_ppl", "ppl_ratio", "greedy_agree",
                "logit_max_abs_diff", "logit_mean_abs_diff", "decode_speed_vs_llamacpp_q4_0")
     from slimlm.results import markdown_table
 
@@ -297,7 +378,7 @@ def _preamble(result: dict) -> str:
             f"seed {c['seed']}. Prompt: {p['prompt_tokens']} tokens; logit differences over all prompt positions; "
             f"greedy agreement over {p['new_tokens']} tokens. Decode speed: llama.cpp tokens/s of each file divided by "
             f"llama.cpp's own Q4_0, medians of {p['repeats']} alternating runs, {p['llamacpp_threads']} thread(s). "
-            f"Importance matrix: {p['imatrix']}.\n")
+            f"llama.cpp's own Q4_0: `llama-quantize` ({l['tools']}); importance matrix: {p['imatrix']}.\n")
 
 
 if __name__ == "__main__":
