@@ -7,11 +7,15 @@ act-order and static groups), `awq-gguf-q4_0` (AWQ 4-bit symmetric group 32, bal
 exported to Q4_0, and `rtn-gguf-q8_0` (RTN 8-bit symmetric group 32) exported to Q8_0; each file is
 written by `slimlm.export.gguf.export_gguf` (token embedding Q8_0, norms F32). GPTQ and AWQ calibrate
 on `calibration_samples(tokenizer, "c4", 128, 512, seed 0)`. The float model is also written as F32,
-and llama.cpp's own Q4_0 is made from that file by llama.cpp's `llama-quantize` tool, once plain and
-once with an importance matrix that `llama-imatrix` computes on the same calibration text (the 128
-calibration windows detokenized and concatenated, re-tokenized by llama.cpp into 512-token chunks);
-both tools are built by `benchmarks/peers/setup_llamacpp_tools.sh` from the llama.cpp that
-llama-cpp-python vendors.
+and llama.cpp's own Q4_0 is made from that file by llama.cpp's `llama-quantize` tool: plain, and with
+an importance matrix that `llama-imatrix` computes on the same calibration text (the 128 calibration
+windows detokenized and concatenated, re-tokenized by llama.cpp into 512-token chunks), once with
+llama-quantize's own Q4_0 mixture (which then stores `ffn_down` of the first n_layer/8 layers as Q4_1)
+and once with every linear Q4_0 (`--tensor-type ffn_down=q4_0`: slimlm's tensor types and file size).
+Both tools are built by `benchmarks/peers/setup_llamacpp_tools.sh` from the llama.cpp that
+llama-cpp-python vendors. AWQ is not in the default `--configs`: on a 2-core CPU without AMX it runs
+for over 30 minutes (`--configs float32,awq-gguf-q4_0,...` adds it; `--work-dir DIR --reuse` keeps
+finished configs across runs).
 
 Every GGUF file then runs in llama.cpp (`llama-cpp-python` in its own virtual environment, built by
 `benchmarks/peers/setup_llamacpp.sh`), in one child process:
@@ -118,7 +122,7 @@ OWN, OWN_IMATRIX, OWN_IMATRIX_EQUAL = "llama.cpp Q4_0", "llama.cpp Q4_0 imatrix"
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
-    parser.add_argument("--configs", default=",".join(CONFIGS),
+    parser.add_argument("--configs", default=",".join(n for n in CONFIGS if n != "awq-gguf-q4_0"),
                         help="comma-separated subset of " + ", ".join(CONFIGS))
     parser.add_argument("--windows", type=int, default=20, help="WikiText-2 windows")
     parser.add_argument("--seqlen", type=int, default=512)
