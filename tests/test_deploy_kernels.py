@@ -12,7 +12,7 @@ from slimlm.eval.perplexity import perplexity_of_ids
 from slimlm.infer import generate_ids
 from slimlm.infer.runner import ModelRunner
 from slimlm.models.tiny import TINY_CONFIGS, tiny_model
-from slimlm.quant import kernels
+from slimlm.quant import cpu_kernels, kernels
 from slimlm.quant.qlinear import QuantizedLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,14 +36,20 @@ def quantized_paths(model) -> set[str]:
 
 def test_choice_is_measured_or_forced_and_reported(kernel_mode):
     forced = kernel_mode("reference")
-    assert not forced.fp32_via_bf16 and forced.reason == "SLIMLM_KERNELS=reference"
+    assert forced.path == "reference" and not forced.fp32_via_bf16 and forced.reason == "SLIMLM_KERNELS=reference"
     if kernels.HAS_INT4_KERNEL:
         assert kernel_mode("bf16").fp32_via_bf16
-        measured = kernel_mode("auto")
-        assert set(measured.measured_ms) == {"fp32_gemv", "int4_bf16"} and "measured" in measured.reason
-        assert measured.fp32_via_bf16 == (measured.measured_ms["fp32_gemv"] >= 1.2 * measured.measured_ms["int4_bf16"])
-    assert set(forced.to_dict()) >= {"fp32_via_bf16", "reason", "cpu_flags", "torch_capability", "label"}
-    with pytest.raises(SlimlmError, match="SLIMLM_KERNELS='fast' is not one of auto, bf16, reference"):
+    measured = kernel_mode("auto")
+    timed = {"native": "int4_native", "bf16": "int4_bf16"}
+    available = [path for path, ok in (("native", bool(cpu_kernels.isa())), ("bf16", kernels.HAS_INT4_KERNEL)) if ok]
+    expected = {"fp32_gemv"} | {timed[path] for path in available}
+    if len(expected) > 1:
+        assert set(measured.measured_ms) == expected and "measured" in measured.reason
+        best = min(expected - {"fp32_gemv"}, key=measured.measured_ms.get)
+        wins = measured.measured_ms["fp32_gemv"] >= 1.2 * measured.measured_ms[best]
+        assert measured.path == ({v: k for k, v in timed.items()}[best] if wins else "reference")
+    assert set(forced.to_dict()) >= {"path", "fp32_via_bf16", "reason", "cpu_flags", "torch_capability", "label"}
+    with pytest.raises(SlimlmError, match="SLIMLM_KERNELS='fast' is not one of auto, native, bf16, reference"):
         kernel_mode("fast")
 
 
@@ -93,8 +99,8 @@ def test_quantized_head_unties_saves_reloads_and_decodes_with_its_kernel(stage, 
     embedding = model.model.embed_tokens.weight.detach().clone()
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     reference = model(ids).logits
-    slimlm.compress(model, {"stages": [{"method": "quantize_head", **stage}, {"method": "rtn", "bits": 4, "group_size": 32}],
-                            "float_storage": "float32"})
+    stages = [{"method": "quantize_head", **stage}, {"method": "rtn", "bits": 4, "group_size": 32}]
+    slimlm.compress(model, {"stages": stages, "float_storage": "float32"})
     assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.bits == stage["bits"]
     assert torch.equal(model.model.embed_tokens.weight, embedding) and not model.config.tie_word_embeddings
     logits = model(ids).logits

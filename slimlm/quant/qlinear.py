@@ -32,6 +32,12 @@ forward(x) has two paths giving the same function:
   (one AVX-512/AMX core) they cross near 80 tokens, so inputs of more than
   `fast_path_max_tokens` (64) tokens take the reference path: decode uses the kernels, long
   prefills do not.
+- native (float32 inputs inside slimlm's generation runner where `slimlm.quant.kernels` chose it):
+  slimlm's compiled kernels (`slimlm.quant.cpu_kernels`): the activations quantized to int8 per
+  block of 32, integer dot products with the codes (2/3/4-bit in nibbles, 5-8-bit as int8), any
+  group size that is a multiple of 32 (a shorter last group included), act-order groups through a
+  permutation of the activations folded in at layout time; float32 scales and zero points. Layers
+  it cannot express (codebooks, group boundaries inside a 32-column block) take the paths above.
 
 Deviation: the fast path computes with bfloat16 scales and zero offsets (the kernels' contract),
 so it matches the reference path to bfloat16 precision, not bitwise.
@@ -59,9 +65,10 @@ from torch import Tensor, nn
 from slimlm.core.packing import pack, packed_bytes, unpack
 from slimlm.core.registry import register_layer
 from slimlm.errors import SlimlmError
+from slimlm.quant import cpu_kernels
 from slimlm.quant.activation import ActivationQuantizer
-from slimlm.quant.kernels import HAS_INT4_KERNEL, HAS_INT8_KERNEL, fp32_decode_active
 from slimlm.quant.grid import QuantizedWeight, check_format, dequantize_codes, group_bounds
+from slimlm.quant.kernels import HAS_INT4_KERNEL, HAS_INT8_KERNEL, fp32_decode_path
 
 META_VERSION = 1
 INT4_KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -105,7 +112,7 @@ class QuantizedLinear(nn.Module):
         self.use_fast_path = True
         self.fast_path_casts_fp32_to_bf16: bool | None = None  # None: as the generation runner decides
         self.fast_path_max_tokens = 64
-        self.last_path = "none"  # which path the latest forward took: "int4", "int8" or "reference"
+        self.last_path = "none"  # the latest forward's path: "int4", "int8", "native4", "native8" or "reference"
         self._kernel_cache: dict[tuple, object] = {}  # kernel layouts; never in the state dict
         self.register_buffer("packed", None)
         self.register_buffer("scale", None)
@@ -311,23 +318,50 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, weight, bias)
 
     def _fast_kernel(self, x: Tensor) -> str | None:
-        """"int4", "int8" or None (reference) for this input."""
+        """"int4", "int8", "native4", "native8" or None (reference) for this input."""
         if not self.use_fast_path or x.device.type != "cpu" or x.numel() == 0:
             return None
         if x.requires_grad and torch.is_grad_enabled():
             return None  # the kernels have no backward
-        if x.dtype not in _FAST_PATH_DTYPES and not (x.dtype == torch.float32 and self._casts_fp32()):
-            return None
         if x.numel() // self.in_features > self.fast_path_max_tokens:
             return None  # the reference path's dequantize + GEMM is faster for long inputs
-        return self._static_kernel()
+        if x.dtype in _FAST_PATH_DTYPES:
+            return self._static_kernel()
+        if x.dtype != torch.float32:
+            return None
+        path = self._fp32_path()
+        if path == "native" and self._native_operands() is not None:
+            return f"native{self._native_operands().bits}"
+        if path in ("native", "bf16"):  # a layer the native kernels cannot express may still have a packed kernel
+            return self._static_kernel()
+        return None
 
-    def _casts_fp32(self) -> bool:
-        """Whether float32 inputs go through the bfloat16 kernels: as set on the layer, else inside slimlm's
-        generation runner on CPUs where that measured faster (`slimlm.quant.kernels`)."""
+    def _fp32_path(self) -> str:
+        """Where float32 inputs go: as set on the layer (`fast_path_casts_fp32_to_bf16`), else inside slimlm's
+        generation runner the path measured fastest on this CPU (`slimlm.quant.kernels`)."""
         if self.fast_path_casts_fp32_to_bf16 is not None:
-            return self.fast_path_casts_fp32_to_bf16
-        return fp32_decode_active()
+            return "bf16" if self.fast_path_casts_fp32_to_bf16 else "reference"
+        return fp32_decode_path()
+
+    def _native_operands(self) -> cpu_kernels.LowbitOperands | None:
+        key = ("native",)
+        if key not in self._kernel_cache:
+            self._kernel_cache[key] = self._build_native_operands()
+        return self._kernel_cache[key]
+
+    def _build_native_operands(self) -> cpu_kernels.LowbitOperands | None:
+        if self.fmt != "int" or self.packed is None or self.packed.device.type != "cpu" or cpu_kernels.load() is None:
+            return None
+        if self.g_idx is not None:
+            column_group = self.g_idx.long()
+        elif self.group_size is None:
+            column_group = torch.zeros(self.in_features, dtype=torch.long)
+        else:
+            column_group = torch.arange(self.in_features) // self.group_size
+        scale = self.scale.float()
+        zero = self._zero()
+        zero = zero.float() if isinstance(zero, Tensor) else torch.full_like(scale, float(zero))
+        return cpu_kernels.lowbit_operands(self.codes(), scale, zero, self.bits, column_group)
 
     def _static_kernel(self) -> str | None:
         """The kernel this layer's format allows, independent of the input."""
@@ -356,6 +390,9 @@ class QuantizedLinear(nn.Module):
         return self._kernel_cache[key]
 
     def _forward_fast(self, x: Tensor, kernel: str) -> Tensor:
+        if kernel.startswith("native"):
+            y = cpu_kernels.lowbit_matmul(x, self._native_operands())
+            return y if self.bias is None else y + self.bias.float()
         compute_dtype = x.dtype if x.dtype in _FAST_PATH_DTYPES else torch.bfloat16  # fp32 by request
         rows = x.reshape(-1, self.in_features).to(compute_dtype).contiguous()
         if kernel == "int4":

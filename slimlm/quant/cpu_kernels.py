@@ -1,0 +1,180 @@
+"""slimlm's own CPU decode kernels (`csrc/cpu_kernels.cpp`), compiled on first use for the CPU that runs them.
+
+PyTorch's packed low-bit kernels are fast only with bfloat16 activations on AVX-512 BF16 / AMX CPUs; on
+AVX2-only machines they can be slower than float32. These kernels do what llama.cpp and ONNX Runtime do
+on any x86 CPU with AVX2: the few activation rows of a decode step are quantized to int8 per block of 32
+(`quantize_activations`), and the packed 4-bit (also 2-/3-bit, held in nibbles) or 8-bit weight codes are
+multiplied with them by integer dot products (AVX2 `maddubs`, or `dpbusd` where AVX-512 VNNI / AVX-VNNI
+exist), scaled once per 32 columns; the zero point enters through the per-group sums of the activations.
+A third kernel, `f32_few_rows`, computes float32 x @ W.T for one to eight rows reading W once, which is
+what speculative verification (a few tokens at a time) needs from a float32 target.
+
+The extension is built with torch's C++ extension loader and `-march=native` into
+`$SLIMLM_CACHE/kernels/<hash of source, torch version, compiler flags and CPU flags>` (tens of seconds,
+once per machine). Without a C++ compiler, or if the build fails, `load()` returns None with the reason
+in `load_error()`, and slimlm keeps its other paths. `reference_lowbit_matmul` is the same arithmetic in
+PyTorch, which the tests hold the compiled kernels to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+BLOCK = 32  # activation quantization block and the granularity of weight groups
+MAX_ROWS = 8  # the low-bit kernels process this many activation rows per weight load
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+_load_error: list[str] = []
+
+
+def _all_cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor()
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+
+
+def build_directory() -> Path:
+    """Where this machine's build lives: a new CPU, torch, source or flag set gets a new build."""
+    key = "\n".join([SOURCE.read_text(encoding="utf-8"), torch.__version__, sys.version, " ".join(CFLAGS),
+                     platform.machine(), _all_cpu_flags()])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
+    return root / "kernels" / f"cpu_kernels_{digest}"
+
+
+@lru_cache(maxsize=1)
+def load():
+    """The compiled extension, or None (no compiler, a failed build, not x86/Linux-like); see `load_error`."""
+    if os.environ.get("SLIMLM_NATIVE_KERNELS", "1").strip() == "0":
+        _load_error.append("SLIMLM_NATIVE_KERNELS=0")
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        log.info("building slimlm's CPU kernels in %s (once per machine)", directory)
+        # The loader takes a file lock in the build directory, so concurrent processes build it once.
+        return cpp_extension.load(name=f"slimlm_{directory.name}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                                  build_directory=str(directory), verbose=False)
+    except Exception as error:  # noqa: BLE001 - any build failure means: use the other paths
+        message = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+        _load_error.append(message)
+        log.warning("slimlm's CPU kernels are unavailable (%s); decoding uses the other paths", message)
+        return None
+
+
+def load_error() -> str:
+    return _load_error[-1] if _load_error else ""
+
+
+def isa() -> str:
+    """The instruction set the compiled kernels use ("avx512-vnni", "avx-vnni", "avx2", "scalar"), or ""."""
+    module = load()
+    return module.isa() if module is not None else ""
+
+
+@dataclass(frozen=True)
+class LowbitOperands:
+    """A quantized weight in the kernels' layout: w[n, k] = scale[n, g] * (code - zero[n, g]), g = group of k.
+
+    weight: 4-bit kernel: uint8 [N, K/32, 16] (byte j of a block: code j low, code j + 16 high nibble);
+    8-bit kernel: int8 [N, K] holding code - 128. scaled_zero: scale * zero in that code domain.
+    block_group: int32 [K/32], the group of each 32-column block. permutation: the column order the
+    kernel's groups need (act-order layers), applied to the activations; None when the order is natural."""
+
+    bits: int
+    weight: torch.Tensor
+    scale: torch.Tensor
+    scaled_zero: torch.Tensor
+    block_group: torch.Tensor
+    permutation: torch.Tensor | None
+
+
+def lowbit_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                    column_group: torch.Tensor) -> LowbitOperands | None:
+    """Build the kernel layout from (out, in) integer codes, [out, groups] scale and zero (zero in code units)
+    and the group of each input column; None where the kernels cannot express the grid (a group whose
+    columns are not a multiple of 32, more than 8 bits)."""
+    out_features, in_features = codes.shape
+    if bits > 8 or in_features % BLOCK:
+        return None
+    column_group = column_group.long()
+    permutation = None
+    if bool((column_group[1:] < column_group[:-1]).any()):
+        permutation = torch.argsort(column_group, stable=True)
+        codes, column_group = codes[:, permutation], column_group[permutation]
+    block_group = column_group.view(-1, BLOCK)
+    if not bool((block_group == block_group[:, :1]).all()):
+        return None  # a group boundary inside a 32-column block
+    block_group = block_group[:, 0].to(torch.int32).contiguous()
+    scale, zero = scale.float(), zero.float()
+    if bits <= 4:
+        blocks = codes.to(torch.uint8).view(out_features, -1, 2, BLOCK // 2)
+        weight = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).contiguous()
+        scaled_zero = scale * zero
+    else:
+        weight = (codes.to(torch.int16) - 128).to(torch.int8).contiguous()
+        scaled_zero = scale * (zero - 128.0)
+    return LowbitOperands(4 if bits <= 4 else 8, weight, scale.contiguous(), scaled_zero.contiguous(), block_group,
+                          None if permutation is None else permutation.contiguous())
+
+
+def lowbit_matmul(x: torch.Tensor, operands: LowbitOperands) -> torch.Tensor:
+    """x [..., K] float32 times the weight's transpose through the compiled kernel: [..., N]."""
+    module = load()
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if operands.permutation is not None:
+        rows = rows.index_select(1, operands.permutation)
+    rows = rows.contiguous()
+    run = module.q4_matmul if operands.bits == 4 else module.q8_matmul
+    y = run(rows, operands.weight, operands.scale, operands.scaled_zero, operands.block_group)
+    return y.reshape(*x.shape[:-1], operands.scale.shape[0])
+
+
+def quantize_activations(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' activation quantization in PyTorch: int8 values (as float) and the per-block scale d."""
+    blocks = rows.float().reshape(rows.shape[0], -1, BLOCK)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+    inverse = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return torch.round(blocks * inverse), d
+
+
+def reference_lowbit_matmul(x: torch.Tensor, operands: LowbitOperands) -> torch.Tensor:
+    """What the compiled kernel computes, in float64 PyTorch (the tests' reference; slow)."""
+    rows = x.reshape(-1, x.shape[-1]).double()
+    if operands.permutation is not None:
+        rows = rows[:, operands.permutation]
+    q, d = quantize_activations(rows)
+    x_hat = (q.double() * d.double()).reshape(rows.shape)  # dequantized activations
+    out_features = operands.scale.shape[0]
+    if operands.bits == 4:
+        low, high = operands.weight & 0x0F, operands.weight >> 4
+        codes = torch.cat([low, high], dim=-1).reshape(out_features, -1).double()
+    else:
+        codes = operands.weight.double()
+    group = operands.block_group.long().repeat_interleave(BLOCK)
+    weight = operands.scale.double()[:, group] * codes - operands.scaled_zero.double()[:, group]
+    return (x_hat @ weight.t()).float().reshape(*x.shape[:-1], out_features)
+
+
+def f32_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for float32 x of at most a few rows, through the compiled kernel."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    y = load().f32_few_rows(rows, weight)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])

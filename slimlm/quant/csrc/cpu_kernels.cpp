@@ -1,0 +1,393 @@
+// slimlm's own CPU kernels for decoding (few rows of activations): low-bit weights times int8 activations,
+// and a float32 few-row GEMM. Compiled on first use for the CPU it runs on (-march=native), see
+// slimlm/quant/cpu_kernels.py, which also holds the pure-PyTorch reference each kernel is tested against.
+//
+// Low-bit weights (the scheme llama.cpp and ONNX Runtime use on CPUs): the activations of each row are
+// quantized to int8 per block of 32 (d = max|x| / 127, q = round(x / d)); a weight w = s * (c - z) with
+// codes c, group scale s and zero point z gives, per block b of group g,
+//     sum_k w_k x_k ~= s * d_b * (sum_k c_k q_k) - s * z * d_b * (sum_k q_k),
+// so the inner loop is an integer dot product of 32 codes with 32 int8 activations (AVX2 maddubs, or
+// AVX-512 VNNI / AVX-VNNI dpbusd), scaled once per block. Groups may be any multiple of 32 columns and of
+// unequal length (a shorter last group): `block_group` maps every 32-column block to its group.
+//   4-bit (also 2- and 3-bit codes, stored in nibbles): packed [N, K/32, 16] bytes, byte j of a block holding
+//     code j in its low and code j + 16 in its high nibble (llama.cpp's Q4 order).
+//   8-bit: int8 codes c - 128 [N, K], zero point z - 128 folded into `scaled_zero`.
+// `scaled_zero` [N, G] is s * z in the code domain the kernel reads (0 for a symmetric 8-bit grid).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define SLIMLM_PAIRS 1  // 512-bit kernels: two 32-column blocks per step
+#endif
+
+struct QuantizedRows {
+  std::vector<int8_t> q;     // [M, K]
+  std::vector<float> scale;  // [M, K / 32]
+  std::vector<float> group_sum;  // [M, G]: sum over the group's blocks of d_b * sum(q_b)
+  // Pairs of blocks (512-bit kernels): q in the 4-bit weight's nibble order, per pair
+  // [x_b 0..15, x_b+1 0..15, x_b 16..31, x_b+1 16..31], and the per-lane block scales of the 16 int32 dot
+  // products of a pair, in that order (`pair_scale4`) and in natural order (`pair_scale8`).
+  std::vector<int8_t> q_pairs;
+  std::vector<float> pair_scale4, pair_scale8;
+};
+
+// Whether the 512-bit kernels apply: an even number of blocks, both blocks of each pair in one group.
+bool pairs_apply(const int32_t* block_group, int64_t blocks) {
+#if defined(SLIMLM_PAIRS)
+  if (blocks % 2) return false;
+  for (int64_t b = 0; b < blocks; b += 2)
+    if (block_group[b] != block_group[b + 1]) return false;
+  return true;
+#else
+  (void)block_group;
+  (void)blocks;
+  return false;
+#endif
+}
+
+void add_pairs(QuantizedRows& acts, int64_t rows, int64_t k) {
+  const int64_t blocks = k / kBlock, pairs = blocks / 2;
+  acts.q_pairs.resize(rows * k);
+  acts.pair_scale4.resize(rows * pairs * 16);
+  acts.pair_scale8.resize(rows * pairs * 16);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int8_t* first = acts.q.data() + m * k + p * 64;
+      int8_t* dst = acts.q_pairs.data() + m * k + p * 64;
+      for (int j = 0; j < 16; ++j) {
+        dst[j] = first[j];
+        dst[16 + j] = first[32 + j];
+        dst[32 + j] = first[16 + j];
+        dst[48 + j] = first[48 + j];
+      }
+      const float d0 = acts.scale[m * blocks + 2 * p], d1 = acts.scale[m * blocks + 2 * p + 1];
+      float* lanes4 = acts.pair_scale4.data() + (m * pairs + p) * 16;
+      float* lanes8 = acts.pair_scale8.data() + (m * pairs + p) * 16;
+      for (int j = 0; j < 16; ++j) {
+        lanes4[j] = (j / 4) % 2 ? d1 : d0;
+        lanes8[j] = j < 8 ? d0 : d1;
+      }
+    }
+  }
+}
+
+QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k, const int32_t* block_group, int64_t groups) {
+  const int64_t blocks = k / kBlock;
+  QuantizedRows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * blocks),
+                    std::vector<float>(rows * groups, 0.0f)};
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* src = x + m * k + b * kBlock;
+      float amax = 0.0f;
+      for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(src[j]));
+      const float d = amax / 127.0f;
+      const float inverse = d > 0.0f ? 1.0f / d : 0.0f;
+      int32_t sum = 0;
+      int8_t* dst = out.q.data() + m * k + b * kBlock;
+      for (int64_t j = 0; j < kBlock; ++j) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(src[j] * inverse));
+        dst[j] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      out.scale[m * blocks + b] = d;
+      out.group_sum[m * groups + block_group[b]] += d * static_cast<float>(sum);
+    }
+  }
+  return out;
+}
+
+#if defined(__AVX2__)
+inline __m256i dot_u8s8(__m256i u, __m256i s) {  // 8 x int32, each the sum of 4 products u8 * s8
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));  // |u*s| pairs < 2^15 here
+#endif
+}
+
+inline float hsum(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+#endif
+
+#if defined(SLIMLM_PAIRS)
+// The 512-bit tile: as `lowbit_tile`, two blocks (64 columns) per step, dpbusd on 64 bytes.
+template <int Bits, int C, int R>
+void lowbit_tile_pairs(const uint8_t* weight, int64_t row_bytes, const float* scale, int64_t groups,
+                       const int32_t* block_group, int64_t blocks, const QuantizedRows& acts, int64_t row0,
+                       int64_t k, float out[C][R]) {
+  const int64_t pairs = blocks / 2;
+  __m512 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
+  const __m256i low_mask = _mm256_set1_epi8(0x0F);
+  const __m512i zero = _mm512_setzero_si512();
+  const int8_t* x_base = Bits == 4 ? acts.q_pairs.data() : acts.q.data();
+  const float* lane_base = Bits == 4 ? acts.pair_scale4.data() : acts.pair_scale8.data();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i x[R];
+    __m512 d[R];
+    for (int r = 0; r < R; ++r) {
+      x[r] = _mm512_loadu_si512(x_base + (row0 + r) * k + p * 64);
+      d[r] = _mm512_loadu_ps(lane_base + ((row0 + r) * pairs + p) * 16);
+    }
+    const int64_t g = block_group[2 * p];
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* w_ptr = weight + c * row_bytes;
+      __m512i w;
+      if constexpr (Bits == 4) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_ptr + p * 32));
+        w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(bytes, low_mask)),
+                               _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask), 1);
+      } else {
+        w = _mm512_loadu_si512(w_ptr + p * 64);
+      }
+      const __m512i w_u8 = Bits == 4 ? w : _mm512_abs_epi8(w);
+      const __mmask64 negative = Bits == 4 ? 0 : _mm512_movepi8_mask(w);
+      const __m512 s = _mm512_set1_ps(scale[c * groups + g]);
+      for (int r = 0; r < R; ++r) {
+        const __m512i x_s8 = Bits == 4 ? x[r] : _mm512_mask_sub_epi8(x[r], negative, zero, x[r]);
+        const __m512 products = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, w_u8, x_s8));
+        acc[c][r] = _mm512_fmadd_ps(products, _mm512_mul_ps(s, d[r]), acc[c][r]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) out[c][r] = _mm512_reduce_add_ps(acc[c][r]);
+}
+#endif
+
+// A tile of C output columns times R activation rows, C * R independent accumulators (one accumulator per
+// output would leave the loop waiting on the latency of its fused multiply-add).
+template <int Bits, int C, int R>
+void lowbit_tile(const uint8_t* weight, int64_t row_bytes, const float* scale, int64_t groups,
+                 const int32_t* block_group, int64_t blocks, const QuantizedRows& acts, int64_t row0, int64_t k,
+                 float out[C][R]) {
+#if defined(__AVX2__)
+  __m256 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i x[R];
+    __m256 d[R];
+    for (int r = 0; r < R; ++r) {
+      x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acts.q.data() + (row0 + r) * k + b * kBlock));
+      d[r] = _mm256_set1_ps(acts.scale[(row0 + r) * blocks + b]);
+    }
+    const int64_t g = block_group[b];
+    for (int c = 0; c < C; ++c) {
+      const uint8_t* w_ptr = weight + c * row_bytes;
+      __m256i w;
+      if constexpr (Bits == 4) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w_ptr + b * 16));
+        w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low_mask), _mm_and_si128(bytes, low_mask));
+      } else {
+        w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_ptr + b * kBlock));
+      }
+      const __m256i w_u8 = Bits == 4 ? w : _mm256_sign_epi8(w, w);  // 8-bit: |w| times sign(w) * x
+      const __m256 s = _mm256_set1_ps(scale[c * groups + g]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i x_s8 = Bits == 4 ? x[r] : _mm256_sign_epi8(x[r], w);
+        const __m256 products = _mm256_cvtepi32_ps(dot_u8s8(w_u8, x_s8));
+        acc[c][r] = _mm256_fmadd_ps(products, _mm256_mul_ps(s, d[r]), acc[c][r]);
+      }
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) out[c][r] = hsum(acc[c][r]);
+#else
+  for (int c = 0; c < C; ++c) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = row0 + r;
+      float total = 0.0f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int8_t* x = acts.q.data() + row * k + b * kBlock;
+        int32_t dot = 0;
+        for (int64_t j = 0; j < kBlock; ++j) {
+          int32_t code;
+          if constexpr (Bits == 4) {
+            const uint8_t byte = weight[c * row_bytes + b * 16 + (j % 16)];
+            code = j < 16 ? (byte & 0x0F) : (byte >> 4);
+          } else {
+            code = static_cast<int8_t>(weight[c * row_bytes + b * kBlock + j]);
+          }
+          dot += code * x[j];
+        }
+        total += scale[c * groups + block_group[b]] * acts.scale[row * blocks + b] * static_cast<float>(dot);
+      }
+      out[c][r] = total;
+    }
+  }
+#endif
+}
+
+// Output columns [begin, end) for activation rows [row0, row0 + R): tiles of C columns, then single columns.
+template <int Bits, int C, int R>
+void tile(bool pairs, const uint8_t* weight, int64_t row_bytes, const float* scale, int64_t groups,
+          const int32_t* block_group, int64_t blocks, const QuantizedRows& acts, int64_t row0, int64_t k,
+          float out[C][R]) {
+#if defined(SLIMLM_PAIRS)
+  if (pairs) return lowbit_tile_pairs<Bits, C, R>(weight, row_bytes, scale, groups, block_group, blocks, acts, row0, k,
+                                                  out);
+#endif
+  (void)pairs;
+  lowbit_tile<Bits, C, R>(weight, row_bytes, scale, groups, block_group, blocks, acts, row0, k, out);
+}
+
+template <int Bits, int C, int R>
+void lowbit_columns(int64_t begin, int64_t end, const uint8_t* weight, const float* scale, const float* scaled_zero,
+                    int64_t groups, const int32_t* block_group, const QuantizedRows& acts, int64_t row0, int64_t k,
+                    int64_t n, float* y) {
+  const bool pairs = !acts.pair_scale4.empty();
+  const int64_t blocks = k / kBlock, row_bytes = k * Bits / 8;
+  auto finish = [&](int64_t col, int r, float value) {
+    const float* group_sum = acts.group_sum.data() + (row0 + r) * groups;
+    float zero_term = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) zero_term += scaled_zero[col * groups + g] * group_sum[g];
+    y[(row0 + r) * n + col] = value - zero_term;
+  };
+  int64_t col = begin;
+  for (; col + C <= end; col += C) {
+    float out[C][R];
+    tile<Bits, C, R>(pairs, weight + col * row_bytes, row_bytes, scale + col * groups, groups, block_group, blocks,
+                     acts, row0, k, out);
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) finish(col + c, r, out[c][r]);
+  }
+  for (; col < end; ++col) {
+    float out[1][R];
+    tile<Bits, 1, R>(pairs, weight + col * row_bytes, row_bytes, scale + col * groups, groups, block_group, blocks,
+                     acts, row0, k, out);
+    for (int r = 0; r < R; ++r) finish(col, r, out[0][r]);
+  }
+}
+
+template <int Bits>
+torch::Tensor lowbit_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
+                            const torch::Tensor& scaled_zero, const torch::Tensor& block_group) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(), "scale: contiguous float32 [N, G]");
+  TORCH_CHECK(scaled_zero.sizes() == scale.sizes() && scaled_zero.is_contiguous(), "scaled_zero: like scale");
+  TORCH_CHECK(block_group.scalar_type() == torch::kInt32 && block_group.is_contiguous(), "block_group: int32");
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0), groups = scale.size(1);
+  TORCH_CHECK(k % kBlock == 0 && block_group.numel() == k / kBlock, "K must be a multiple of 32");
+  TORCH_CHECK(weight.numel() == n * k * Bits / 8 && weight.is_contiguous(), "weight: packed codes, contiguous");
+  TORCH_CHECK(scale.size(0) == n, "scale: one row per output feature");
+  const int32_t* block_group_ptr = block_group.data_ptr<int32_t>();
+  QuantizedRows acts = quantize_rows(x.data_ptr<float>(), rows, k, block_group_ptr, groups);
+  if (pairs_apply(block_group_ptr, k / kBlock)) add_pairs(acts, rows, k);
+  auto y = torch::empty({rows, n}, x.options());
+  float* y_ptr = y.data_ptr<float>();
+  const uint8_t* w_ptr = reinterpret_cast<const uint8_t*>(weight.data_ptr());
+  const float* s_ptr = scale.data_ptr<float>();
+  const float* z_ptr = scaled_zero.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    int64_t row0 = 0;
+    for (; row0 + 4 <= rows; row0 += 4)
+      lowbit_columns<Bits, 2, 4>(begin, end, w_ptr, s_ptr, z_ptr, groups, block_group_ptr, acts, row0, k, n, y_ptr);
+    if (rows - row0 == 3)
+      lowbit_columns<Bits, 2, 3>(begin, end, w_ptr, s_ptr, z_ptr, groups, block_group_ptr, acts, row0, k, n, y_ptr);
+    else if (rows - row0 == 2)
+      lowbit_columns<Bits, 4, 2>(begin, end, w_ptr, s_ptr, z_ptr, groups, block_group_ptr, acts, row0, k, n, y_ptr);
+    else if (rows - row0 == 1)
+      lowbit_columns<Bits, 4, 1>(begin, end, w_ptr, s_ptr, z_ptr, groups, block_group_ptr, acts, row0, k, n, y_ptr);
+  });
+  return y;
+}
+
+// float32 y = x @ weight.T for a few rows: each weight row is read once for all rows of x (MKL's GEMV / GEMM
+// read or pack the weight per call at a fraction of the memory bandwidth for one to a few rows).
+template <int C, int R>
+void f32_tile(const float* w, const float* x, int64_t k, float* y, int64_t n) {
+  int64_t j = 0;
+  float total[C][R] = {};
+#if defined(__AVX2__)
+  __m256 acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_ps();
+  for (; j + 8 <= k; j += 8) {
+    __m256 xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * k + j);
+    for (int c = 0; c < C; ++c) {
+      const __m256 wv = _mm256_loadu_ps(w + c * k + j);
+      for (int r = 0; r < R; ++r) acc[c][r] = _mm256_fmadd_ps(wv, xv[r], acc[c][r]);
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) total[c][r] = hsum(acc[c][r]);
+#endif
+  for (; j < k; ++j)
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) total[c][r] += w[c * k + j] * x[r * k + j];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) y[r * n + c] = total[c][r];
+}
+
+template <int C, int R>
+void f32_columns(int64_t begin, int64_t end, const float* w, const float* x, int64_t k, float* y, int64_t n) {
+  int64_t col = begin;
+  for (; col + C <= end; col += C) f32_tile<C, R>(w + col * k, x, k, y + col, n);
+  for (; col < end; ++col) f32_tile<1, R>(w + col * k, x, k, y + col, n);
+}
+
+torch::Tensor f32_few_rows(const torch::Tensor& x, const torch::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() &&
+                  weight.size(1) == x.size(1), "weight: contiguous float32 [N, K]");
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
+  auto y = torch::empty({rows, n}, x.options());
+  const float* x_ptr = x.data_ptr<float>();
+  const float* w_ptr = weight.data_ptr<float>();
+  float* y_ptr = y.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    int64_t row0 = 0;
+    for (; row0 + 4 <= rows; row0 += 4) f32_columns<2, 4>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n);
+    if (rows - row0 == 3) f32_columns<2, 3>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n);
+    else if (rows - row0 == 2) f32_columns<4, 2>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n);
+    else if (rows - row0 == 1) f32_columns<4, 1>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n);
+  });
+  return y;
+}
+
+std::string isa() {
+#if defined(SLIMLM_PAIRS)
+  return "avx512-vnni";
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return "avx512-vnni (256-bit)";
+#elif defined(__AVXVNNI__)
+  return "avx-vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_matmul", &lowbit_matmul<4>, "x[M,K] float32 times nibble-packed low-bit weights -> [M,N]");
+  m.def("q8_matmul", &lowbit_matmul<8>, "x[M,K] float32 times int8 weights -> [M,N]");
+  m.def("f32_few_rows", &f32_few_rows, "x[M,K] @ weight[N,K].T, float32, for a few rows");
+  m.def("isa", &isa, "the instruction set the kernels were compiled for");
+}

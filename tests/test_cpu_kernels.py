@@ -1,0 +1,149 @@
+"""slimlm's compiled CPU decode kernels: each held to its PyTorch reference, and their use in decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import slimlm
+from slimlm.infer import generate_ids
+from slimlm.infer.cache import ContiguousCache
+from slimlm.infer.runner import ModelRunner
+from slimlm.models.tiny import tiny_model
+from slimlm.quant import cpu_kernels, kernels
+from slimlm.quant.grid import quantize_weight
+from slimlm.quant.kernels import decode_kernels
+from slimlm.quant.qlinear import QuantizedLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_native = pytest.mark.skipif(cpu_kernels.load() is None,
+                                  reason=f"slimlm's CPU kernels did not build here: {cpu_kernels.load_error()}")
+
+
+@pytest.fixture
+def native_mode(monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "native")
+    kernels.kernel_choice.cache_clear()
+    yield kernels.kernel_choice()
+    kernels.kernel_choice.cache_clear()
+
+
+def operands(out_features: int, in_features: int, bits: int, group: int | None, seed: int = 0, act_order=False):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2 ** bits, (out_features, in_features), generator=generator, dtype=torch.uint8)
+    column_group = (torch.zeros(in_features, dtype=torch.long) if group is None
+                    else torch.arange(in_features) // group)
+    if act_order:
+        column_group = column_group[torch.randperm(in_features, generator=generator)]
+    groups = int(column_group.max()) + 1
+    scale = torch.rand(out_features, groups, generator=generator) / 10 + 1e-3
+    zero = torch.randint(0, 2 ** bits, (out_features, groups), generator=generator).float()
+    weight = scale[:, column_group] * (codes.float() - zero[:, column_group])
+    return cpu_kernels.lowbit_operands(codes, scale, zero, bits, column_group), weight
+
+
+@needs_native
+@pytest.mark.parametrize(("bits", "group", "in_features"), [
+    (4, 64, 576),  # pairs of blocks in one group: the 512-bit kernels where the CPU has them
+    (4, 32, 576),  # a group per block: the 256-bit kernels
+    (4, 128, 576),  # a shorter last group (576 = 4 x 128 + 64)
+    (4, None, 96),  # per channel, an odd number of blocks
+    (3, 64, 192), (2, 32, 128),  # fewer bits, held in nibbles
+    (8, None, 576), (8, 64, 160), (8, 32, 96),
+])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_lowbit_kernel_matches_its_reference_and_the_float_product(bits, group, in_features, rows):
+    ops, weight = operands(72, in_features, bits, group)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
+    y = cpu_kernels.lowbit_matmul(x, ops)
+    reference = cpu_kernels.reference_lowbit_matmul(x, ops)
+    assert y.shape == (rows, 72) and y.dtype == torch.float32
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-4 * reference.abs().max().item())
+    exact = x @ weight.t()  # int8 activations per block of 32: about 0.5% relative error
+    assert (y - exact).norm() < 0.02 * exact.norm()
+
+
+@needs_native
+def test_act_order_groups_run_through_a_permutation():
+    ops, weight = operands(48, 256, 4, 64, act_order=True)
+    assert ops.permutation is not None
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    y = cpu_kernels.lowbit_matmul(x, ops)
+    torch.testing.assert_close(y, cpu_kernels.reference_lowbit_matmul(x, ops), rtol=1e-5, atol=1e-4)
+    assert (y - x @ weight.t()).norm() < 0.02 * (x @ weight.t()).norm()
+
+
+def test_grids_the_kernels_cannot_express_get_no_operands():
+    codes = torch.zeros(8, 64, dtype=torch.uint8)
+    ones = torch.ones(8, 4)
+    assert cpu_kernels.lowbit_operands(codes, ones, ones, 4, torch.arange(64) // 16) is None  # group of 16
+    assert cpu_kernels.lowbit_operands(torch.zeros(8, 48, dtype=torch.uint8), ones[:, :1], ones[:, :1], 4,
+                                       torch.zeros(48, dtype=torch.long)) is None  # 48 columns: not whole blocks
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 8, 9])
+def test_float32_few_row_kernel_matches_f_linear(rows):
+    generator = torch.Generator().manual_seed(rows)
+    x, weight = torch.randn(rows, 77, generator=generator), torch.randn(50, 77, generator=generator)
+    bias = torch.randn(50, generator=generator)
+    torch.testing.assert_close(cpu_kernels.f32_few_rows(x, weight, bias), F.linear(x, weight, bias),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_quantized_linear_takes_the_native_path_when_decoding(native_mode):
+    assert native_mode.path == "native" and native_mode.native_isa in native_mode.label
+    layer = QuantizedLinear.from_quantized(quantize_weight(torch.randn(96, 128), bits=4, group_size=32,
+                                                           symmetric=False), bias=torch.randn(96))
+    x = torch.randn(1, 3, 128)
+    exact = layer(x)
+    assert layer.last_path == "reference"  # outside generation: exact
+    with decode_kernels():
+        fast = layer(x)
+    assert layer.last_path == "native4" and fast.shape == exact.shape
+    assert 0 < (fast - exact).norm() < 0.02 * exact.norm()
+
+
+@needs_native
+def test_generation_decodes_through_the_native_kernels(native_mode):
+    model = tiny_model("llama")
+    stages = [{"method": "quantize_head", "bits": 8}, {"method": "rtn", "bits": 4, "group_size": 32}]
+    slimlm.compress(model, {"stages": stages, "float_storage": "float32"})
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fast = ModelRunner(model).forward(ids, [16], _cache(model), all_logits=True)
+        paths = {m.last_path for m in model.modules() if isinstance(m, QuantizedLinear)}
+        exact = ModelRunner(model, fast_kernels=False).forward(ids, [16], _cache(model), all_logits=True)
+    assert paths == {"native4", "native8"}  # body at 4 bits, head at 8
+    kl = F.kl_div(fast.log_softmax(-1), exact.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert 0 < kl < 1e-2
+    result = generate_ids(model, [ids[0, :6].tolist()], 5)
+    assert len(result.tokens[0]) == 5
+
+
+def _cache(model):
+    return ContiguousCache(ModelRunner(model).cache_shape(), batch=1, capacity=64)
+
+
+def test_a_failed_build_leaves_the_other_paths(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    monkeypatch.setenv("SLIMLM_CACHE", str(tmp_path / "cache"))
+    assert cpu_kernels.load.__wrapped__() is None and cpu_kernels.load_error()
+    monkeypatch.setenv("SLIMLM_NATIVE_KERNELS", "0")
+    assert cpu_kernels.load.__wrapped__() is None and cpu_kernels.load_error() == "SLIMLM_NATIVE_KERNELS=0"
+
+
+def test_forcing_native_without_the_extension_falls_back_with_the_reason(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "isa", lambda: "")
+    monkeypatch.setattr(cpu_kernels, "load_error", lambda: "no compiler")
+    monkeypatch.setenv(kernels.ENV, "native")
+    kernels.kernel_choice.cache_clear()
+    try:
+        choice = kernels.kernel_choice()
+        assert choice.path in ("bf16", "reference") and "no compiler" in choice.reason
+    finally:
+        kernels.kernel_choice.cache_clear()
