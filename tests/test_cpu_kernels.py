@@ -74,6 +74,23 @@ def test_act_order_groups_run_through_a_permutation():
     assert (y - x @ weight.t()).norm() < 0.02 * (x @ weight.t()).norm()
 
 
+@needs_native
+def test_the_avx2_build_matches_the_reference_too():
+    """Machines with AVX2 only get the maddubs kernels: built here with -march=haswell and held to the reference."""
+    if "avx2" not in kernels.cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    avx2 = cpu_kernels.build(["-O3", "-march=haswell", "-fno-math-errno"])
+    assert avx2.isa() == "avx2"
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(0))
+    for bits, group in [(4, 64), (4, 32), (8, None), (8, 64)]:
+        ops, weight = operands(40, 576, bits, group)
+        y = cpu_kernels.lowbit_matmul(x, ops, module=avx2)
+        torch.testing.assert_close(y, cpu_kernels.reference_lowbit_matmul(x, ops), rtol=1e-5, atol=1e-3)
+    weight = torch.randn(30, 577)
+    x = torch.randn(3, 577)
+    torch.testing.assert_close(cpu_kernels.f32_few_rows(x, weight, module=avx2), x @ weight.t(), rtol=1e-5, atol=1e-4)
+
+
 def test_grids_the_kernels_cannot_express_get_no_operands():
     codes = torch.zeros(8, 64, dtype=torch.uint8)
     ones = torch.ones(8, 4)

@@ -46,9 +46,9 @@ def _all_cpu_flags() -> str:
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
 
 
-def build_directory() -> Path:
+def build_directory(cflags: list[str] = CFLAGS) -> Path:
     """Where this machine's build lives: a new CPU, torch, source or flag set gets a new build."""
-    key = "\n".join([SOURCE.read_text(encoding="utf-8"), torch.__version__, sys.version, " ".join(CFLAGS),
+    key = "\n".join([SOURCE.read_text(encoding="utf-8"), torch.__version__, sys.version, " ".join(cflags),
                      platform.machine(), _all_cpu_flags()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
@@ -62,19 +62,25 @@ def load():
         _load_error.append("SLIMLM_NATIVE_KERNELS=0")
         return None
     try:
-        from torch.utils import cpp_extension
-
-        directory = build_directory()
-        directory.mkdir(parents=True, exist_ok=True)
-        log.info("building slimlm's CPU kernels in %s (once per machine)", directory)
-        # The loader takes a file lock in the build directory, so concurrent processes build it once.
-        return cpp_extension.load(name=f"slimlm_{directory.name}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                                  build_directory=str(directory), verbose=False)
+        return build(CFLAGS)
     except Exception as error:  # noqa: BLE001 - any build failure means: use the other paths
         message = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
         _load_error.append(message)
         log.warning("slimlm's CPU kernels are unavailable (%s); decoding uses the other paths", message)
         return None
+
+
+def build(cflags: list[str]):
+    """Compile (or reuse) the extension with these compiler flags; raises if the build fails. `load()` uses
+    -march=native; the tests also build an AVX2-only variant (-march=haswell) to check that path here."""
+    from torch.utils import cpp_extension
+
+    directory = build_directory(cflags)
+    directory.mkdir(parents=True, exist_ok=True)
+    log.info("building slimlm's CPU kernels in %s (once per machine)", directory)
+    # The loader takes a file lock in the build directory, so concurrent processes build it once.
+    return cpp_extension.load(name=f"slimlm_{directory.name}", sources=[str(SOURCE)], extra_cflags=cflags,
+                              build_directory=str(directory), verbose=False)
 
 
 def load_error() -> str:
@@ -133,9 +139,10 @@ def lowbit_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
                           None if permutation is None else permutation.contiguous())
 
 
-def lowbit_matmul(x: torch.Tensor, operands: LowbitOperands) -> torch.Tensor:
-    """x [..., K] float32 times the weight's transpose through the compiled kernel: [..., N]."""
-    module = load()
+def lowbit_matmul(x: torch.Tensor, operands: LowbitOperands, module=None) -> torch.Tensor:
+    """x [..., K] float32 times the weight's transpose through the compiled kernel (`module`: another build
+    than `load()`'s): [..., N]."""
+    module = module or load()
     rows = x.reshape(-1, x.shape[-1]).float()
     if operands.permutation is not None:
         rows = rows.index_select(1, operands.permutation)
@@ -171,10 +178,10 @@ def reference_lowbit_matmul(x: torch.Tensor, operands: LowbitOperands) -> torch.
     return (x_hat @ weight.t()).float().reshape(*x.shape[:-1], out_features)
 
 
-def f32_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def f32_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, module=None) -> torch.Tensor:
     """F.linear(x, weight, bias) for float32 x of at most a few rows, through the compiled kernel."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    y = load().f32_few_rows(rows, weight)
+    y = (module or load()).f32_few_rows(rows, weight)
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
