@@ -164,3 +164,26 @@ def test_forcing_native_without_the_extension_falls_back_with_the_reason(monkeyp
         assert choice.path in ("bf16", "reference") and "no compiler" in choice.reason
     finally:
         kernels.kernel_choice.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["native", "reference"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_runner_float32_few_token_paths_match_the_modules(mode, family, monkeypatch):
+    """Generation computes float32 linears over 1-8 tokens with the native few-row kernel (native mode) or
+    `small_gemm` (otherwise), and RMSNorm inline: the same function as the modules, up to float32 rounding."""
+    monkeypatch.setenv(kernels.ENV, mode)
+    kernels.kernel_choice.cache_clear()
+    try:
+        model = tiny_model(family)
+        ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+        fast_runner, exact_runner = ModelRunner(model), ModelRunner(model, fast_kernels=False)
+        fast_cache, exact_cache = _cache(model), _cache(model)
+        with torch.no_grad():
+            for start, end in [(0, 12), (12, 13), (13, 16), (16, 20)]:  # a prefill, then 1, 3 and 4 tokens
+                chunk = ids[:, start:end]
+                fast = fast_runner.forward(chunk, [end - start], fast_cache, all_logits=True)
+                exact = exact_runner.forward(chunk, [end - start], exact_cache, all_logits=True)
+                torch.testing.assert_close(fast, exact, rtol=1e-4, atol=1e-4)
+            assert torch.allclose(exact, model(ids).logits[:, 16:], atol=1e-4)
+    finally:
+        kernels.kernel_choice.cache_clear()

@@ -127,7 +127,8 @@ class _Snapshot:
 
 
 def as_runner(model: PreTrainedModel | ModelRunner) -> ModelRunner:
-    return model if isinstance(model, ModelRunner) else ModelRunner(model)
+    """A model gets slimlm's runner; a runner (`ModelRunner`, `slimlm.infer.draft.LeanRunner`) is used as it is."""
+    return ModelRunner(model) if isinstance(model, torch.nn.Module) else model
 
 
 def validate_request(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:

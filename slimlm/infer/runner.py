@@ -14,10 +14,14 @@ lengths: each step takes a right-padded [batch, new] token tensor with a count o
 sequence; sequence b's new tokens sit at cache positions lengths[b] .. lengths[b] + count - 1, and
 the boolean mask lets query t attend to cache slot j iff j <= start[b] + t and j < length[b].
 
-Projections are always called as modules, never read as `.weight`, so slimlm's quantized and
-sparse linears work unchanged; SliceGPT's per-block residual shortcuts (`attn_shortcut`,
-`mlp_shortcut`) are applied when present. Per-block head counts come from each block's
-projection widths (structured pruning can change them). Other architectures raise `SlimlmError`.
+Projections are called as modules, so slimlm's quantized and sparse linears work unchanged; the
+exception is generation's few-token float32 `nn.Linear` (and Llama/Mistral/Qwen2 gated MLPs made of
+them), which slimlm's native few-row kernel (where `slimlm.quant.kernels` chose the native path) or
+`small_gemm` computes faster on this CPU than `F.linear` (float32 rounding differs;
+`small_gemm=False` and evaluation, `fast_kernels=False`, keep the modules' own forward). SliceGPT's
+per-block residual shortcuts (`attn_shortcut`, `mlp_shortcut`) are applied when present. Per-block
+head counts come from each block's projection widths (structured pruning can change them). Other
+architectures raise `SlimlmError`.
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from slimlm.errors import SlimlmError
-from slimlm.infer.cache import CacheShape, KVCache
+from slimlm.infer.cache import CacheShape, ContiguousCache, KVCache
 from slimlm.models.adapter import linear_shape, text_config
-from slimlm.quant.kernels import decode_kernels
+from slimlm.quant import cpu_kernels
+from slimlm.quant.kernels import decode_kernels, fp32_decode_path
+from slimlm.quant.qlinear import QuantizedLinear
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+SMALL_GEMM_MAX_ROWS = 8  # generation: float32 linears over at most this many tokens take `small_gemm`
+_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x)): the runner calls the linears
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x / sqrt(mean(x^2) + eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +56,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
+def small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a few rows of float32 x, as a GEMM with the weight on the left.
+
+    MKL's float32 paths behind F.linear are slow for one to a few rows on this project's CPU: one row
+    takes a GEMV that reads a 1536 x 576 weight at about half the memory bandwidth, and two to five
+    rows take a GEMM that packs the whole weight on every call (measured: a 2-token forward of
+    SmolLM2-135M cost 1.6x a 1-token one). weight @ x.T with the few rows as the narrow side avoids
+    the packing, and one row split into a batch of two half-height products (`bmm`) streams the
+    weight at nearly full bandwidth. Same products and sums, in another order: the results differ
+    from F.linear's by float32 rounding only."""
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, x.shape[-1])
+    out_features = weight.shape[0]
+    if rows == 1 and out_features % 2 == 0 and weight.is_contiguous():
+        out = torch.bmm(weight.view(2, out_features // 2, -1), flat.t().unsqueeze(0).expand(2, -1, 1)).view(1, -1)
+    else:
+        out = torch.mm(weight, flat.contiguous().t()).t().contiguous()  # contiguous: SDPA's fast path needs it
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], out_features)
+
+
 @dataclass(frozen=True)
 class BlockShape:
     heads: int
@@ -56,7 +87,7 @@ class BlockShape:
 class ModelRunner:
     """Forward passes of a supported decoder with an explicit KV cache."""
 
-    def __init__(self, model: PreTrainedModel, fast_kernels: bool = True):
+    def __init__(self, model: PreTrainedModel, fast_kernels: bool = True, small_gemm: bool | None = None):
         config = text_config(model)
         family = getattr(config, "model_type", "unknown")
         if family not in SUPPORTED_FAMILIES:
@@ -76,6 +107,10 @@ class ModelRunner:
         parameter = next(model.parameters())
         self.device = parameter.device
         self.dtype = parameter.dtype if parameter.is_floating_point() else torch.float32
+        # Generation also computes float32 linears over a few tokens with `small_gemm` (float32 rounding
+        # differs from F.linear's); `small_gemm=False`, and evaluation (fast_kernels=False), keep F.linear.
+        self.small_gemm = fast_kernels if small_gemm is None else small_gemm
+        self._native_operands: dict[int, tuple | None] = {}  # per quantized linear: native-kernel operands
 
     def _block_shape(self, layer: nn.Module) -> BlockShape:
         attention = layer.self_attn
@@ -105,14 +140,20 @@ class ModelRunner:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, counts: list[int], cache: KVCache,
-                all_logits: bool = False) -> torch.Tensor:
+                all_logits: bool = False, exact_rows: bool = False) -> torch.Tensor:
         """Run `tokens` [batch, new] (right-padded; `counts[b]` real tokens in row b) through the model,
         appending to `cache`. Returns logits [batch, new, vocab] if `all_logits`, else the logits of each
-        row's last real token, [batch, vocab] (rows with count 0 give the logits of their padding)."""
-        with decode_kernels(self.fast_kernels):
-            return self._forward(tokens, counts, cache, all_logits)
+        row's last real token, [batch, vocab] (rows with count 0 give the logits of their padding).
 
-    def _forward(self, tokens: torch.Tensor, counts: list[int], cache: KVCache, all_logits: bool) -> torch.Tensor:
+        `exact_rows` (batch 1, contiguous cache; speculative verification): attention runs one query at a
+        time, exactly as single-token steps would run it, so a row's result differs from decoding that
+        token alone only where a linear's arithmetic depends on the number of rows (float32 GEMMs; the
+        packed int4/int8 kernels compute each row the same way whatever the count)."""
+        with decode_kernels(self.fast_kernels):
+            return self._forward(tokens, counts, cache, all_logits, exact_rows)
+
+    def _forward(self, tokens: torch.Tensor, counts: list[int], cache: KVCache, all_logits: bool,
+                 exact_rows: bool = False) -> torch.Tensor:
         tokens = tokens.to(self.device)
         batch, new = tokens.shape
         starts = torch.tensor(cache.reserve(list(counts)), device=self.device)
@@ -121,14 +162,62 @@ class ModelRunner:
         query_positions = starts[:, None] + torch.arange(new, device=self.device)[None, :]
         hidden = self.decoder.embed_tokens(tokens)
         query_rope = self.decoder.rotary_emb(hidden, query_positions)
-        masks: dict[int, torch.Tensor] = {}  # by key span (paged and contiguous spans differ)
+        masks: dict = {}  # by key span (paged and contiguous spans differ)
+        if batch == 1 and isinstance(cache, ContiguousCache):
+            # One sequence that sees every slot up to its length: a lone query needs no mask, and with
+            # `exact_rows` query t attends to the first start + t + 1 slots without one (as that step would).
+            end = int(lengths[0])
+            if new == 1:
+                masks[end] = None
+            elif exact_rows:
+                masks["rows"] = [end - new + t + 1 for t in range(new)]
         for index, layer in enumerate(self.layers):
             hidden = self._block(index, layer, hidden, query_rope, cache, query_positions, lengths, masks)
-        hidden = self.decoder.norm(hidden)
+        hidden = self._norm(self.decoder.norm, hidden)
         if not all_logits:
             last = (torch.tensor(counts, device=self.device) - 1).clamp(min=0)
             hidden = hidden[torch.arange(batch, device=self.device), last]
-        return self.model.get_output_embeddings()(hidden)
+        return self._linear(self.model.get_output_embeddings(), hidden)
+
+    def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        native = self._native_layer(module, x)
+        if native is not None:  # a quantized linear straight into the native kernel: no module-call overhead
+            module.__dict__["last_path"] = f"native{native.bits}"
+            y = cpu_kernels.lowbit_matmul(x, native)
+            return y if module.bias is None else y + module.bias.float()
+        if (self.small_gemm and type(module) is nn.Linear and x.numel() <= SMALL_GEMM_MAX_ROWS * x.shape[-1]
+                and module.weight.dtype == torch.float32 and x.dtype == torch.float32 and x.device.type == "cpu"):
+            if fp32_decode_path() == "native" and module.weight.is_contiguous():
+                return cpu_kernels.f32_few_rows(x, module.weight, module.bias)  # reads the weight once for all rows
+            return small_gemm(x, module.weight, module.bias)
+        return module(x)
+
+    def _native_layer(self, module: nn.Module, x: torch.Tensor) -> cpu_kernels.LowbitOperands | None:
+        """The native-kernel operands of a plain `QuantizedLinear` when its forward would take them for x."""
+        if x.dtype != torch.float32 or fp32_decode_path() != "native":
+            return None
+        key = id(module)
+        if key not in self._native_operands:  # what does not depend on x, once per runner
+            plain = (type(module) is QuantizedLinear and module.use_fast_path
+                     and module.fast_path_casts_fp32_to_bf16 is None and module.input_quantizer is None
+                     and module.input_shift is None and module.input_scale is None)
+            self._native_operands[key] = (module._native_operands(), module.fast_path_max_tokens) if plain else None
+        entry = self._native_operands[key]
+        if entry is None or x.numel() > entry[1] * x.shape[-1] or x.device.type != "cpu":
+            return None
+        return entry[0]
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Llama/Mistral/Qwen2 RMSNorm without the module call (the same float32 operations)."""
+        if self.small_gemm and type(norm).__name__ in _RMS_NORMS and x.dtype == torch.float32:
+            return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+        return norm(x)
+
+    def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.small_gemm and type(mlp).__name__ in _GATED_MLPS:
+            gated = mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x)
+            return self._linear(mlp.down_proj, gated)
+        return mlp(x)
 
     def _check_window(self, longest: int) -> None:
         if self.sliding_window is not None and longest > self.sliding_window:
@@ -136,21 +225,21 @@ class ModelRunner:
                               f"slimlm's runner does not implement; keep sequences within it (got {longest})")
 
     def _block(self, index, layer, hidden, query_rope, cache, query_positions, lengths, masks) -> torch.Tensor:
-        attention_input = layer.input_layernorm(hidden)
+        attention_input = self._norm(layer.input_layernorm, hidden)
         attended = self._attention(index, layer.self_attn, attention_input, query_rope, cache, query_positions,
                                    lengths, masks)
         shortcut = getattr(layer, "attn_shortcut", None)  # SliceGPT per-block rotations
         hidden = (hidden if shortcut is None else hidden @ shortcut) + attended
-        mlp_out = layer.mlp(layer.post_attention_layernorm(hidden))
+        mlp_out = self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, hidden))
         shortcut = getattr(layer, "mlp_shortcut", None)
         return (hidden if shortcut is None else hidden @ shortcut) + mlp_out
 
     def _attention(self, index, attention, x, query_rope, cache, query_positions, lengths, masks) -> torch.Tensor:
         batch, new, _ = x.shape
         shape = self.blocks[index]
-        query = attention.q_proj(x).view(batch, new, shape.heads, self.head_dim).transpose(1, 2)
-        key = attention.k_proj(x).view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
-        value = attention.v_proj(x).view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
+        query = self._linear(attention.q_proj, x).view(batch, new, shape.heads, self.head_dim).transpose(1, 2)
+        key = self._linear(attention.k_proj, x).view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
+        value = self._linear(attention.v_proj, x).view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = query_rope
         query = apply_rotary(query, cos, sin)
         if not cache.rotate_on_read:
@@ -161,12 +250,18 @@ class ModelRunner:
         if cache.rotate_on_read:  # keys stored before RoPE: rotate each at its position in the cache
             key_positions = torch.arange(span, device=self.device)[None, :]
             keys = apply_rotary(keys, *self.decoder.rotary_emb(keys, key_positions))
-        if span not in masks:
-            masks[span] = attention_mask(query_positions, lengths, span)
         scale = getattr(attention, "scaling", self.head_dim ** -0.5)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[span], scale=scale,
-                                             enable_gqa=shape.heads != shape.kv_heads)
-        return attention.o_proj(out.transpose(1, 2).reshape(batch, new, shape.heads * self.head_dim))
+        gqa = shape.heads != shape.kv_heads
+        if "rows" in masks and not cache.rotate_on_read:
+            out = torch.cat([F.scaled_dot_product_attention(query[:, :, t:t + 1], keys[:, :, :end], values[:, :, :end],
+                                                            scale=scale, enable_gqa=gqa)
+                             for t, end in enumerate(masks["rows"])], dim=2)
+        else:
+            if span not in masks:
+                masks[span] = attention_mask(query_positions, lengths, span)
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[span], scale=scale,
+                                                 enable_gqa=gqa)
+        return self._linear(attention.o_proj, out.transpose(1, 2).reshape(batch, new, shape.heads * self.head_dim))
 
 
 def attention_mask(query_positions: torch.Tensor, lengths: torch.Tensor, span: int) -> torch.Tensor:
