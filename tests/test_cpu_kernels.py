@@ -86,9 +86,24 @@ def test_the_avx2_build_matches_the_reference_too():
         ops, weight = operands(40, 576, bits, group)
         y = cpu_kernels.lowbit_matmul(x, ops, module=avx2)
         torch.testing.assert_close(y, cpu_kernels.reference_lowbit_matmul(x, ops), rtol=1e-5, atol=1e-3)
+    codes = torch.randint(-128, 128, (30, 200), dtype=torch.int8)
+    x8 = torch.randint(-128, 128, (3, 200), dtype=torch.int8)
+    assert torch.equal(cpu_kernels.s8_few_rows(x8, codes, module=avx2), x8.int() @ codes.int().t())
     weight = torch.randn(30, 577)
     x = torch.randn(3, 577)
     torch.testing.assert_close(cpu_kernels.f32_few_rows(x, weight, module=avx2), x @ weight.t(), rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("in_features", [64, 96, 576, 100])
+def test_int8_few_row_kernel_gives_the_exact_integers(in_features):
+    generator = torch.Generator().manual_seed(in_features)
+    weight = torch.randint(-128, 128, (70, in_features), generator=generator, dtype=torch.int8)
+    for rows in (1, 2, 3, 4, 7):
+        x = torch.randint(-128, 128, (rows, in_features), generator=generator, dtype=torch.int8)
+        x[0, :5] = -128  # the extremes of both operands
+        weight[:3, :5] = -128
+        assert torch.equal(cpu_kernels.s8_few_rows(x, weight), x.int() @ weight.int().t())
 
 
 def test_grids_the_kernels_cannot_express_get_no_operands():

@@ -12,6 +12,7 @@ from slimlm.compress.presets import PRESETS
 from slimlm.errors import SlimlmError
 from slimlm.export.native import load, save
 from slimlm.models.tiny import tiny_model
+from slimlm.quant import cpu_kernels
 from slimlm.quant.activation import ActivationQuantizer
 from slimlm.quant.grid import find_params, quantize, quantize_signed, range_params
 from slimlm.quant.w8a8 import Int8Linear
@@ -47,7 +48,7 @@ def both_paths(int8: Int8Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     with torch.no_grad():
         int8.use_int8_kernel = True
         fast = int8(x)
-        assert int8.last_path == "int8"
+        assert int8.last_path.startswith("int8")  # "int8-native" for few rows
         int8.use_int8_kernel = False
         reference = int8(x)
         assert int8.last_path == "reference"
@@ -198,7 +199,8 @@ def test_autograd_and_bfloat16_inputs():
     assert x.grad is not None
     with torch.no_grad():
         half = int8(activations(6, 96).bfloat16())
-    assert int8.last_path == "int8" and half.dtype == torch.bfloat16
+    assert int8.last_path == ("int8-native" if cpu_kernels.load() is not None else "int8")  # 6 rows: few-row kernel
+    assert half.dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------

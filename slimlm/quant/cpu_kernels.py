@@ -7,7 +7,9 @@ on any x86 CPU with AVX2: the few activation rows of a decode step are quantized
 multiplied with them by integer dot products (AVX2 `maddubs`, or `dpbusd` where AVX-512 VNNI / AVX-VNNI
 exist), scaled once per 32 columns; the zero point enters through the per-group sums of the activations.
 A third kernel, `f32_few_rows`, computes float32 x @ W.T for one to eight rows reading W once, which is
-what speculative verification (a few tokens at a time) needs from a float32 target.
+what speculative verification (a few tokens at a time) needs from a float32 target; a fourth,
+`s8_few_rows`, the exact int8 x int8 -> int32 product of a few rows (W8A8 decode: the same integers as
+`torch._int_mm`, which is slower than float32 at one row).
 
 The extension is built with torch's C++ extension loader and `-march=native` into
 `$SLIMLM_CACHE/kernels/<hash of source, torch version, compiler flags and CPU flags>` (tens of seconds,
@@ -23,6 +25,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +38,7 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 BLOCK = 32  # activation quantization block and the granularity of weight groups
 MAX_ROWS = 8  # the low-bit kernels process this many activation rows per weight load
 CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+STALE_LOCK_S = 600  # a build takes well under a minute; a lock this old belongs to a killed one
 _load_error: list[str] = []
 
 
@@ -77,6 +81,10 @@ def build(cflags: list[str]):
 
     directory = build_directory(cflags)
     directory.mkdir(parents=True, exist_ok=True)
+    lock = directory / "lock"  # torch's build lock: a build killed midway leaves it, and every later load waits
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("removing a stale build lock %s (a build was interrupted)", lock)
+        lock.unlink(missing_ok=True)
     log.info("building slimlm's CPU kernels in %s (once per machine)", directory)
     # The loader takes a file lock in the build directory, so concurrent processes build it once.
     return cpp_extension.load(name=f"slimlm_{directory.name}", sources=[str(SOURCE)], extra_cflags=cflags,
@@ -176,6 +184,11 @@ def reference_lowbit_matmul(x: torch.Tensor, operands: LowbitOperands) -> torch.
     group = operands.block_group.long().repeat_interleave(BLOCK)
     weight = operands.scale.double()[:, group] * codes - operands.scaled_zero.double()[:, group]
     return (x_hat @ weight.t()).float().reshape(*x.shape[:-1], out_features)
+
+
+def s8_few_rows(x: torch.Tensor, weight: torch.Tensor, module=None) -> torch.Tensor:
+    """Exact int8 x [M, K] @ int8 weight [N, K].T as int32 [M, N] (what torch._int_mm computes), for a few rows."""
+    return (module or load()).s8_few_rows(x.contiguous(), weight)
 
 
 def f32_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, module=None) -> torch.Tensor:

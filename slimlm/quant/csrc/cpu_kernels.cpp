@@ -369,6 +369,89 @@ torch::Tensor f32_few_rows(const torch::Tensor& x, const torch::Tensor& weight) 
   return y;
 }
 
+// Exact int8 x int8 -> int32 products of a few rows (W8A8 decode): y[m, n] = sum_k x[m, k] w[n, k], the
+// integers torch._int_mm computes, reading each weight row once for all rows. VNNI: dpbusd takes unsigned
+// x + 128 (x xor 0x80) times signed w, and 128 * sum_k w[n, k] (one more dpbusd of 0x80 with w per
+// weight vector) is subtracted at the end; AVX2: both widened to int16 and multiplied pairwise (madd),
+// which cannot overflow.
+template <int C, int R>
+void s8_tile(const int8_t* w, const int8_t* x, int64_t k, int32_t* y, int64_t n) {
+  int64_t j = 0;
+  int32_t total[C][R] = {};
+#if defined(SLIMLM_PAIRS)
+  __m512i acc[C][R], offset[C];
+  for (int c = 0; c < C; ++c) {
+    offset[c] = _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_si512();
+  }
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (; j + 64 <= k; j += 64) {
+    __m512i xv[R];
+    for (int r = 0; r < R; ++r) xv[r] = _mm512_xor_si512(_mm512_loadu_si512(x + r * k + j), flip);
+    for (int c = 0; c < C; ++c) {
+      const __m512i wv = _mm512_loadu_si512(w + c * k + j);
+      offset[c] = _mm512_dpbusd_epi32(offset[c], flip, wv);  // 128 * w
+      for (int r = 0; r < R; ++r) acc[c][r] = _mm512_dpbusd_epi32(acc[c][r], xv[r], wv);
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const int32_t shift = _mm512_reduce_add_epi32(offset[c]);
+    for (int r = 0; r < R; ++r) total[c][r] = _mm512_reduce_add_epi32(acc[c][r]) - shift;
+  }
+#elif defined(__AVX2__)
+  __m256i acc[C][R];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) acc[c][r] = _mm256_setzero_si256();
+  for (; j + 16 <= k; j += 16) {
+    __m256i xv[R];
+    for (int r = 0; r < R; ++r)
+      xv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + r * k + j)));
+    for (int c = 0; c < C; ++c) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * k + j)));
+      for (int r = 0; r < R; ++r) acc[c][r] = _mm256_add_epi32(acc[c][r], _mm256_madd_epi16(wv, xv[r]));
+    }
+  }
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) {
+      __m128i v = _mm_add_epi32(_mm256_castsi256_si128(acc[c][r]), _mm256_extracti128_si256(acc[c][r], 1));
+      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
+      v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1));
+      total[c][r] = _mm_cvtsi128_si32(v);
+    }
+#endif
+  for (; j < k; ++j)
+    for (int c = 0; c < C; ++c)
+      for (int r = 0; r < R; ++r) total[c][r] += static_cast<int32_t>(w[c * k + j]) * x[r * k + j];
+  for (int c = 0; c < C; ++c)
+    for (int r = 0; r < R; ++r) y[r * n + c] = total[c][r];
+}
+
+template <int C, int R>
+void s8_columns(int64_t begin, int64_t end, const int8_t* w, const int8_t* x, int64_t k, int32_t* y, int64_t n) {
+  int64_t col = begin;
+  for (; col + C <= end; col += C) s8_tile<C, R>(w + col * k, x, k, y + col, n);
+  for (; col < end; ++col) s8_tile<1, R>(w + col * k, x, k, y + col, n);
+}
+
+torch::Tensor s8_few_rows(const torch::Tensor& x, const torch::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kInt8 && x.is_contiguous(), "x: contiguous int8 [M, K]");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kInt8 && weight.is_contiguous() &&
+                  weight.size(1) == x.size(1), "weight: contiguous int8 [N, K]");
+  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
+  auto y = torch::empty({rows, n}, x.options().dtype(torch::kInt32));
+  const int8_t* x_ptr = x.data_ptr<int8_t>();
+  const int8_t* w_ptr = weight.data_ptr<int8_t>();
+  int32_t* y_ptr = y.data_ptr<int32_t>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    int64_t row0 = 0;
+    for (; row0 + 4 <= rows; row0 += 4) s8_columns<2, 4>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n);
+    if (rows - row0 == 3) s8_columns<2, 3>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n);
+    else if (rows - row0 == 2) s8_columns<4, 2>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n);
+    else if (rows - row0 == 1) s8_columns<4, 1>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n);
+  });
+  return y;
+}
+
 std::string isa() {
 #if defined(SLIMLM_PAIRS)
   return "avx512-vnni";
@@ -388,6 +471,7 @@ std::string isa() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_matmul", &lowbit_matmul<4>, "x[M,K] float32 times nibble-packed low-bit weights -> [M,N]");
   m.def("q8_matmul", &lowbit_matmul<8>, "x[M,K] float32 times int8 weights -> [M,N]");
+  m.def("s8_few_rows", &s8_few_rows, "exact int8 x[M,K] @ int8 weight[N,K].T -> int32 [M,N], for a few rows");
   m.def("f32_few_rows", &f32_few_rows, "x[M,K] @ weight[N,K].T, float32, for a few rows");
   m.def("isa", &isa, "the instruction set the kernels were compiled for");
 }
