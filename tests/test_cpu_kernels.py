@@ -52,7 +52,7 @@ def operands(out_features: int, in_features: int, bits: int, group: int | None, 
     (3, 64, 192), (2, 32, 128),  # fewer bits, held in nibbles
     (8, None, 576), (8, 64, 160), (8, 32, 96),
 ])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9])
 def test_lowbit_kernel_matches_its_reference_and_the_float_product(bits, group, in_features, rows):
     ops, weight = operands(72, in_features, bits, group)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows))
