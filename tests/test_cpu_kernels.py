@@ -79,7 +79,7 @@ def test_the_avx2_build_matches_the_reference_too():
     """Machines with AVX2 only get the maddubs kernels: built here with -march=haswell and held to the reference."""
     if "avx2" not in kernels.cpu_flags():
         pytest.skip("this CPU has no AVX2")
-    avx2 = cpu_kernels.build(["-O3", "-march=haswell", "-fno-math-errno"])
+    avx2 = cpu_kernels.build(["-O3", "-march=haswell", "-fno-math-errno", "-fopenmp-simd"])
     assert avx2.isa() == "avx2"
     x = torch.randn(5, 576, generator=torch.Generator().manual_seed(0))
     for bits, group in [(4, 64), (4, 32), (8, None), (8, 64)]:
@@ -92,6 +92,7 @@ def test_the_avx2_build_matches_the_reference_too():
     weight = torch.randn(30, 577)
     x = torch.randn(3, 577)
     torch.testing.assert_close(cpu_kernels.f32_few_rows(x, weight, module=avx2), x @ weight.t(), rtol=1e-5, atol=1e-4)
+    _decode_ops_match_torch(avx2)
 
 
 @needs_native
@@ -202,3 +203,26 @@ def test_runner_float32_few_token_paths_match_the_modules(mode, family, monkeypa
             assert torch.allclose(exact, model(ids).logits[:, 16:], atol=1e-4)
     finally:
         kernels.kernel_choice.cache_clear()
+
+
+def _decode_ops_match_torch(ops):
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(3, 96, generator=generator), torch.randn(96, generator=generator)
+    expected = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(ops.rms_norm(x, weight, 1e-5), expected, rtol=1e-5, atol=1e-5)
+    rows, angles = torch.randn(5, 16, generator=generator), torch.rand(8, generator=generator) * 6
+    cos, sin = torch.cat([angles.cos()] * 2), torch.cat([angles.sin()] * 2)
+    rotated = rows * cos + torch.cat([-rows[:, 8:], rows[:, :8]], dim=-1) * sin  # rotate_half
+    torch.testing.assert_close(ops.rope_rows(rows, cos, sin), rotated, rtol=1e-5, atol=1e-5)
+    cache = torch.randn(2, 2, 40, 16, generator=generator)  # keys, values in a larger buffer: strided views
+    keys, values, query = cache[0, :, :33], cache[1, :, :33], torch.randn(6, 16, generator=generator)
+    expected = F.scaled_dot_product_attention(query.view(1, 6, 1, 16), keys[None], values[None], scale=0.25,
+                                              enable_gqa=True).view(6, 16)
+    torch.testing.assert_close(ops.single_query_attention(query, keys, values, 0.25), expected, rtol=1e-5, atol=1e-5)
+    gate, up = torch.randn(1, 1, 70, generator=generator), torch.randn(1, 1, 70, generator=generator)
+    torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_decode_step_float_ops_match_torch():
+    _decode_ops_match_torch(cpu_kernels.load())

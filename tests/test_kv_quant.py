@@ -16,7 +16,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def runner():
-    return ModelRunner(tiny_model("qwen2"))  # head_dim 16, 2 KV heads, 2 blocks
+    # head_dim 16, 2 KV heads, 2 blocks; the exact path, so that every cache kind runs the same arithmetic
+    # (generation's fast path computes one-token steps of a contiguous cache with native kernels)
+    return ModelRunner(tiny_model("qwen2"), fast_kernels=False)
 
 
 @pytest.fixture(scope="module")

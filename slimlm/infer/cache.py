@@ -113,6 +113,11 @@ class ContiguousCache:
                 self.keys[layer][b, :, start:start + count] = keys[b, :, :count]
                 self.values[layer][b, :, start:start + count] = values[b, :, :count]
 
+    def write_token(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """`write` of a one-token step of a batch-1 cache: key and value [kv_heads, head_dim]."""
+        self.keys[layer][0, :, self._starts[0]].copy_(key)
+        self.values[layer][0, :, self._starts[0]].copy_(value)
+
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         span = max(1, max(self.lengths))
         return self.keys[layer][:, :, :span], self.values[layer][:, :, :span]

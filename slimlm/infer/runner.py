@@ -44,6 +44,7 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 SMALL_GEMM_MAX_ROWS = 8  # generation: float32 linears over at most this many tokens take `small_gemm`
 _GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x)): the runner calls the linears
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x / sqrt(mean(x^2) + eps)
+_SILU = ("SiLUActivation", "SiLU")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -111,6 +112,10 @@ class ModelRunner:
         # differs from F.linear's); `small_gemm=False`, and evaluation (fast_kernels=False), keep F.linear.
         self.small_gemm = fast_kernels if small_gemm is None else small_gemm
         self._native_operands: dict[int, tuple | None] = {}  # per quantized linear: native-kernel operands
+        self._fused: dict[tuple[int, ...], bool] = {}  # per group of linears on one input: one kernel call?
+        self._float_weights: dict[int, torch.Tensor] = {}  # per norm: its weight in float32, for the native call
+        self._ops = None  # the native kernels, while a one-token float32 step runs
+        self._rope_row: tuple[torch.Tensor, torch.Tensor] = ()
 
     def _block_shape(self, layer: nn.Module) -> BlockShape:
         attention = layer.self_attn
@@ -156,12 +161,17 @@ class ModelRunner:
                  exact_rows: bool = False) -> torch.Tensor:
         tokens = tokens.to(self.device)
         batch, new = tokens.shape
+        # One float32 token on the native path: RMSNorm, RoPE, attention and the gated product as native calls.
+        native = self.small_gemm and fp32_decode_path() == "native" and self.dtype == torch.float32
+        self._ops = cpu_kernels.load() if native and batch == 1 and new == 1 else None
         starts = torch.tensor(cache.reserve(list(counts)), device=self.device)
         lengths = torch.tensor(cache.lengths, device=self.device)
         self._check_window(int(lengths.max()))
         query_positions = starts[:, None] + torch.arange(new, device=self.device)[None, :]
         hidden = self.decoder.embed_tokens(tokens)
         query_rope = self.decoder.rotary_emb(hidden, query_positions)
+        if self._ops is not None:
+            self._rope_row = tuple(part.reshape(-1).float().contiguous() for part in query_rope)
         masks: dict = {}  # by key span (paged and contiguous spans differ)
         if batch == 1 and isinstance(cache, ContiguousCache):
             # One sequence that sees every slot up to its length: a lone query needs no mask, and with
@@ -192,6 +202,26 @@ class ModelRunner:
             return small_gemm(x, module.weight, module.bias)
         return module(x)
 
+    def _linears(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+        """Several linears of the same input: one native kernel call (the activations quantized once) when all
+        take the native path on one column grid, else one call each."""
+        parts = [self._native_layer(module, x) for module in modules]
+        if parts[0] is None or not self._fusable(modules, parts):
+            return [self._linear(module, x) for module in modules]
+        y = cpu_kernels.lowbit_matmul_many(x, parts)
+        outputs = list(y.split([part.scale.shape[0] for part in parts], dim=-1))
+        for index, module in enumerate(modules):
+            module.__dict__["last_path"] = f"native{parts[index].bits}"
+            if module.bias is not None:
+                outputs[index] = outputs[index] + module.bias.float()
+        return outputs
+
+    def _fusable(self, modules: tuple[nn.Module, ...], parts: list) -> bool:
+        key = tuple(id(module) for module in modules)
+        if key not in self._fused:
+            self._fused[key] = cpu_kernels.fusable(parts)
+        return self._fused[key]
+
     def _native_layer(self, module: nn.Module, x: torch.Tensor) -> cpu_kernels.LowbitOperands | None:
         """The native-kernel operands of a plain `QuantizedLinear` when its forward would take them for x."""
         if x.dtype != torch.float32 or fp32_decode_path() != "native":
@@ -210,12 +240,21 @@ class ModelRunner:
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Llama/Mistral/Qwen2 RMSNorm without the module call (the same float32 operations)."""
         if self.small_gemm and type(norm).__name__ in _RMS_NORMS and x.dtype == torch.float32:
+            if self._ops is not None:
+                weight = self._float_weights.get(id(norm))
+                if weight is None:
+                    weight = self._float_weights[id(norm)] = norm.weight.detach().float().contiguous()
+                return self._ops.rms_norm(x.contiguous(), weight, norm.variance_epsilon)
             return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
         return norm(x)
 
     def _mlp(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.small_gemm and type(mlp).__name__ in _GATED_MLPS:
-            gated = mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x)
+            gate, up = self._linears((mlp.gate_proj, mlp.up_proj), x)
+            if self._ops is not None and type(mlp.act_fn).__name__ in _SILU:
+                gated = self._ops.silu_mul(gate, up)
+            else:
+                gated = mlp.act_fn(gate) * up
             return self._linear(mlp.down_proj, gated)
         return mlp(x)
 
@@ -237,9 +276,12 @@ class ModelRunner:
     def _attention(self, index, attention, x, query_rope, cache, query_positions, lengths, masks) -> torch.Tensor:
         batch, new, _ = x.shape
         shape = self.blocks[index]
-        query = self._linear(attention.q_proj, x).view(batch, new, shape.heads, self.head_dim).transpose(1, 2)
-        key = self._linear(attention.k_proj, x).view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
-        value = self._linear(attention.v_proj, x).view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
+        query, key, value = self._linears((attention.q_proj, attention.k_proj, attention.v_proj), x)
+        if self._ops is not None and isinstance(cache, ContiguousCache) and not cache.rotate_on_read:
+            return self._attention_one_token(index, attention, query, key, value, cache)
+        query = query.view(batch, new, shape.heads, self.head_dim).transpose(1, 2)
+        key = key.view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
+        value = value.view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = query_rope
         query = apply_rotary(query, cos, sin)
         if not cache.rotate_on_read:
@@ -256,12 +298,37 @@ class ModelRunner:
             out = torch.cat([F.scaled_dot_product_attention(query[:, :, t:t + 1], keys[:, :, :end], values[:, :, :end],
                                                             scale=scale, enable_gqa=gqa)
                              for t, end in enumerate(masks["rows"])], dim=2)
+        elif self.small_gemm and batch == 1 and new == 1 and masks.get(span, False) is None:
+            out = single_query_attention(query, keys, values, scale)
         else:
             if span not in masks:
                 masks[span] = attention_mask(query_positions, lengths, span)
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[span], scale=scale,
                                                  enable_gqa=gqa)
         return self._linear(attention.o_proj, out.transpose(1, 2).reshape(batch, new, shape.heads * self.head_dim))
+
+
+    def _attention_one_token(self, index, attention, query, key, value, cache) -> torch.Tensor:
+        """One token of one sequence (contiguous cache): RoPE and attention through the native kernels."""
+        shape, ops = self.blocks[index], self._ops
+        cos, sin = self._rope_row
+        query = ops.rope_rows(query.reshape(shape.heads, self.head_dim), cos, sin)
+        key = ops.rope_rows(key.reshape(shape.kv_heads, self.head_dim), cos, sin)
+        cache.write_token(index, key, value.reshape(shape.kv_heads, self.head_dim))
+        keys, values = cache.read(index)
+        scale = getattr(attention, "scaling", self.head_dim ** -0.5)
+        out = ops.single_query_attention(query, keys[0], values[0], scale)
+        return self._linear(attention.o_proj, out.view(1, 1, shape.heads * self.head_dim))
+
+
+def single_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one query of one sequence to every cached key: three small batched products, which on
+    CPU cost a fraction of `scaled_dot_product_attention`'s per-call overhead at decode sizes (the same
+    function; float32 rounding differs). query [1, heads, 1, d], keys/values [1, kv_heads, span, d]."""
+    heads, kv_heads, head_dim = query.shape[1], keys.shape[1], query.shape[-1]
+    grouped = query.reshape(kv_heads, heads // kv_heads, head_dim)  # query heads sharing a key/value head
+    scores = torch.bmm(grouped, keys[0].transpose(1, 2)).mul_(scale).softmax(dim=-1)
+    return torch.bmm(scores, values[0]).reshape(1, heads, 1, head_dim)
 
 
 def attention_mask(query_positions: torch.Tensor, lengths: torch.Tensor, span: int) -> torch.Tensor:

@@ -26,6 +26,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 BLOCK = 32  # activation quantization block and the granularity of weight groups
 MAX_ROWS = 8  # the low-bit kernels process this many activation rows per weight load
-CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"]
 STALE_LOCK_S = 600  # a build takes well under a minute; a lock this old belongs to a killed one
 _load_error: list[str] = []
 
@@ -150,14 +151,31 @@ def lowbit_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 def lowbit_matmul(x: torch.Tensor, operands: LowbitOperands, module=None) -> torch.Tensor:
     """x [..., K] float32 times the weight's transpose through the compiled kernel (`module`: another build
     than `load()`'s): [..., N]."""
-    module = module or load()
-    rows = x.reshape(-1, x.shape[-1]).float()
-    if operands.permutation is not None:
-        rows = rows.index_select(1, operands.permutation)
-    rows = rows.contiguous()
-    run = module.q4_matmul if operands.bits == 4 else module.q8_matmul
-    y = run(rows, operands.weight, operands.scale, operands.scaled_zero, operands.block_group)
-    return y.reshape(*x.shape[:-1], operands.scale.shape[0])
+    return lowbit_matmul_many(x, (operands,), module)
+
+
+def lowbit_matmul_many(x: torch.Tensor, parts: Sequence[LowbitOperands], module=None) -> torch.Tensor:
+    """x times several weights on the same columns (`fusable`), the activations quantized once: [..., sum N]."""
+    first = parts[0]
+    x = x.float() if x.dtype != torch.float32 else x
+    if first.permutation is not None:
+        x = x.index_select(-1, first.permutation)
+    run = (module or load()).q4_matmul if first.bits == 4 else (module or load()).q8_matmul
+    return run(x.contiguous(), [p.weight for p in parts], [p.scale for p in parts], [p.scaled_zero for p in parts],
+               first.block_group)
+
+
+def fusable(parts: Sequence[LowbitOperands | None]) -> bool:
+    """Whether these layers can run as one kernel call: same bits, column groups and permutation."""
+    if any(p is None for p in parts):
+        return False
+    first = parts[0]
+    return all(p.bits == first.bits and p.scale.shape[1] == first.scale.shape[1]
+               and (p.block_group is first.block_group or torch.equal(p.block_group, first.block_group))
+               and ((p.permutation is None and first.permutation is None)
+                    or (p.permutation is not None and first.permutation is not None
+                        and torch.equal(p.permutation, first.permutation)))
+               for p in parts[1:])
 
 
 def quantize_activations(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

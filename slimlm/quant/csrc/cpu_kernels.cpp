@@ -136,14 +136,14 @@ void lowbit_tile_pairs(const uint8_t* weight, int64_t row_bytes, const float* sc
                        const int32_t* block_group, int64_t blocks, const QuantizedRows& acts, int64_t row0,
                        int64_t k, float out[C][R]) {
   const int64_t pairs = blocks / 2;
-  __m512 acc[C][R];
+  __m512 first[C][R], second[C][R];
   for (int c = 0; c < C; ++c)
-    for (int r = 0; r < R; ++r) acc[c][r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) first[c][r] = second[c][r] = _mm512_setzero_ps();
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
   const __m512i zero = _mm512_setzero_si512();
   const int8_t* x_base = Bits == 4 ? acts.q_pairs.data() : acts.q.data();
   const float* lane_base = Bits == 4 ? acts.pair_scale4.data() : acts.pair_scale8.data();
-  for (int64_t p = 0; p < pairs; ++p) {
+  auto step = [&](int64_t p, __m512 (&acc)[C][R]) __attribute__((always_inline)) {
     __m512i x[R];
     __m512 d[R];
     for (int r = 0; r < R; ++r) {
@@ -170,9 +170,17 @@ void lowbit_tile_pairs(const uint8_t* weight, int64_t row_bytes, const float* sc
         acc[c][r] = _mm512_fmadd_ps(products, _mm512_mul_ps(s, d[r]), acc[c][r]);
       }
     }
+  };
+  int64_t p = 0;
+  if constexpr (R <= 2) {  // few rows: two accumulator sets, so consecutive multiply-adds do not wait on each other
+    for (; p + 2 <= pairs; p += 2) {
+      step(p, first);
+      step(p + 1, second);
+    }
   }
+  for (; p < pairs; ++p) step(p, first);
   for (int c = 0; c < C; ++c)
-    for (int r = 0; r < R; ++r) out[c][r] = _mm512_reduce_add_ps(acc[c][r]);
+    for (int r = 0; r < R; ++r) out[c][r] = _mm512_reduce_add_ps(_mm512_add_ps(first[c][r], second[c][r]));
 }
 #endif
 
@@ -299,31 +307,49 @@ void lowbit_columns(int64_t begin, int64_t end, const uint8_t* weight, const flo
     default: break;                            \
   }
 
+// x [..., K] float32 times one or more weights sharing the column grid (block_group): y [..., N_1 + N_2 + ...],
+// the activations quantized once (a block's q/k/v or gate/up projections in one call).
 template <int Bits>
-torch::Tensor lowbit_matmul(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
-                            const torch::Tensor& scaled_zero, const torch::Tensor& block_group) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous(), "scale: contiguous float32 [N, G]");
-  TORCH_CHECK(scaled_zero.sizes() == scale.sizes() && scaled_zero.is_contiguous(), "scaled_zero: like scale");
+torch::Tensor lowbit_matmul(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                            const std::vector<torch::Tensor>& scales, const std::vector<torch::Tensor>& scaled_zeros,
+                            const torch::Tensor& block_group) {
+  TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [..., K]");
+  TORCH_CHECK(!weights.empty() && weights.size() == scales.size() && weights.size() == scaled_zeros.size(),
+              "one scale and scaled_zero per weight");
   TORCH_CHECK(block_group.scalar_type() == torch::kInt32 && block_group.is_contiguous(), "block_group: int32");
-  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0), groups = scale.size(1);
+  const int64_t k = x.size(-1), rows = k ? x.numel() / k : 0, groups = scales[0].size(1);
   TORCH_CHECK(k % kBlock == 0 && block_group.numel() == k / kBlock, "K must be a multiple of 32");
-  TORCH_CHECK(weight.numel() == n * k * Bits / 8 && weight.is_contiguous(), "weight: packed codes, contiguous");
-  TORCH_CHECK(scale.size(0) == n, "scale: one row per output feature");
+  int64_t total = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const int64_t n = weights[i].size(0);
+    TORCH_CHECK(scales[i].scalar_type() == torch::kFloat32 && scales[i].is_contiguous() && scales[i].dim() == 2 &&
+                    scales[i].size(0) == n && scales[i].size(1) == groups, "scale: contiguous float32 [N, G]");
+    TORCH_CHECK(scaled_zeros[i].sizes() == scales[i].sizes() && scaled_zeros[i].is_contiguous() &&
+                    scaled_zeros[i].scalar_type() == torch::kFloat32, "scaled_zero: like scale");
+    TORCH_CHECK(weights[i].numel() == n * k * Bits / 8 && weights[i].is_contiguous(), "weight: packed codes");
+    total += n;
+  }
   const int32_t* block_group_ptr = block_group.data_ptr<int32_t>();
   QuantizedRows acts = quantize_rows(x.data_ptr<float>(), rows, k, block_group_ptr, groups);
   if (pairs_apply(block_group_ptr, k / kBlock)) add_pairs(acts, rows, k);
-  auto y = torch::empty({rows, n}, x.options());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = total;
+  auto y = torch::empty(shape, x.options());
   float* y_ptr = y.data_ptr<float>();
-  const uint8_t* w_ptr = reinterpret_cast<const uint8_t*>(weight.data_ptr());
-  const float* s_ptr = scale.data_ptr<float>();
-  const float* z_ptr = scaled_zero.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+  int64_t offset = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const uint8_t* w_ptr = reinterpret_cast<const uint8_t*>(weights[i].data_ptr());
+    const float* s_ptr = scales[i].data_ptr<float>();
+    const float* z_ptr = scaled_zeros[i].data_ptr<float>();
+    float* out = y_ptr + offset;
+    at::parallel_for(0, weights[i].size(0), 64, [&](int64_t begin, int64_t end) {
 #define SLIMLM_LOWBIT(C, R) \
-  lowbit_columns<Bits, C, R>(begin, end, w_ptr, s_ptr, z_ptr, groups, block_group_ptr, acts, row0, k, n, y_ptr)
-    SLIMLM_ROW_TILES(SLIMLM_LOWBIT)
+  lowbit_columns<Bits, C, R>(begin, end, w_ptr, s_ptr, z_ptr, groups, block_group_ptr, acts, row0, k, total, out)
+      SLIMLM_ROW_TILES(SLIMLM_LOWBIT)
 #undef SLIMLM_LOWBIT
-  });
+    });
+    offset += weights[i].size(0);
+  }
   return y;
 }
 
@@ -474,6 +500,120 @@ torch::Tensor s8_few_rows(const torch::Tensor& x, const torch::Tensor& weight) {
   return y;
 }
 
+// ---- Decode-step float32 operations of one token (batch 1): each one call instead of the 4-6 PyTorch operations
+// (and their dispatch overhead, several microseconds each on CPU) that compute it at this size.
+
+// RMSNorm: y = weight * x / sqrt(mean(x^2) + eps), per row of x [..., D].
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32");
+  const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0;
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() && weight.numel() == d, "weight: [D]");
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xp + r * d;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < d; ++i) sum += row[i] * row[i];
+    const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(d) + static_cast<float>(eps));
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) yp[r * d + i] = wp[i] * (row[i] * inverse);
+  }
+  return y;
+}
+
+// Rotary embedding of rows [n, D] at one position (cos, sin [D], half-split layout):
+// y[:D/2] = x1 cos - x2 sin, y[D/2:] = x2 cos + x1 sin.
+torch::Tensor rope_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32");
+  const int64_t d = x.size(-1), rows = d ? x.numel() / d : 0, half = d / 2;
+  TORCH_CHECK(d % 2 == 0 && cos.numel() == d && sin.numel() == d && cos.is_contiguous() && sin.is_contiguous() &&
+                  cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32,
+              "cos, sin: contiguous float32 [D]");
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x1 = xp + r * d;
+    const float* x2 = x1 + half;
+    float* y1 = yp + r * d;
+    float* y2 = y1 + half;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      y1[i] = x1[i] * c[i] - x2[i] * s[i];
+      y2[i] = x2[i] * c[half + i] + x1[i] * s[half + i];
+    }
+  }
+  return y;
+}
+
+// Attention of one query per head to `span` cached keys: query [H, D], keys / values [KV, span, D] with any
+// stride between heads and positions (contiguous in D); the H / KV query heads of a group share a key head.
+torch::Tensor single_query_attention(const torch::Tensor& query, const torch::Tensor& keys,
+                                     const torch::Tensor& values, double scale) {
+  TORCH_CHECK(query.scalar_type() == torch::kFloat32 && query.is_contiguous() && query.dim() == 2, "query: [H, D]");
+  TORCH_CHECK(keys.dim() == 3 && values.dim() == 3 && keys.sizes() == values.sizes() &&
+                  keys.scalar_type() == torch::kFloat32 && values.scalar_type() == torch::kFloat32 &&
+                  keys.stride(2) == 1 && values.stride(2) == 1, "keys, values: float32 [KV, span, D], contiguous in D");
+  const int64_t heads = query.size(0), d = query.size(1), kv_heads = keys.size(0), span = keys.size(1);
+  TORCH_CHECK(keys.size(2) == d && heads % kv_heads == 0 && span > 0, "shapes of query and keys disagree");
+  const int64_t group = heads / kv_heads;
+  auto out = torch::empty_like(query);
+  const float* q = query.data_ptr<float>();
+  const float* k = keys.data_ptr<float>();
+  const float* v = values.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  std::vector<float> scores(span);
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t kv = h / group;
+    const float* qh = q + h * d;
+    float top = -INFINITY;
+    for (int64_t t = 0; t < span; ++t) {
+      const float* kt = k + kv * keys.stride(0) + t * keys.stride(1);
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < d; ++i) dot += qh[i] * kt[i];
+      scores[t] = dot * static_cast<float>(scale);
+      top = std::max(top, scores[t]);
+    }
+    float total = 0.0f;
+    float* score = scores.data();
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < span; ++t) {
+      score[t] = std::exp(score[t] - top);
+      total += score[t];
+    }
+    float* oh = o + h * d;
+    for (int64_t i = 0; i < d; ++i) oh[i] = 0.0f;
+    for (int64_t t = 0; t < span; ++t) {
+      const float weight = scores[t] / total;
+      const float* vt = v + kv * values.stride(0) + t * values.stride(1);
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) oh[i] += weight * vt[i];
+    }
+  }
+  return out;
+}
+
+// SiLU-gated product of a gated MLP: silu(gate) * up.
+torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
+  TORCH_CHECK(gate.scalar_type() == torch::kFloat32 && up.scalar_type() == torch::kFloat32 &&
+                  gate.sizes() == up.sizes(), "gate, up: float32 of one shape");
+  const auto g = gate.contiguous(), u = up.contiguous();
+  auto y = torch::empty_like(g);
+  const float* gp = g.data_ptr<float>();
+  const float* upp = u.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t n = g.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) yp[i] = gp[i] / (1.0f + std::exp(-gp[i])) * upp[i];
+  return y;
+}
+
 std::string isa() {
 #if defined(SLIMLM_PAIRS)
   return "avx512-vnni";
@@ -491,9 +631,13 @@ std::string isa() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_matmul", &lowbit_matmul<4>, "x[M,K] float32 times nibble-packed low-bit weights -> [M,N]");
-  m.def("q8_matmul", &lowbit_matmul<8>, "x[M,K] float32 times int8 weights -> [M,N]");
+  m.def("q4_matmul", &lowbit_matmul<4>, "x[..., K] float32 times nibble-packed low-bit weights -> [..., sum N]");
+  m.def("q8_matmul", &lowbit_matmul<8>, "x[..., K] float32 times int8 weights -> [..., sum N]");
   m.def("s8_few_rows", &s8_few_rows, "exact int8 x[M,K] @ int8 weight[N,K].T -> int32 [M,N], for a few rows");
   m.def("f32_few_rows", &f32_few_rows, "x[M,K] @ weight[N,K].T, float32, for a few rows");
+  m.def("rms_norm", &rms_norm, "RMSNorm of the rows of x");
+  m.def("rope_rows", &rope_rows, "rotary embedding of rows at one position");
+  m.def("single_query_attention", &single_query_attention, "attention of one query per head");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up");
   m.def("isa", &isa, "the instruction set the kernels were compiled for");
 }
