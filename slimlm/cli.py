@@ -152,8 +152,15 @@ def _add_generate_parser(commands, common: argparse.ArgumentParser) -> None:
                             help="KIVI: recent tokens kept in full precision (a multiple of --kv-group-size)")
     _add_kvquant_arguments(generation)
     generation.add_argument("--data-dir", help="data directory for KVQuant calibration (default: $SLIMLM_DATA)")
-    generation.add_argument("--draft", metavar="MODEL", help="draft model for speculative decoding")
-    generation.add_argument("--gamma", type=int, default=4, help="draft tokens per target forward")
+    generation.add_argument("--draft", metavar="MODEL",
+                            help="draft for speculative decoding: a model, lookup (tokens copied from an earlier "
+                                 "occurrence of the last tokens in the context: no model), or built from the "
+                                 "target in memory: self (its own weights, run lean), self:<preset> (e.g. "
+                                 "self:rtn-w4g64-head8, self:rtn-w8-head8: a compressed copy; presets without "
+                                 "calibration), self:fp16")
+    generation.add_argument("--gamma", type=int,
+                            help="draft tokens per target forward (default: chosen before every step from the "
+                                 "measured draft/target costs and the acceptance so far)")
     generation.add_argument("--adaptive-gamma", action="store_true",
                             help="grow gamma after a full acceptance, shrink it after a first-token rejection")
     generation.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
@@ -408,9 +415,12 @@ def _generation_settings(args: argparse.Namespace):
     _check_kvquant_arguments(args, cache.kv_spec())
     validate_request([[0] if p else [] for p in args.prompt], args.max_new_tokens)
     if args.draft:
+        from slimlm.infer.draft import parse_draft_spec
+
         check_gamma(args.gamma, 16 if args.adaptive_gamma else None)  # adaptive gamma grows up to 16
         if kind == "sinks" or args.kv_cache is not None:
             raise SlimlmError("speculative decoding (--draft) needs a cache it can roll back: contiguous or paged")
+        parse_draft_spec(args.draft)  # an unknown self:<preset> fails here, before anything is loaded
     return sampling, cache
 
 
@@ -428,10 +438,17 @@ def run_generate(args: argparse.Namespace) -> tuple[dict, str]:
         print(piece, end="", flush=True)
 
     if args.draft:
-        draft = _load(args.draft, args)
+        from slimlm.infer.draft import build_draft, parse_draft_spec
+
+        spec = parse_draft_spec(args.draft)
+        if spec is not None:  # built from the target in memory; same tokenizer
+            draft, draft_tokenizer = build_draft(loaded.model, spec), None
+        else:
+            loaded_draft = _load(args.draft, args)
+            draft, draft_tokenizer = loaded_draft.model, loaded_draft.tokenizer
         result, per_prompt = speculative_generate(
-            loaded.model, draft.model, loaded.tokenizer, args.prompt, args.max_new_tokens, args.gamma, sampling,
-            cache, draft_tokenizer=draft.tokenizer, adaptive=args.adaptive_gamma, stop_at_eos=not args.no_stop)
+            loaded.model, draft, loaded.tokenizer, args.prompt, args.max_new_tokens, args.gamma, sampling,
+            cache, draft_tokenizer=draft_tokenizer, adaptive=args.adaptive_gamma, stop_at_eos=not args.no_stop)
         metrics = {"speculative": [s.to_dict() for s in per_prompt]}
     else:
         if stream:
@@ -443,7 +460,7 @@ def run_generate(args: argparse.Namespace) -> tuple[dict, str]:
                    decode_kernels=_decode_kernels(loaded.model))
     protocol = {"max_new_tokens": args.max_new_tokens, "sampling": vars(sampling),
                 "cache": _without_calibration(cache),
-                "draft": args.draft, "gamma": args.gamma if args.draft else None, "dtype": args.dtype}
+                "draft": args.draft, "gamma": (args.gamma or "auto") if args.draft else None, "dtype": args.dtype}
     record = make_record(args.model, "generate", protocol, metrics)
     lines = ["\n"] if stream else [f"[{i}] {p}{t}\n" for i, (p, t) in enumerate(zip(args.prompt, result.texts))]
     rows = [{"quantity": k, "value": v} for k, v in _generation_summary(result.stats, metrics).items()]
@@ -457,8 +474,16 @@ def _generation_summary(stats, metrics: dict) -> dict:
         runs = metrics["speculative"]
         drafted = sum(r["drafted"] for r in runs)
         summary["acceptance_rate"] = sum(r["accepted"] for r in runs) / drafted if drafted else None
+        seen = sum(r["accepted"] + r["rejections"] for r in runs)
+        summary["alpha"] = sum(r["accepted"] for r in runs) / seen if seen else None
         forwards = sum(r["iterations"] for r in runs)
         summary["tokens_per_target_forward"] = sum(r["new_tokens"] for r in runs) / max(1, forwards)
+        gammas = [g for r in runs for g in r["gammas"]]
+        summary["mean_gamma"] = sum(gammas) / len(gammas) if gammas else None
+        costs = next((r["costs"] for r in runs if r.get("costs")), None)
+        if costs is not None:
+            summary["cost_ratio_c"] = costs["cost_ratio_c"]
+        summary["calibration_s"] = sum(r["calibration_s"] for r in runs)
     else:
         summary.update(per_token_s=stats.per_token_s, kv_bytes_held=stats.kv_bytes_held,
                        kv_bytes_wasted=stats.kv_bytes_wasted)

@@ -8,6 +8,7 @@ sampling, streaming, speculative decoding and quantized KV caches (naive, KIVI, 
 """
 
 from slimlm.infer.cache import CacheShape, ContiguousCache, PagedCache
+from slimlm.infer.draft import LeanRunner, build_draft
 from slimlm.infer.engine import (
                                  CACHE_KINDS,
                                  CacheSettings,
@@ -24,12 +25,20 @@ from slimlm.infer.kvquant import KVQuantCache, calibrate_from_corpus, calibrate_
 from slimlm.infer.quantized_cache import KVQuantSpec, NaiveQuantCache, chunked_kl, chunked_perplexity, parse_kv_cache
 from slimlm.infer.runner import SUPPORTED_FAMILIES, ModelRunner
 from slimlm.infer.sampling import SamplingSettings, next_token_probs
-from slimlm.infer.speculative import SpeculativeStats, speculative_decode, speculative_generate
+from slimlm.infer.speculative import (
+                                      SpeculativeCosts,
+                                      SpeculativeStats,
+                                      choose_gamma,
+                                      expected_speedup,
+                                      speculative_decode,
+                                      speculative_generate,
+)
 from slimlm.infer.streaming import SinkWindowCache, streaming_perplexity
 
 __all__ = ["CACHE_KINDS", "CacheSettings", "CacheShape", "ContiguousCache", "GenerationResult", "GenerationStats",
-           "KVQuantCache", "KVQuantSpec", "KiviCache", "ModelRunner", "NaiveQuantCache", "PagedCache", "SUPPORTED_FAMILIES",
-           "SamplingSettings", "SinkWindowCache", "SpeculativeStats", "TokenEvent", "calibrate_from_corpus",
-           "calibrate_kvquant", "chunked_kl", "chunked_perplexity", "generate",
-           "generate_ids", "next_token_probs", "parse_kv_cache", "speculative_decode", "speculative_generate",
-           "stream_ids", "stream_text", "streaming_perplexity"]
+           "KVQuantCache", "KVQuantSpec", "KiviCache", "LeanRunner", "ModelRunner", "NaiveQuantCache",
+           "PagedCache", "SUPPORTED_FAMILIES", "SamplingSettings", "SinkWindowCache", "SpeculativeCosts",
+           "SpeculativeStats", "TokenEvent", "build_draft", "calibrate_from_corpus", "calibrate_kvquant",
+           "choose_gamma", "chunked_kl", "chunked_perplexity", "expected_speedup", "generate", "generate_ids",
+           "next_token_probs", "parse_kv_cache", "speculative_decode", "speculative_generate", "stream_ids",
+           "stream_text", "streaming_perplexity"]
