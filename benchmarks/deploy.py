@@ -1,29 +1,42 @@
 """Deployment benchmark, slimlm's runner part: do compressed models decode faster, and at what cost?
 
 Writes `benchmarks/results/deploy.{json,md}` (`--quick`: `deploy-quick.*`). Model: SmolLM2-135M float32.
-Rows (each a float32 model as `slimlm.load` gives it; quantized linears take the packed int4 / int8
-kernels with bfloat16 activations inside the generation runner when `slimlm.quant.kernels` chose them
-on this CPU, and the exact reference path otherwise):
+Rows (each a float32 model as `slimlm.load` gives it; inside the generation runner quantized linears
+take the decode path `slimlm.quant.kernels` measured fastest on this CPU: slimlm's native kernels
+(int8 activations per block of 32, integer dot products; `slimlm.quant.cpu_kernels`), PyTorch's packed
+int4 / int8 kernels with bfloat16 activations, or the exact reference path; `SLIMLM_KERNELS` forces one.
+The float32 rows' linears take the native few-row kernel at one to eight tokens where the native path
+was chosen):
 
 - float32;
-- W8: RTN 8-bit symmetric per channel (the int8 packed kernel);
+- W8: RTN 8-bit symmetric per channel (the int8 packed kernel), alone and with the LM head at 8 bits;
 - W4 g64: RTN 4-bit asymmetric g64 (the int4 packed kernel), alone and with the LM head quantized
-  (`quantize_head`: 8-bit per channel, or 4-bit g64);
-- W4 g64 GPTQ (calibrated on C4), with the 8-bit head.
+  (`quantize_head`: 8-bit per channel, or 4-bit g64), and with the 8-bit head shared by the embedding
+  (`embedding: true`: the tied matrix stored once, 8-bit);
+- W4 g64 GPTQ and W4 g32 GPTQ and AWQ (calibrated on C4), with the 8-bit head;
+- W8A8 (RTN, int8 weights per channel and int8 activations per token, `rtn-w8a8`: `Int8Linear`);
+- 2:4 (magnitude, `magnitude-2of4`: dense float32 layers with zeros; no sparse kernel, so the speed of
+  dense is the target), for speed only: its quality is that of one-shot magnitude pruning.
+
+Every compressed row keeps its unquantized tensors (norms, a float embedding) in the recipe's default
+`float_storage: auto` (bfloat16 here, the source being float32); `float_storage` says which.
 
 Columns:
 - decode tokens/s at batch 1 and 8 (a 128-token prompt from the embedded pydoc text, 64 new tokens,
   greedy), median of alternating runs in this one process, and the ratio to float32 in the same runs;
   time to first token; the kernel each row's quantized layers took;
 - bytes of the saved slimlm checkpoint and the ratio to the float32 one;
-- WikiText-2 perplexity of the exact (reference) path (`--windows` x 512 tokens), and the KL divergence
-  of the decode path from the exact path: the same windows run through the runner in chunks of 64 tokens
-  (what decoding computes), once with the decode kernels and once exactly;
-- weight bytes read per generated token (every linear, head included, as stored for the kernel: 4-bit
-  codes with bf16 scale/offset pairs, int8 codes, float32) over a measured single-thread read bandwidth:
+- WikiText-2 perplexity of the exact (reference) path (`--windows` x 512 tokens), the perplexity of the
+  decode path and its relative difference, and the KL divergence of the decode path from the exact
+  path: the same windows run through the runner in chunks of 64 tokens (what decoding computes), once
+  with the decode kernels and once exactly;
+- weight bytes read per generated token (every linear, head included, as the kernel reads it: packed
+  codes with float32 scale and scaled-zero pairs per group for the native kernels, bf16 pairs for the
+  packed int4 kernel, int8 codes, float32) over a measured single-thread read bandwidth:
   the memory-bandwidth bound on tokens/s, and the fraction of it reached.
 
-Not in this script yet (issue 15): llama.cpp and ONNX Runtime rows, W8A8 and 2:4 rows, speculative rows.
+Not in this script (issue 15): llama.cpp rows (benchmarks/gguf_export.py), ONNX Runtime rows
+(benchmarks/onnx_export.py), speculative rows (benchmarks/speculative.py).
 
     python benchmarks/deploy.py --data-dir ../shared/data [--quick]
 """
@@ -46,13 +59,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT_TOKENS, NEW_TOKENS = 128, 64
 W4 = {"method": "rtn", "bits": 4, "group_size": 64}
 HEAD8 = {"method": "quantize_head", "bits": 8}
+W8 = {"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True}
 VARIANTS = {
     "float32": None,
-    "W8 ch sym (RTN)": {"stages": [{"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True}]},
+    "W8 ch sym (RTN)": {"stages": [W8]},
+    "W8 ch sym (RTN) + head 8-bit": {"stages": [HEAD8, W8]},
     "W4 g64 (RTN)": {"stages": [W4]},
     "W4 g64 (RTN) + head 8-bit": {"stages": [HEAD8, W4]},
+    "W4 g64 (RTN) + head and embedding 8-bit": {"stages": [{**HEAD8, "embedding": True}, W4]},
     "W4 g64 (RTN) + head 4-bit g64": {"stages": [{"method": "quantize_head", "bits": 4, "group_size": 64}, W4]},
     "W4 g64 (GPTQ) + head 8-bit": {"stages": [HEAD8, {"method": "gptq", "bits": 4, "group_size": 64}]},
+    "W4 g32 (GPTQ) + head 8-bit": {"stages": [HEAD8, {"method": "gptq", "bits": 4, "group_size": 32}]},
+    "W4 g32 (AWQ) + head 8-bit": {"stages": [HEAD8, {"method": "awq", "bits": 4, "group_size": 32}]},
+    "W8A8 (RTN; per-token int8 activations)": "rtn-w8a8",
+    "2:4 (magnitude)": "magnitude-2of4",
 }
 
 
@@ -92,15 +112,16 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
             model = loaded.model if VARIANTS[name] is None else copy.deepcopy(loaded.model)
-            seconds = 0.0
+            seconds, storage = 0.0, "float32"
             if VARIANTS[name] is not None:
                 start = time.perf_counter()
-                compress(model, VARIANTS[name], calibration=calibration)
+                storage = compress(model, VARIANTS[name], calibration=calibration).float_storage
                 seconds = time.perf_counter() - start
             directory = Path(scratch) / f"m{len(models)}"
             save(model, directory, tokenizer)
             models[name] = model
-            rows[name] = {"variant": name, "file_bytes": model_bytes(directory), "compress_s": round(seconds, 1)}
+            rows[name] = {"variant": name, "file_bytes": model_bytes(directory), "compress_s": round(seconds, 1),
+                          "float_storage": storage}
             print(f"built {name}", flush=True)
     float_bytes = rows[names[0]]["file_bytes"]
     for row in rows.values():
@@ -136,15 +157,17 @@ def run(args: argparse.Namespace) -> None:
               "command": shlex.join([sys.executable, *sys.argv]), "seconds": time.perf_counter() - started,
               "rows": list(rows.values())}
     columns = ["variant", "kernel", "decode_tok_s_b1", "ratio_b1", "decode_tok_s_b8", "ratio_b8", "ttft_s_b1",
-               "file_bytes", "file_ratio", "ppl", "kl_decode_vs_exact", "kl_to_float32", "weight_MB_per_token",
-               "bound_tok_s", "bound_fraction_b1", "compress_s"]
+               "file_bytes", "file_ratio", "float_storage", "ppl", "ppl_decode_path",
+               "ppl_decode_vs_exact", "kl_decode_vs_exact", "kl_to_float32",
+               "weight_MB_per_token", "bound_tok_s", "bound_fraction_b1", "compress_s"]
     preamble = (f"# Deployment benchmark: slimlm's runner ({'quick protocol' if args.quick else 'full protocol'})\n\n"
                 f"Model {args.model} (float32 checkpoints), {torch.get_num_threads()} torch thread, {record['date']}, "
                 f"CPU {record['machine']['cpu']} (flags: {', '.join(choice.cpu_flags)}; torch capability "
                 f"{choice.torch_capability}). Kernel choice for float32 decoding: {choice.label} ({choice.reason}). "
                 f"Read bandwidth (one thread, measured): {bandwidth / 1e9:.1f} GB/s. Command: `{record['command']}`. "
                 "Speeds are medians of alternating runs in this one process; compare ratios, not absolute numbers "
-                "(other work shared the 2 cores). See the docstring of benchmarks/deploy.py for the protocol.")
+                "(other work shared the 2 cores). See the docstring of benchmarks/deploy.py for the protocol. "
+                "File sizes against llama.cpp's own GGUF files: benchmarks/results/file_sizes.md.")
     json_path, md_path = write_results(args.out, [record], markdown_table(list(rows.values()), columns), preamble)
     print(preamble + "\n\n" + markdown_table(list(rows.values()), columns))
     print(f"wrote {json_path} and {md_path}")
@@ -162,7 +185,8 @@ def time_decoding(models: dict, prompts: list[list[int]], repeats: int) -> dict[
             stats = result.stats
             timings[name]["tokens_per_s"].append(len(prompts) / stats.per_token_s)
             timings[name]["ttft_s"].append(stats.time_to_first_token_s)
-            paths = sorted({m.last_path for m in model.modules() if isinstance(m, QuantizedLinear)})
+            paths = sorted({m.last_path for m in model.modules()  # quantized linears, not embeddings
+                            if getattr(m, "is_compressed_linear", False) and hasattr(m, "last_path")})
             timings[name]["kernel"] = "+".join(paths) if paths else "float32"
     return timings
 
@@ -176,7 +200,7 @@ def quality(model, windows: torch.Tensor, chunk: int = 64) -> dict[str, float]:
     from slimlm.infer.runner import ModelRunner
 
     exact_runner, decode_runner = ModelRunner(model, fast_kernels=False), ModelRunner(model)
-    nll, kl, count = 0.0, 0.0, 0
+    nll, nll_decode, kl, count = 0.0, 0.0, 0.0, 0
     logits_exact_all = []
     for window in windows:
         per_path = []
@@ -187,10 +211,14 @@ def quality(model, windows: torch.Tensor, chunk: int = 64) -> dict[str, float]:
             per_path.append(torch.cat(parts, dim=1)[0].float().log_softmax(-1))
         exact, decode = per_path
         nll -= float(exact[:-1].gather(1, window[1:, None]).sum())
+        nll_decode -= float(decode[:-1].gather(1, window[1:, None]).sum())
         kl += float((exact.exp() * (exact - decode)).sum())
         count += len(window)
         logits_exact_all.append(exact)
-    result = {"ppl": math.exp(nll / (count - len(windows))), "kl_decode_vs_exact": kl / count}
+    scored = count - len(windows)
+    result = {"ppl": math.exp(nll / scored), "ppl_decode_path": math.exp(nll_decode / scored),
+              "kl_decode_vs_exact": kl / count}
+    result["ppl_decode_vs_exact"] = result["ppl_decode_path"] / result["ppl"] - 1
     reference = _FLOAT_REFERENCE.setdefault("logprobs", logits_exact_all)
     result["kl_to_float32"] = sum(float((r.exp() * (r - e)).sum()) for r, e in zip(reference, logits_exact_all)) / count
     return result
@@ -201,17 +229,26 @@ _FLOAT_REFERENCE: dict = {}  # the first variant's (float32's) exact log-probabi
 
 def weight_bytes_per_token(model) -> int:
     """Bytes of linear weights one decode step reads (embedding lookups excluded): packed codes plus the
-    kernels' bf16 (scale, offset) pairs for 4-bit, int8 codes plus scales for 8-bit, float32 otherwise."""
+    kernel's per-group (scale, offset) pairs (float32 for the native kernels, bf16 for PyTorch's int4
+    kernel, one bf16 scale per row for its int8 kernel), float32 otherwise."""
     from torch import nn
 
     from slimlm.quant.qlinear import QuantizedLinear
+    from slimlm.quant.w8a8 import Int8Linear
 
     total = 0
     for module in model.modules():
+        if isinstance(module, QuantizedLinear) and not module.is_compressed_linear:
+            continue  # a quantized embedding: looked up, one row a token
         if isinstance(module, QuantizedLinear):
             groups = module.n_groups
-            scale_bytes = 4 * groups * module.out_features if module.bits == 4 else 2 * module.out_features
+            if module.last_path.startswith("native"):
+                scale_bytes = 8 * groups * module.out_features
+            else:
+                scale_bytes = 4 * groups * module.out_features if module.bits == 4 else 2 * module.out_features
             total += module.packed.numel() * module.packed.element_size() + scale_bytes
+        elif isinstance(module, Int8Linear):
+            total += module.weight.numel() + 4 * module.out_features
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
     return total
