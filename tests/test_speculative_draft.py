@@ -176,7 +176,7 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(SlimlmError, match="unknown draft"):
         build_draft(target, "./a-directory")
     assert parse_draft_spec("./a-directory") is None and parse_draft_spec("self").preset is None
-    lean = build_draft(target, "self")
+    lean = LeanRunner(target)
     with pytest.raises(SlimlmError, match="one sequence at a time"):
         lean.forward(torch.tensor([[1, 2], [3, 4]]), [2, 2], lean.new_cache(8))
 
@@ -212,3 +212,25 @@ def test_python_api_builds_the_draft_from_a_spec(tokenizer):
                                          stop_at_eos=False)
     assert result.texts == generate(model, tokenizer, ["Once upon", "def f(x):"], 10, stop_at_eos=False).texts
     assert len(stats) == 2 and all(s.new_tokens == 10 and s.shared_cache for s in stats)
+
+
+@pytest.mark.parametrize("mode", ["native", "reference"])
+def test_a_draft_built_from_the_target_follows_the_decode_path_and_keeps_greedy_output(mode, monkeypatch):
+    """On the native path the draft is slimlm's runner in the target's cache; elsewhere a LeanRunner."""
+    from slimlm.infer.draft import CacheSharingRunner
+    from slimlm.quant import cpu_kernels, kernels
+
+    if mode == "native" and cpu_kernels.load() is None:
+        pytest.skip("slimlm's CPU kernels did not build here")
+    monkeypatch.setenv(kernels.ENV, mode)
+    kernels.kernel_choice.cache_clear()
+    try:
+        target = tiny_model("llama")
+        draft = build_draft(target, "self:rtn-w4g32")
+        assert isinstance(draft, CacheSharingRunner if mode == "native" else LeanRunner)
+        prompt = [5, 6, 7, 8, 9, 10]
+        plain = generate_ids(target, [prompt], 12).tokens[0]
+        tokens, stats = speculative.speculative_decode(target, draft, prompt, 12, gamma=3)
+        assert tokens == plain and stats.shared_cache
+    finally:
+        kernels.kernel_choice.cache_clear()

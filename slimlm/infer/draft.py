@@ -116,8 +116,10 @@ def check_draft_preset(preset: str) -> None:
 
 def build_draft(target: PreTrainedModel, spec: str | DraftSpec,
                 lean: bool = True) -> LeanRunner | ModelRunner | LookupDraft:
-    """A draft runner for `target` from `spec` (see `DraftSpec`): by default a `LeanRunner`. A copy shares the
-    target's input embedding when the preset left it unchanged (a lookup: no decode cost, no second copy)."""
+    """A draft runner for `target` from `spec` (see `DraftSpec`): where `slimlm.quant.kernels` chose the native
+    path, slimlm's runner sharing the target's cache (`CacheSharingRunner`; 16-bit copies excepted), else a
+    `LeanRunner`. A copy shares the target's input embedding when the preset left it unchanged (a lookup: no
+    decode cost, no second copy)."""
     if isinstance(spec, str):
         parsed = parse_draft_spec(spec)
         if parsed is None:
@@ -138,9 +140,22 @@ def build_draft(target: PreTrainedModel, spec: str | DraftSpec,
         model.eval()
     if not lean:
         return ModelRunner(model)
+    if _native_chosen() and spec.preset not in DTYPE_DRAFTS:
+        # slimlm's runner on the native path is as lean as LeanRunner (fused projections, one call per
+        # operation) and computes a step exactly as the target's runner would for these weights
+        return CacheSharingRunner(model)
     runner = LeanRunner(model)
     runner.shares_target_cache = True
     return runner
+
+
+class CacheSharingRunner(ModelRunner):
+    """`ModelRunner` as a draft built from the target: it decodes in the target's own KV cache."""
+
+    shares_target_cache = True
+
+    def can_share_cache(self, target) -> bool:
+        return target.cache_shape() == self.cache_shape()
 
 
 def _share_embedding(target: nn.Module, draft: nn.Module) -> None:
