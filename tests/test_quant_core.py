@@ -565,3 +565,61 @@ def test_signed_max_rule_maps_the_largest_magnitude_exactly_to_the_lowest_code()
         find_params(w, 4, False, clip="signed_max")
     with pytest.raises(SlimlmError, match="integer grids"):
         quantize_weight(w, 4, None, True, clip="signed_max", fmt="fp4_e2m1")
+
+
+def _make_qx_quants(x: list[float], nmax: int, qw: list[float]) -> float:
+    """llama.cpp's make_qx_quants (ggml-quants.c, rmse_type 1 with weights qw), one block, in plain Python."""
+    peak = max(x, key=lambda v: (abs(v), v > 0))  # ties: slimlm takes the positive value
+
+    def fit(iscale):
+        levels = [max(-nmax, min(nmax - 1, round(iscale * v))) for v in x]
+        return (sum(w * v * lv for w, v, lv in zip(qw, x, levels)), sum(w * lv * lv for w, lv in zip(qw, levels)))
+
+    sumlx, suml2 = fit(-nmax / peak)
+    scale = sumlx / suml2
+    best = scale * sumlx
+    for step in [k for k in range(-9, 10) if k]:
+        sumlx, suml2 = fit(-(nmax + 0.1 * step) / peak)
+        if suml2 > 0 and sumlx * sumlx > best * suml2:
+            scale, best = sumlx / suml2, sumlx * sumlx / suml2
+    return scale
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_weighted_lsq_is_llama_cpps_make_qx_quants(weighted):
+    generator = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 32, generator=generator, dtype=torch.float64).float()
+    a = torch.rand(6, 32, generator=generator) + 0.1 if weighted else None
+    scale, zero = find_params(w, 4, True, clip="weighted_lsq", weights=a)
+    assert torch.equal(zero, torch.full((6,), 8.0))
+    for row in range(6):
+        qw = (a[row] if weighted else w[row] * w[row]).tolist()
+        assert scale[row].item() == pytest.approx(_make_qx_quants(w[row].tolist(), 8, qw), rel=1e-5)
+    # the search includes the signed-max grid's codes, at their least-squares scale: never a larger weighted error
+    a = w * w if a is None else a
+    signed, _ = find_params(w, 4, True, clip="signed_max")
+    codes = torch.clamp(torch.round(w / signed[:, None]), -8, 7)
+    lsq_at_those = ((a * w * codes).sum(1) / (a * codes * codes).sum(1))
+    error = lambda s, c: (a * (w - s[:, None] * c) ** 2).sum(1)  # noqa: E731
+    assert (error(lsq_at_those, codes) <= error(signed, codes) + 1e-6).all()
+    with pytest.raises(SlimlmError, match="symmetric"):
+        find_params(w, 4, False, clip="weighted_lsq")
+
+
+def test_gptq_weighted_lsq_uses_the_hessian_diagonal():
+    from slimlm.quant.gptq import gptq_quantize
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=generator) * torch.linspace(0.1, 3, 64)
+    hessian = 2 * x.t() @ x / 256
+    weight = torch.randn(16, 64, generator=generator)
+    plain, _ = gptq_quantize(weight, hessian, bits=4, group_size=32, symmetric=True, clip="signed_max",
+                             static_groups=True)
+    weighted, _ = gptq_quantize(weight, hessian, bits=4, group_size=32, symmetric=True, clip="weighted_lsq",
+                                static_groups=True)
+    assert not torch.equal(plain.scale, weighted.scale) and torch.equal(weighted.zero, plain.zero)
+    output_error = lambda q: ((x @ (q.dequantize() - weight).t()) ** 2).mean()  # noqa: E731
+    assert output_error(weighted) < 1.5 * output_error(plain)
+    dynamic, _ = gptq_quantize(weight, hessian, bits=4, group_size=32, symmetric=True, clip="weighted_lsq",
+                               act_order=True)  # groups found during the sweep, on permuted columns
+    assert dynamic.g_idx is not None and output_error(dynamic) < 1.5 * output_error(plain)

@@ -22,17 +22,18 @@ class ClipField(StrictModel):
     """How the weight grid's range is chosen (`slimlm.quant.grid`): min-max, the MSE-optimal shrink, or
     llama.cpp's Q4_0 / Q5_0 signed-max rule (symmetric integer grids; weights only)."""
 
-    clip: Literal["minmax", "mse", "signed_max"] = Field(
-        "minmax", description='"minmax", "mse" (shrink search) or "signed_max" (llama.cpp Q4_0 rule, symmetric)')
+    clip: Literal["minmax", "mse", "signed_max", "weighted_lsq"] = Field(
+        "minmax", description='"minmax", "mse" (shrink search), "signed_max" (llama.cpp Q4_0 rule, symmetric) or '
+                              '"weighted_lsq" (llama.cpp\'s importance-weighted scale search, symmetric)')
 
     @model_validator(mode="after")
     def _signed_max_grid(self):
-        if self.clip != "signed_max":
+        if self.clip not in ("signed_max", "weighted_lsq"):
             return self
         if not getattr(self, "symmetric", False) or getattr(self, "fmt", "int") != "int":
-            raise ValueError('clip "signed_max" (llama.cpp\'s Q4_0 rule) needs an integer grid with symmetric: true')
+            raise ValueError(f'clip "{self.clip}" (a llama.cpp Q4_0 rule) needs an integer grid with symmetric: true')
         if getattr(self, "activations", None) is not None:
-            raise ValueError('clip "signed_max" is a weight rule; quantize activations with clip "minmax" or "mse"')
+            raise ValueError(f'clip "{self.clip}" is a weight rule; quantize activations with clip "minmax" or "mse"')
         return self
 
 

@@ -69,7 +69,9 @@ def gptq_quantize(
     rows, columns = weight.shape
     H, W = prepare_hessian(hessian, weight, dampening)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns, device=W.device)
-    grid = SweepGrid(W, perm, bits, group_size, symmetric, clip, static_groups, per_tensor)
+    # weighted_lsq: the column importance is the Hessian's diagonal before dampening (2 x mean squared input)
+    importance = torch.diag(hessian).float() if clip == "weighted_lsq" else None
+    grid = SweepGrid(W, perm, bits, group_size, symmetric, clip, static_groups, per_tensor, importance)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_cholesky_upper(H)
     zero_t = keep_zero[:, perm].T.contiguous() if keep_zero is not None else None

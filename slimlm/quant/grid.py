@@ -21,6 +21,17 @@ Integer grids follow the reference quantizer of GPTQ (Frantar et al., 2022; IST-
   RTN 4-bit g32, 8 WikiText-2 windows: 37.4 ppl against 42.3 balanced and 40.8 with "mse").
   Where |m| is shared by a positive and a negative value the positive one is taken (llama.cpp
   takes the first in memory order).
+- range "weighted_lsq" (symmetric integer grids only): llama.cpp's importance-weighted scale search
+  (`make_qx_quants` with rmse_type 1, which `quantize_row_q4_0_impl` runs per block when given an
+  importance matrix): with m as for "signed_max" and nmax = 2^(bits-1), the candidate grids
+  iscale = -(nmax + 0.1 k) / m, k = 0, ±1, ..., ±9, each give codes l = clamp(round(iscale w),
+  -nmax, nmax - 1) and the weighted least-squares scale sum(a w l) / sum(a l^2); the candidate with
+  the largest sum(a w l)^2 / sum(a l^2) (the smallest weighted squared error) wins, and its
+  least-squares scale is the group's scale. Weights a: given per element (GPTQ passes llama.cpp's
+  imatrix weighting, the column's mean squared activation times sqrt(sigma^2 + w^2), sigma^2 the
+  row's mean squared weight), else w^2 (llama.cpp's rmse_type 1 without an importance matrix).
+  Deviation: the codes are then rounded at that scale (llama.cpp keeps the winning candidate's l);
+  under GPTQ the sweep chooses the codes anyway.
 
 Floating-point grids (zero is 0, codes are the element's bit pattern):
 - "fp8_e4m3" / "fp8_e5m2" (OCP FP8, Micikevicius et al., 2022): scale = absmax / max finite value,
@@ -57,7 +68,8 @@ from torch import Tensor
 from slimlm.errors import SlimlmError
 
 FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "codebook")
-CLIPS = ("minmax", "mse", "signed_max")
+CLIPS = ("minmax", "mse", "signed_max", "weighted_lsq")
+SYMMETRIC_ONLY_CLIPS = ("signed_max", "weighted_lsq")  # llama.cpp's rules for Q4_0 / Q5_0
 GRANULARITIES = ("group", "channel", "tensor")
 
 # The GPTQ reference MSE search: grid=100, maxshrink=0.8, norm=2.4.
@@ -214,10 +226,12 @@ def _lp_error(w: Tensor, approx: Tensor) -> Tensor:
     return (approx - w).abs_().pow_(MSE_NORM).sum(dim=1)
 
 
-def find_params(w: Tensor, bits: int, symmetric: bool, clip: str = "minmax") -> tuple[Tensor, Tensor]:
+def find_params(w: Tensor, bits: int, symmetric: bool, clip: str = "minmax",
+                weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Integer-grid scale (rows,) and zero (rows,) for a (rows, cols) slice: one group per row.
 
-    zero is a float tensor holding integers in [0, 2^bits - 1].
+    zero is a float tensor holding integers in [0, 2^bits - 1]. `weights` (like w): the per-element
+    importance of the "weighted_lsq" search (else w^2).
     """
     check_format(bits, "int")
     _check_clip(clip)
@@ -225,6 +239,8 @@ def find_params(w: Tensor, bits: int, symmetric: bool, clip: str = "minmax") -> 
     w = w.float()
     if clip == "signed_max":
         return _signed_max_params(w, bits, symmetric)
+    if clip == "weighted_lsq":
+        return _weighted_lsq_params(w, bits, symmetric, weights)
     xmin, xmax = _minmax_range(w, symmetric)
     scale, zero = _range_to_params(xmin, xmax, bits, symmetric)
     if clip == "mse":
@@ -234,12 +250,43 @@ def find_params(w: Tensor, bits: int, symmetric: bool, clip: str = "minmax") -> 
 
 def _signed_max_params(w: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
     """llama.cpp's Q4_0 / Q5_0 range rule; see the module docstring."""
-    if not symmetric:
-        raise SlimlmError('the "signed_max" range rule is for symmetric grids: set symmetric: true')
-    low, high = widen_range(w.min(dim=1).values, w.max(dim=1).values, symmetric=False)
-    peak = torch.where(-low > high, low, high)
+    peak = _signed_peak(w, symmetric, "signed_max")
     scale = peak / -float(2 ** (bits - 1))
     return scale, torch.full_like(scale, float(2 ** (bits - 1)))
+
+
+def _signed_peak(w: Tensor, symmetric: bool, clip: str) -> Tensor:
+    """Per row, the value of largest magnitude (0 widened in; the positive one on a tie)."""
+    if not symmetric:
+        raise SlimlmError(f'the "{clip}" range rule is for symmetric grids: set symmetric: true')
+    low, high = widen_range(w.min(dim=1).values, w.max(dim=1).values, symmetric=False)
+    return torch.where(-low > high, low, high)
+
+
+def _weighted_lsq_params(w: Tensor, bits: int, symmetric: bool, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """llama.cpp's `make_qx_quants` (rmse_type 1) per row; see the module docstring."""
+    peak = _signed_peak(w, symmetric, "weighted_lsq")
+    nmax = float(2 ** (bits - 1))
+    a = w * w if weights is None else weights.float()
+    if a.shape != w.shape:
+        raise SlimlmError(f"weighted_lsq weights have shape {tuple(a.shape)}, the weights {tuple(w.shape)}")
+
+    def fit(iscale: Tensor) -> tuple[Tensor, Tensor]:
+        levels = torch.clamp(torch.round(iscale[:, None] * w), -nmax, nmax - 1)
+        return (a * w * levels).sum(dim=1), (a * levels * levels).sum(dim=1)
+
+    iscale = -nmax / peak
+    sumlx, suml2 = fit(iscale)
+    scale = torch.where(suml2 > 0, sumlx / suml2.clamp_min(1e-30), 1 / iscale)
+    best = scale * sumlx
+    for step in [k for k in range(-9, 10) if k]:
+        sumlx, suml2 = fit(-(nmax + 0.1 * step) / peak)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        candidate = sumlx / suml2.clamp_min(1e-30)
+        scale = torch.where(better, candidate, scale)
+        best = torch.where(better, candidate * sumlx, best)
+    scale = torch.where(scale == 0, 1 / iscale, scale)  # an all-zero row of weights a: the signed-max grid
+    return scale, torch.full_like(scale, nmax)
 
 
 def _mse_search_int(
@@ -663,8 +710,8 @@ def quantize_weight(
         raise SlimlmError(
             "clipping does not apply to codebooks (k-means already minimises the error); use clip: minmax"
         )
-    if fmt != "int" and clip == "signed_max":
-        raise SlimlmError(f'the "signed_max" range rule is for integer grids, not {fmt}; use clip: minmax or mse')
+    if fmt != "int" and clip in SYMMETRIC_ONLY_CLIPS:
+        raise SlimlmError(f'the "{clip}" range rule is for integer grids, not {fmt}; use clip: minmax or mse')
     w = w.detach().float()
     rows, columns = w.shape
     bounds = group_bounds(columns, group_size)
@@ -748,9 +795,16 @@ class SweepGrid:
     """
 
     def __init__(self, W: torch.Tensor, perm: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                 clip: str = "minmax", static_groups: bool = False, per_tensor: bool = False):
+                 clip: str = "minmax", static_groups: bool = False, per_tensor: bool = False,
+                 importance: torch.Tensor | None = None):
+        """`importance` (columns,): the mean squared input of each column (GPTQ: the Hessian's diagonal),
+        for the "weighted_lsq" search: element weights importance * sqrt(sigma^2 + w^2) as llama.cpp's."""
         rows, columns = W.shape
         self.bits, self.group_size, self.symmetric, self.clip = bits, group_size, symmetric, clip
+        self._importance, self._sigma2 = None, None
+        if clip == "weighted_lsq" and importance is not None:
+            self._importance = importance.float().to(W.device)
+            self._sigma2 = W.float().pow(2).mean(dim=1, keepdim=True)
         self.bounds = group_bounds(columns, group_size)
         self.group_of_column = _group_lookup(self.bounds, columns)
         self.order = perm.tolist()
@@ -758,10 +812,19 @@ class SweepGrid:
         if per_tensor:
             self.static = [_tensor_params(W, bits, symmetric, clip)] * len(self.bounds)
         elif group_size is None or static_groups:
-            self.static = [find_params(W[:, start:end], bits, symmetric, clip) for start, end in self.bounds]
+            self.static = [find_params(W[:, start:end], bits, symmetric, clip,
+                                       self._weights(W[:, start:end], list(range(start, end))))
+                           for start, end in self.bounds]
         self.params: dict[int, tuple[torch.Tensor, torch.Tensor]] = dict(enumerate(self.static)) if self.static else {}
         self.group_index = torch.zeros(columns, dtype=torch.int32)  # per position in processing order
         self._current: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _weights(self, values: torch.Tensor, columns: list[int]) -> torch.Tensor | None:
+        """llama.cpp's element weights for the weighted_lsq search of these (original) columns, or None."""
+        if self._importance is None:
+            return None
+        importance = self._importance[torch.tensor(columns, device=self._importance.device)]
+        return importance[None, :] * torch.sqrt(self._sigma2 + values.float().pow(2))
 
     def at(self, position: int, W1: torch.Tensor, i: int, W: torch.Tensor, block_end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero) for the column at `position` of the (permuted) sweep; W1 is the current lazy
@@ -775,7 +838,8 @@ class SweepGrid:
                 width = self.bounds[group][1] - position
                 # The group's weights as updated so far: in-block part from W1, the rest from W.
                 current = torch.cat([W1[i:].T, W[:, block_end:]], dim=1)[:, :width]
-                self.params[group] = find_params(current, self.bits, self.symmetric, self.clip)
+                weights = self._weights(current, self.order[position:position + width])
+                self.params[group] = find_params(current, self.bits, self.symmetric, self.clip, weights)
             self._current = self.params[group]
         self.group_index[position] = group
         return self._current
