@@ -23,12 +23,13 @@ may lag by one token after a full acceptance (it then feeds two); a draft built 
 (`slimlm.infer.draft`) decodes in the target's own cache instead (`share_cache`).
 
 The verification forward runs with `exact_rows` (`slimlm.infer.runner.ModelRunner.forward`):
-attention one query at a time, as single-token steps compute it. With a target whose linears are
-all packed int4/int8 kernels (which compute each row the same way for any number of rows, e.g.
-`rtn-w4g64-head8`), the verified logits are then bitwise those of plain decoding, so greedy
-speculative output is plain greedy output even though bfloat16 activations round coarsely. A float32
-target's GEMMs over gamma + 1 rows round differently from single-row ones (float32 rounding, about
-1e-7 relative): a greedy token can then differ from plain decoding only at an exact near-tie.
+attention one query at a time, as single-token steps compute it. On the bf16 decode path, with a
+target whose linears are all PyTorch's packed int4/int8 kernels (which compute each row the same way
+for any number of rows, e.g. `rtn-w4g64-head8`), the verified logits are then bitwise those of plain
+decoding, so greedy speculative output is plain greedy output even though bfloat16 activations round
+coarsely. On the native path, and for a float32 target, a multi-row verification sums in another order
+than a one-token step (float32 rounding, about 1e-7 relative): a greedy token can then differ from
+plain decoding only at an exact near-tie (the benchmark checks every run).
 
 Choosing gamma (the default, `gamma=None`). Leviathan et al. (Sec. 3.3, Theorem 3.8) give the
 expected improvement in walltime of one iteration, for a per-token acceptance rate alpha, a draft
