@@ -86,7 +86,9 @@ def build(cflags: list[str]):
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         log.warning("removing a stale build lock %s (a build was interrupted)", lock)
         lock.unlink(missing_ok=True)
-    log.info("building slimlm's CPU kernels in %s (once per machine)", directory)
+    if not any(directory.glob("*.so")):  # a first build takes tens of seconds: say why the pause
+        print(f"slimlm: compiling its CPU kernels for this machine into {directory} (once, about 30 s)",
+              file=sys.stderr, flush=True)
     # The loader takes a file lock in the build directory, so concurrent processes build it once.
     return cpp_extension.load(name=f"slimlm_{directory.name}", sources=[str(SOURCE)], extra_cflags=cflags,
                               build_directory=str(directory), verbose=False)
