@@ -226,3 +226,35 @@ def _decode_ops_match_torch(ops):
 @needs_native
 def test_decode_step_float_ops_match_torch():
     _decode_ops_match_torch(cpu_kernels.load())
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_is_computed_the_same_whatever_the_rows_beside_it(bits):
+    """Speculative verification relies on it: row t of a k-row call equals a one-row call on row t, bitwise."""
+    ops, _ = operands(64, 576, bits, 64 if bits == 4 else None)
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(1))
+    together = cpu_kernels.lowbit_matmul(x, ops)
+    assert all(torch.equal(together[t], cpu_kernels.lowbit_matmul(x[t:t + 1], ops)[0]) for t in range(9))
+    weight = torch.randn(64, 576)
+    together = cpu_kernels.f32_few_rows(x[:8], weight)
+    assert all(torch.equal(together[t], cpu_kernels.f32_few_rows(x[t:t + 1], weight)[0]) for t in range(8))
+
+
+@needs_native
+@pytest.mark.parametrize("quantized", [False, True])
+def test_native_verification_rows_are_bitwise_single_steps(quantized, native_mode):
+    """With `exact_rows` each row runs the one-token step's native calls: verifying k tokens gives bitwise the
+    logits of k single-token steps (so greedy speculative decoding reproduces plain greedy decoding)."""
+    model = tiny_model("qwen2")
+    if quantized:
+        stages = [{"method": "quantize_head", "bits": 8}, {"method": "rtn", "bits": 4, "group_size": 32}]
+        slimlm.compress(model, {"stages": stages, "float_storage": "float32"})
+    runner = ModelRunner(model)
+    prompt, block = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2)), [9, 8, 7, 6, 5]
+    batch_cache, step_cache = _cache(model), _cache(model)
+    for cache in (batch_cache, step_cache):
+        runner.forward(prompt, [10], cache)
+    verified = runner.forward(torch.tensor([block]), [5], batch_cache, all_logits=True, exact_rows=True)[0]
+    steps = torch.stack([runner.forward(torch.tensor([[t]]), [1], step_cache)[0] for t in block])
+    assert torch.equal(verified, steps)

@@ -113,10 +113,15 @@ class ContiguousCache:
                 self.keys[layer][b, :, start:start + count] = keys[b, :, :count]
                 self.values[layer][b, :, start:start + count] = values[b, :, :count]
 
-    def write_token(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """`write` of a one-token step of a batch-1 cache: key and value [kv_heads, head_dim]."""
-        self.keys[layer][0, :, self._starts[0]].copy_(key)
-        self.values[layer][0, :, self._starts[0]].copy_(value)
+    def write_tokens(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """`write` of a step of a batch-1 cache: keys and values [new, kv_heads, head_dim]."""
+        start, new = self._starts[0], keys.shape[0]
+        if new == 1:
+            self.keys[layer][0, :, start].copy_(keys[0])
+            self.values[layer][0, :, start].copy_(values[0])
+        else:
+            self.keys[layer][0, :, start:start + new].copy_(keys.transpose(0, 1))
+            self.values[layer][0, :, start:start + new].copy_(values.transpose(0, 1))
 
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         span = max(1, max(self.lengths))

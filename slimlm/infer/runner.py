@@ -114,8 +114,8 @@ class ModelRunner:
         self._native_operands: dict[int, tuple | None] = {}  # per quantized linear: native-kernel operands
         self._fused: dict[tuple[int, ...], bool] = {}  # per group of linears on one input: one kernel call?
         self._float_weights: dict[int, torch.Tensor] = {}  # per norm: its weight in float32, for the native call
-        self._ops = None  # the native kernels, while a one-token float32 step runs
-        self._rope_row: tuple[torch.Tensor, torch.Tensor] = ()
+        self._ops = None  # the native kernels, while a one-token (or exact-rows) float32 step of one sequence runs
+        self._rope_rows: tuple[torch.Tensor, torch.Tensor] = ()  # cos, sin [new, head_dim] of that step
 
     def _block_shape(self, layer: nn.Module) -> BlockShape:
         attention = layer.self_attn
@@ -161,9 +161,12 @@ class ModelRunner:
                  exact_rows: bool = False) -> torch.Tensor:
         tokens = tokens.to(self.device)
         batch, new = tokens.shape
-        # One float32 token on the native path: RMSNorm, RoPE, attention and the gated product as native calls.
-        native = self.small_gemm and fp32_decode_path() == "native" and self.dtype == torch.float32
-        self._ops = cpu_kernels.load() if native and batch == 1 and new == 1 else None
+        # One float32 token on the native path: RMSNorm, RoPE, attention and the gated product as native calls;
+        # `exact_rows` (speculative verification) runs each of its rows through the same calls, so a verified
+        # row is computed exactly as a one-token step computes it.
+        native = (self.small_gemm and fp32_decode_path() == "native" and self.dtype == torch.float32
+                  and batch == 1 and isinstance(cache, ContiguousCache) and not cache.rotate_on_read)
+        self._ops = cpu_kernels.load() if native and (new == 1 or exact_rows) else None
         starts = torch.tensor(cache.reserve(list(counts)), device=self.device)
         lengths = torch.tensor(cache.lengths, device=self.device)
         self._check_window(int(lengths.max()))
@@ -171,7 +174,7 @@ class ModelRunner:
         hidden = self.decoder.embed_tokens(tokens)
         query_rope = self.decoder.rotary_emb(hidden, query_positions)
         if self._ops is not None:
-            self._rope_row = tuple(part.reshape(-1).float().contiguous() for part in query_rope)
+            self._rope_rows = tuple(part.reshape(new, -1).float().contiguous() for part in query_rope)
         masks: dict = {}  # by key span (paged and contiguous spans differ)
         if batch == 1 and isinstance(cache, ContiguousCache):
             # One sequence that sees every slot up to its length: a lone query needs no mask, and with
@@ -277,8 +280,8 @@ class ModelRunner:
         batch, new, _ = x.shape
         shape = self.blocks[index]
         query, key, value = self._linears((attention.q_proj, attention.k_proj, attention.v_proj), x)
-        if self._ops is not None and isinstance(cache, ContiguousCache) and not cache.rotate_on_read:
-            return self._attention_one_token(index, attention, query, key, value, cache)
+        if self._ops is not None:
+            return self._attention_native(index, attention, query, key, value, cache)
         query = query.view(batch, new, shape.heads, self.head_dim).transpose(1, 2)
         key = key.view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
         value = value.view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
@@ -308,17 +311,23 @@ class ModelRunner:
         return self._linear(attention.o_proj, out.transpose(1, 2).reshape(batch, new, shape.heads * self.head_dim))
 
 
-    def _attention_one_token(self, index, attention, query, key, value, cache) -> torch.Tensor:
-        """One token of one sequence (contiguous cache): RoPE and attention through the native kernels."""
+    def _attention_native(self, index, attention, query, key, value, cache) -> torch.Tensor:
+        """The tokens of one sequence (contiguous cache), each as a one-token step: RoPE and attention
+        through the native kernels, query t attending to the cache up to its own position."""
         shape, ops = self.blocks[index], self._ops
-        cos, sin = self._rope_row
-        query = ops.rope_rows(query.reshape(shape.heads, self.head_dim), cos, sin)
-        key = ops.rope_rows(key.reshape(shape.kv_heads, self.head_dim), cos, sin)
-        cache.write_token(index, key, value.reshape(shape.kv_heads, self.head_dim))
+        new = query.shape[1]
+        cos, sin = self._rope_rows
+        query = query.reshape(new, shape.heads, self.head_dim)
+        key = key.reshape(new, shape.kv_heads, self.head_dim)
+        queries = [ops.rope_rows(query[t], cos[t], sin[t]) for t in range(new)]
+        keys_new = [ops.rope_rows(key[t], cos[t], sin[t]) for t in range(new)]
+        cache.write_tokens(index, torch.stack(keys_new), value.reshape(new, shape.kv_heads, self.head_dim))
         keys, values = cache.read(index)
+        end = cache.lengths[0] - new + 1  # the first new token sees the cache up to and including itself
         scale = getattr(attention, "scaling", self.head_dim ** -0.5)
-        out = ops.single_query_attention(query, keys[0], values[0], scale)
-        return self._linear(attention.o_proj, out.view(1, 1, shape.heads * self.head_dim))
+        out = [ops.single_query_attention(queries[t], keys[0, :, :end + t], values[0, :, :end + t], scale)
+               for t in range(new)]
+        return self._linear(attention.o_proj, torch.stack(out).view(1, new, shape.heads * self.head_dim))
 
 
 def single_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:

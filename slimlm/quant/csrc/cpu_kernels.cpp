@@ -171,12 +171,12 @@ void lowbit_tile_pairs(const uint8_t* weight, int64_t row_bytes, const float* sc
       }
     }
   };
+  // Two accumulator sets, so consecutive multiply-adds do not wait on each other; the same for any number of
+  // rows, so a row's result does not depend on how many rows came with it (speculative verification).
   int64_t p = 0;
-  if constexpr (R <= 2) {  // few rows: two accumulator sets, so consecutive multiply-adds do not wait on each other
-    for (; p + 2 <= pairs; p += 2) {
-      step(p, first);
-      step(p + 1, second);
-    }
+  for (; p + 2 <= pairs; p += 2) {
+    step(p, first);
+    step(p + 1, second);
   }
   for (; p < pairs; ++p) step(p, first);
   for (int c = 0; c < C; ++c)
