@@ -12,7 +12,8 @@ Targets and decoders, all built in this process:
   from the context, no model), `self:rtn-w4g64-head8`, `self:rtn-w8-head8`, `self:fp16`;
 - W4 target (the float32 model compressed with `rtn-w4g64-head8` through `slimlm.compress`): plain greedy,
   and speculative decoding with the `lookup` and `self` drafts (`self`: its own weights in the lean runner);
-- for each target, plain greedy through `LeanRunner` itself (`lean plain`, not part of the acceptance: it is
+- for each target, plain greedy through the draft runner itself (`lean plain`: `build_draft(target, "self")`,
+  slimlm's runner on the native decode path, `LeanRunner` elsewhere; not part of the acceptance: it is
   not the target's own arithmetic, see the notes the script writes).
 Speculative runs choose gamma automatically (`gamma=None`: the pair's measured costs c and v, and the
 acceptance so far; `slimlm.infer.speculative`). One warm-up call per decoder on the first prompt measures the
@@ -110,6 +111,7 @@ def main() -> None:
             plain("float32 plain, runner before (F.linear)", target_name, ModelRunner(model, small_gemm=False))
         begin = time.perf_counter()
         lean_self = build_draft(model, "self")
+        draft_runner_kind = type(lean_self).__name__
         build_s[f"{target_name} <- self"] = time.perf_counter() - begin
         plain(f"{target_name} lean plain", target_name, lean_self)
         specs = [spec for spec in (args.drafts if target_name == "float32" else args.w4_drafts).split(",") if spec]
@@ -215,8 +217,8 @@ def main() -> None:
                 f"Model {args.model}, batch 1, greedy, {len(prompts)} WikiText-2 test prompts of {args.prompt_tokens} "
                 f"tokens, {new} new tokens, {args.repeats} rounds of alternating runs in one process, 1 torch thread, "
                 f"{record['date']}. CPU {record['machine']['cpu']} (flags: {', '.join(choice['cpu_flags'])}); "
-                f"kernels for the W4 target: {choice['label']} ({choice['reason']}); drafts run their packed "
-                f"kernels with bfloat16 activations in `LeanRunner`. Command: `{record['command']}`. "
+                f"kernels: {choice['label']} ({choice['reason']}); drafts built from the target run in "
+                f"`{draft_runner_kind}`. Command: `{record['command']}`. "
                 f"See the docstring of benchmarks/speculative.py for the protocol.\n\n{verdict}")
     json_path, md_path = write_results(args.out, [record], tables, preamble)
     print(preamble + "\n\n" + tables)
