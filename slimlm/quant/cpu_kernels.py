@@ -80,6 +80,10 @@ def build(cflags: list[str]):
     -march=native; the tests also build an AVX2-only variant (-march=haswell) to check that path here."""
     from torch.utils import cpp_extension
 
+    # torch runs `ninja` from PATH: also find the one pip installed beside this interpreter (`.[dev]`)
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), scripts])
     directory = build_directory(cflags)
     directory.mkdir(parents=True, exist_ok=True)
     lock = directory / "lock"  # torch's build lock: a build killed midway leaves it, and every later load waits
