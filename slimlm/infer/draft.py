@@ -62,7 +62,7 @@ from transformers import PreTrainedModel
 
 from slimlm.errors import SlimlmError
 from slimlm.infer.cache import CacheShape, ContiguousCache
-from slimlm.infer.runner import SMALL_GEMM_MAX_ROWS, ModelRunner, apply_rotary, small_gemm
+from slimlm.infer.runner import SMALL_GEMM_MAX_ROWS, ModelRunner, apply_rotary, few_row_linear
 from slimlm.quant import cpu_kernels
 
 SELF = "self"
@@ -232,17 +232,7 @@ class _NativeKernel(nn.Module):
     @classmethod
     def build(cls, quantized, bias: torch.Tensor | None) -> _NativeKernel | None:
         """The native layer where this CPU's decode path is native and the grid fits it, else None."""
-        if not _native_chosen() or quantized.fmt != "int" or quantized.codebook is not None:
-            return None
-        in_features = quantized.in_features
-        if quantized.g_idx is not None:
-            column_group = quantized.g_idx.long()
-        elif quantized.group_size is None:
-            column_group = torch.zeros(in_features, dtype=torch.long)
-        else:
-            column_group = torch.arange(in_features) // quantized.group_size
-        operands = cpu_kernels.lowbit_operands(quantized.codes, quantized.scale, quantized.zero, quantized.bits,
-                                               column_group)
+        operands = cpu_kernels.quantized_operands(quantized) if _native_chosen() else None
         return None if operands is None else cls(operands, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -370,7 +360,7 @@ def _input_dtype(module: nn.Module, model_dtype: torch.dtype) -> torch.dtype:
 
 
 class _SmallGemm(nn.Module):
-    """A float32 nn.Linear through `slimlm.infer.runner.small_gemm` (the fast few-row path on this CPU)."""
+    """A float32 nn.Linear through `slimlm.infer.runner.few_row_linear` for a few rows (the fast paths here)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -378,9 +368,7 @@ class _SmallGemm(nn.Module):
 
     def forward(self, x):
         if x.numel() <= SMALL_GEMM_MAX_ROWS * x.shape[-1]:
-            if _native_chosen() and self.linear.weight.is_contiguous():
-                return cpu_kernels.f32_few_rows(x, self.linear.weight, self.linear.bias)
-            return small_gemm(x, self.linear.weight, self.linear.bias)
+            return few_row_linear(x, self.linear.weight, self.linear.bias, _native_chosen())
         return self.linear(x)
 
 

@@ -79,6 +79,14 @@ def small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return out.reshape(*x.shape[:-1], out_features)
 
 
+def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, native: bool) -> torch.Tensor:
+    """F.linear for a few rows of float32 x: slimlm's native kernel, which reads the weight once for all rows
+    (`native`, where the native decode path was chosen), else `small_gemm`."""
+    if native and weight.is_contiguous():
+        return cpu_kernels.f32_few_rows(x, weight, bias)
+    return small_gemm(x, weight, bias)
+
+
 @dataclass(frozen=True)
 class BlockShape:
     heads: int
@@ -200,9 +208,7 @@ class ModelRunner:
             return y if module.bias is None else y + module.bias.float()
         if (self.small_gemm and type(module) is nn.Linear and x.numel() <= SMALL_GEMM_MAX_ROWS * x.shape[-1]
                 and module.weight.dtype == torch.float32 and x.dtype == torch.float32 and x.device.type == "cpu"):
-            if fp32_decode_path() == "native" and module.weight.is_contiguous():
-                return cpu_kernels.f32_few_rows(x, module.weight, module.bias)  # reads the weight once for all rows
-            return small_gemm(x, module.weight, module.bias)
+            return few_row_linear(x, module.weight, module.bias, fp32_decode_path() == "native")
         return module(x)
 
     def _linears(self, modules: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:

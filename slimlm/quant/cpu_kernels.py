@@ -43,18 +43,19 @@ STALE_LOCK_S = 600  # a build takes well under a minute; a lock this old belongs
 _load_error: list[str] = []
 
 
-def _all_cpu_flags() -> str:
+def cpu_flags_line() -> str:
+    """This CPU's feature-flags line of /proc/cpuinfo (Linux; else "")."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return platform.processor()
+        return ""
     return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
 
 
 def build_directory(cflags: list[str] = CFLAGS) -> Path:
     """Where this machine's build lives: a new CPU, torch, source or flag set gets a new build."""
     key = "\n".join([SOURCE.read_text(encoding="utf-8"), torch.__version__, sys.version, " ".join(cflags),
-                     platform.machine(), _all_cpu_flags()])
+                     platform.machine(), cpu_flags_line() or platform.processor()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(os.environ.get("SLIMLM_CACHE", Path.home() / ".cache" / "slimlm"))
     return root / "kernels" / f"cpu_kernels_{digest}"
@@ -152,6 +153,20 @@ def lowbit_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
         scaled_zero = scale * (zero - 128.0)
     return LowbitOperands(4 if bits <= 4 else 8, weight, scale.contiguous(), scaled_zero.contiguous(), block_group,
                           None if permutation is None else permutation.contiguous())
+
+
+def quantized_operands(quantized) -> LowbitOperands | None:
+    """The kernel layout of a `slimlm.quant.grid.QuantizedWeight` (None for non-integer grids and grids the
+    kernels cannot express)."""
+    if quantized.fmt != "int" or quantized.codebook is not None:
+        return None
+    if quantized.g_idx is not None:
+        column_group = quantized.g_idx.long()
+    elif quantized.group_size is None:
+        column_group = torch.zeros(quantized.in_features, dtype=torch.long)
+    else:
+        column_group = torch.arange(quantized.in_features) // quantized.group_size
+    return lowbit_operands(quantized.codes, quantized.scale, quantized.zero, quantized.bits, column_group)
 
 
 def lowbit_matmul(x: torch.Tensor, operands: LowbitOperands, module=None) -> torch.Tensor:

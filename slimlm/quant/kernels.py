@@ -33,7 +33,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +87,7 @@ class KernelChoice:
 
 def cpu_flags() -> tuple[str, ...]:
     """The vector-extension flags of this CPU that matter for the kernels (Linux /proc/cpuinfo; else empty)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ()
-    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-    present = set(line.partition(":")[2].split())
+    present = set(cpu_kernels.cpu_flags_line().partition(":")[2].split())
     return tuple(flag for flag in _REPORTED_FLAGS if flag in present)
 
 

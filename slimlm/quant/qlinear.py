@@ -352,16 +352,7 @@ class QuantizedLinear(nn.Module):
     def _build_native_operands(self) -> cpu_kernels.LowbitOperands | None:
         if self.fmt != "int" or self.packed is None or self.packed.device.type != "cpu" or cpu_kernels.load() is None:
             return None
-        if self.g_idx is not None:
-            column_group = self.g_idx.long()
-        elif self.group_size is None:
-            column_group = torch.zeros(self.in_features, dtype=torch.long)
-        else:
-            column_group = torch.arange(self.in_features) // self.group_size
-        scale = self.scale.float()
-        zero = self._zero()
-        zero = zero.float() if isinstance(zero, Tensor) else torch.full_like(scale, float(zero))
-        return cpu_kernels.lowbit_operands(self.codes(), scale, zero, self.bits, column_group)
+        return cpu_kernels.quantized_operands(self.to_quantized())
 
     def _static_kernel(self) -> str | None:
         """The kernel this layer's format allows, independent of the input."""
