@@ -15,6 +15,7 @@ from slimlm.quant import cpu_kernels, kernels
 from slimlm.quant.grid import quantize_weight
 from slimlm.quant.kernels import decode_kernels
 from slimlm.quant.qlinear import QuantizedLinear
+from slimlm.quant.w8a8 import Int8Linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_native = pytest.mark.skipif(cpu_kernels.load() is None,
@@ -93,6 +94,57 @@ def test_the_avx2_build_matches_the_reference_too():
     x = torch.randn(3, 577)
     torch.testing.assert_close(cpu_kernels.f32_few_rows(x, weight, module=avx2), x @ weight.t(), rtol=1e-5, atol=1e-4)
     _decode_ops_match_torch(avx2)
+    layer = Int8Linear.from_float(torch.randn(40, 200))
+    x = torch.randn(3, 200)
+    expected = layer._product(x, int8=False)
+    assert torch.equal(cpu_kernels.native_matmul_many(x, [layer.native_operands()], module=avx2),
+                       _int8_path_without_native(layer, x))
+    torch.testing.assert_close(cpu_kernels.native_matmul_many(x, [layer.native_operands()], module=avx2), expected,
+                               rtol=1e-5, atol=1e-4)
+
+
+def _int8_path_without_native(layer: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """Int8Linear's int8 path through PyTorch operations (quantize, integer product, rescale), bypassing the
+    compiled whole-product kernel."""
+    codes, scale, _ = layer.input_quantizer.quantize(x)
+    return (codes.int() @ layer.weight.int().t()).float().mul_(scale).mul_(layer.weight_scale.float())
+
+
+@needs_native
+@pytest.mark.parametrize(("granularity", "bits"), [("per_token", 8), ("per_token", 5), ("per_tensor", 8)])
+def test_w8a8_kernel_is_bitwise_the_int8_layer(granularity, bits):
+    """The one-call W8A8 kernel (activation quantization, integer sums, rescale) gives bitwise the PyTorch
+    operations of Int8Linear's int8 path, extremes, an all-zero row and ties included, fused or not."""
+    generator = torch.Generator().manual_seed(bits)
+    layers = [Int8Linear.from_float(torch.randn(n, 192, generator=generator), activation_bits=bits,
+                                    granularity=granularity) for n in (48, 16, 16)]
+    x = torch.randn(7, 192, generator=generator) * 4
+    x[1] = 0.0  # an all-zero row: the reference widens its range to [-1, 1]
+    x[2, :8] = torch.tensor([0.5, -0.5, 1.5, -2.5, 1e-8, -1e-8, 30.0, -30.0])
+    if granularity == "per_tensor":  # calibrated ranges smaller than x (codes clamp); the last layer's differs
+        for layer, factor in zip(layers, (0.5, 0.5, 0.7)):
+            layer.input_quantizer.observe(x[3:] * factor)
+    parts = [layer.native_operands() for layer in layers]
+    assert cpu_kernels.fusable(parts[:2]) and cpu_kernels.fusable(parts) == (granularity == "per_token")
+    for rows in (1, 2, 7):
+        for layer, part in zip(layers, parts):
+            expected = _int8_path_without_native(layer, x[:rows])
+            assert torch.equal(cpu_kernels.native_matmul_many(x[:rows], [part]), expected)
+        fused = cpu_kernels.native_matmul_many(x[:rows], parts[:2])
+        assert torch.equal(fused, torch.cat([_int8_path_without_native(lay, x[:rows]) for lay in layers[:2]], -1))
+
+
+@needs_native
+def test_w8a8_layer_forward_takes_the_whole_product_kernel():
+    layer = Int8Linear.from_float(torch.randn(40, 96), torch.randn(40))
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.last_path == "int8-native"
+    expected = _int8_path_without_native(layer, x.reshape(6, 96)) + layer.bias
+    assert torch.equal(y, expected.reshape(2, 3, 40))
+    asymmetric = Int8Linear.from_float(torch.randn(40, 96), activation_symmetric=False)
+    assert asymmetric.native_operands() is None  # the integer-sums kernel, the zero point in PyTorch
 
 
 @needs_native
@@ -239,6 +291,27 @@ def test_a_row_is_computed_the_same_whatever_the_rows_beside_it(bits):
     weight = torch.randn(64, 576)
     together = cpu_kernels.f32_few_rows(x[:8], weight)
     assert all(torch.equal(together[t], cpu_kernels.f32_few_rows(x[t:t + 1], weight)[0]) for t in range(8))
+
+
+@needs_native
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_runner_runs_w8a8_layers_through_the_fused_kernel(family):
+    """W8A8 decoding: q/k/v and gate/up each one kernel call on the shared input, the logits those of the modules'
+    own forward up to float32 rounding (which can move an activation across a rounding boundary: one code)."""
+    model = tiny_model(family)
+    slimlm.compress(model, "rtn-w8a8")
+    runner, exact_runner = ModelRunner(model), ModelRunner(model, fast_kernels=False, small_gemm=False)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    fast_cache, exact_cache = _cache(model), _cache(model)
+    with torch.no_grad():
+        runner.forward(ids[:, :8], [8], fast_cache)
+        exact_runner.forward(ids[:, :8], [8], exact_cache)
+        fast = runner.forward(ids[:, 8:], [1], fast_cache)
+        exact = exact_runner.forward(ids[:, 8:], [1], exact_cache)
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.last_path == "int8-native" and model.model.layers[0].mlp.up_proj.last_path == "int8-native"
+    assert len(runner._fused) >= 2 and all(runner._fused.values())
+    torch.testing.assert_close(fast, exact, rtol=1e-3, atol=1e-3)
 
 
 @needs_native

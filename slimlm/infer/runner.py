@@ -39,6 +39,8 @@ from slimlm.models.adapter import linear_shape, text_config
 from slimlm.quant import cpu_kernels
 from slimlm.quant.kernels import decode_kernels, fp32_decode_path
 from slimlm.quant.qlinear import QuantizedLinear
+from slimlm.quant.w8a8 import NATIVE_MAX_ROWS as W8A8_NATIVE_ROWS
+from slimlm.quant.w8a8 import Int8Linear
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
 SMALL_GEMM_MAX_ROWS = 8  # generation: float32 linears over at most this many tokens take `small_gemm`
@@ -77,6 +79,18 @@ def small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], out_features)
+
+
+def native_operands(module: nn.Module) -> tuple[cpu_kernels.NativeOperands, int] | None:
+    """A linear's native-kernel operands and the most rows its forward sends to them, for the layers whose
+    forward is exactly that kernel call (no input transforms, no subclass terms); else None."""
+    if (type(module) is QuantizedLinear and module.use_fast_path and module.fast_path_casts_fp32_to_bf16 is None
+            and module.input_quantizer is None and module.input_shift is None and module.input_scale is None):
+        return module._native_operands(), module.fast_path_max_tokens
+    if type(module) is Int8Linear and module.use_int8_kernel:
+        operands = module.native_operands()
+        return None if operands is None else (operands, W8A8_NATIVE_ROWS)
+    return None
 
 
 def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, native: bool) -> torch.Tensor:
@@ -203,8 +217,8 @@ class ModelRunner:
     def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         native = self._native_layer(module, x)
         if native is not None:  # a quantized linear straight into the native kernel: no module-call overhead
-            module.__dict__["last_path"] = f"native{native.bits}"
-            y = cpu_kernels.lowbit_matmul(x, native)
+            module.__dict__["last_path"] = native.path
+            y = cpu_kernels.native_matmul_many(x, (native,))
             return y if module.bias is None else y + module.bias.float()
         if (self.small_gemm and type(module) is nn.Linear and x.numel() <= SMALL_GEMM_MAX_ROWS * x.shape[-1]
                 and module.weight.dtype == torch.float32 and x.dtype == torch.float32 and x.device.type == "cpu"):
@@ -217,10 +231,10 @@ class ModelRunner:
         parts = [self._native_layer(module, x) for module in modules]
         if parts[0] is None or not self._fusable(modules, parts):
             return [self._linear(module, x) for module in modules]
-        y = cpu_kernels.lowbit_matmul_many(x, parts)
-        outputs = list(y.split([part.scale.shape[0] for part in parts], dim=-1))
+        y = cpu_kernels.native_matmul_many(x, parts)
+        outputs = list(y.split([part.weight.shape[0] for part in parts], dim=-1))
         for index, module in enumerate(modules):
-            module.__dict__["last_path"] = f"native{parts[index].bits}"
+            module.__dict__["last_path"] = parts[index].path
             if module.bias is not None:
                 outputs[index] = outputs[index] + module.bias.float()
         return outputs
@@ -231,18 +245,18 @@ class ModelRunner:
             self._fused[key] = cpu_kernels.fusable(parts)
         return self._fused[key]
 
-    def _native_layer(self, module: nn.Module, x: torch.Tensor) -> cpu_kernels.LowbitOperands | None:
-        """The native-kernel operands of a plain `QuantizedLinear` when its forward would take them for x."""
-        if x.dtype != torch.float32 or fp32_decode_path() != "native":
+    def _native_layer(self, module: nn.Module, x: torch.Tensor) -> cpu_kernels.NativeOperands | None:
+        """The native-kernel operands of a plain `QuantizedLinear` (where the native decode path was chosen) or
+        `Int8Linear` when its forward would take them for x."""
+        if x.dtype != torch.float32 or x.device.type != "cpu":
             return None
         key = id(module)
         if key not in self._native_operands:  # what does not depend on x, once per runner
-            plain = (type(module) is QuantizedLinear and module.use_fast_path
-                     and module.fast_path_casts_fp32_to_bf16 is None and module.input_quantizer is None
-                     and module.input_shift is None and module.input_scale is None)
-            self._native_operands[key] = (module._native_operands(), module.fast_path_max_tokens) if plain else None
+            self._native_operands[key] = native_operands(module)
         entry = self._native_operands[key]
-        if entry is None or x.numel() > entry[1] * x.shape[-1] or x.device.type != "cpu":
+        if entry is None or x.numel() > entry[1] * x.shape[-1]:
+            return None
+        if isinstance(entry[0], cpu_kernels.LowbitOperands) and fp32_decode_path() != "native":
             return None
         return entry[0]
 

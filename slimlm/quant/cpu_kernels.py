@@ -9,7 +9,9 @@ exist), scaled once per 32 columns; the zero point enters through the per-group 
 A third kernel, `f32_few_rows`, computes float32 x @ W.T for one to eight rows reading W once, which is
 what speculative verification (a few tokens at a time) needs from a float32 target; a fourth,
 `s8_few_rows`, the exact int8 x int8 -> int32 product of a few rows (W8A8 decode: the same integers as
-`torch._int_mm`, which is slower than float32 at one row).
+`torch._int_mm`, which is slower than float32 at one row), and `w8a8_matmul` the whole W8A8 product of a
+few rows (activation quantization, integer products, rescale) in one call, bit for bit what `Int8Linear`
+computes with some twenty PyTorch operations.
 
 The extension is built with torch's C++ extension loader and `-march=native` into
 `$SLIMLM_CACHE/kernels/<hash of source, torch version, compiler flags and CPU flags>` (tens of seconds,
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -125,6 +128,26 @@ class LowbitOperands:
     block_group: torch.Tensor
     permutation: torch.Tensor | None
 
+    @property
+    def path(self) -> str:
+        return f"native{self.bits}"
+
+
+@dataclass(frozen=True)
+class Int8Operands:
+    """A W8A8 layer (`slimlm.quant.w8a8.Int8Linear`) in the kernels' layout: int8 weight [N, K], float32
+    weight_scale [N]; the activations quantized to symmetric `bits`-bit integers per row (static_scale None)
+    or with one calibrated scale."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bits: int
+    static_scale: float | None
+    path: ClassVar[str] = "int8-native"
+
+
+NativeOperands = LowbitOperands | Int8Operands
+
 
 def lowbit_operands(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                     column_group: torch.Tensor) -> LowbitOperands | None:
@@ -186,11 +209,25 @@ def lowbit_matmul_many(x: torch.Tensor, parts: Sequence[LowbitOperands], module=
                first.block_group)
 
 
-def fusable(parts: Sequence[LowbitOperands | None]) -> bool:
-    """Whether these layers can run as one kernel call: same bits, column groups and permutation."""
-    if any(p is None for p in parts):
+def native_matmul_many(x: torch.Tensor, parts: Sequence[NativeOperands], module=None) -> torch.Tensor:
+    """x [..., K] times one or more layers' weights (`fusable`) through the compiled kernels: [..., sum N]."""
+    first = parts[0]
+    if isinstance(first, LowbitOperands):
+        return lowbit_matmul_many(x, parts, module)
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = (module or load()).w8a8_matmul(rows, [p.weight for p in parts], [p.weight_scale for p in parts], first.bits,
+                                       first.static_scale or 0.0)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def fusable(parts: Sequence[NativeOperands | None]) -> bool:
+    """Whether these layers can run as one kernel call: same kind and bits, and same column groups and
+    permutation (low-bit weights) or same activation grid (W8A8)."""
+    if any(p is None for p in parts) or any(type(p) is not type(parts[0]) for p in parts):
         return False
     first = parts[0]
+    if isinstance(first, Int8Operands):
+        return all(p.bits == first.bits and p.static_scale == first.static_scale for p in parts[1:])
     return all(p.bits == first.bits and p.scale.shape[1] == first.scale.shape[1]
                and (p.block_group is first.block_group or torch.equal(p.block_group, first.block_group))
                and ((p.permutation is None and first.permutation is None)

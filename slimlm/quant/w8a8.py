@@ -20,8 +20,10 @@ float32 after the conversion: its rank-1 update is much cheaper there than in in
 forward(x) has two paths computing the same integers:
 - `int8` (default on CPU when `torch._int_mm` exists, no autograd): the integer GEMM, then one
   float32 rescale by the outer product s_x s_w^T; inputs of at most 8 tokens (decoding) take slimlm's
-  compiled few-row kernel instead (`slimlm.quant.cpu_kernels.s8_few_rows`, `last_path` "int8-native"),
-  which computes the same integers reading the weight once;
+  compiled few-row kernels instead (`last_path` "int8-native"), which compute the same integers reading
+  the weight once: with a symmetric activation grid the whole product in one call
+  (`slimlm.quant.cpu_kernels.w8a8_matmul`: quantization, integer sums and rescale, bit for bit these
+  operations), else the integer sums (`s8_few_rows`);
 - `reference` (exact fake quantization, always available; under autograd the rounding passes no
   straight-through gradient, only the scales' dependence on x): dequantize X^ and W^ to float32 and
   call F.linear. It rounds each float product and partial sum, the int8 path only at the end, so
@@ -153,7 +155,22 @@ class Int8Linear(nn.Module):
             return False
         return not (x.requires_grad and torch.is_grad_enabled())  # the integer GEMM has no backward
 
+    def native_operands(self) -> cpu_kernels.Int8Operands | None:
+        """This layer in the compiled W8A8 kernel's layout, or None where that kernel does not apply (an
+        asymmetric or uncalibrated activation grid, no compiled kernels)."""
+        quantizer = self.input_quantizer
+        if (not quantizer.symmetric or quantizer.fmt != "int" or not quantizer.calibrated
+                or self.weight.device.type != "cpu" or cpu_kernels.load() is None):
+            return None
+        static = float(quantizer.params(self.weight_scale[:0, None])[0]) if quantizer.static else None
+        weight = self.weight if self.weight.is_contiguous() else self.weight.contiguous()
+        return cpu_kernels.Int8Operands(weight, self.weight_scale.float().contiguous(), quantizer.bits, static)
+
     def _forward_int8(self, rows: Tensor) -> Tensor:
+        native = self.native_operands() if rows.shape[0] <= NATIVE_MAX_ROWS else None
+        if native is not None:
+            self.last_path = "int8-native"
+            return cpu_kernels.native_matmul_many(rows, (native,))
         codes, scale, zero = self.input_quantizer.quantize(rows)
         y = self._integer_product(codes).float()  # (tokens, out): the exact int32 sums
         if not self.input_quantizer.symmetric:

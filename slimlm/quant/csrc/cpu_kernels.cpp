@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -500,6 +501,76 @@ torch::Tensor s8_few_rows(const torch::Tensor& x, const torch::Tensor& weight) {
   return y;
 }
 
+// W8A8 decode in one call: the rows of float32 x quantized to symmetric `bits`-bit integers (per row from
+// max|x|, or with one static scale), the exact integer products with int8 weights as in `s8_few_rows`, then
+// the float rescale, for one or more weights on the same input (a block's q/k/v or gate/up projections).
+// Bit for bit what slimlm.quant.w8a8.Int8Linear computes through PyTorch operations:
+//   s = (h + h) / (2^bits - 1) with h = max|x| (1 where the row is all zero), or the static scale,
+//   p = clamp(round_half_even(x / s), -2^(bits-1), 2^(bits-1) - 1),  y[n] = (float(sum_k p_k w[n, k]) * s) * s_w[n].
+torch::Tensor w8a8_matmul(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                          const std::vector<torch::Tensor>& weight_scales, int64_t bits, double static_scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(!weights.empty() && weights.size() == weight_scales.size(), "one weight_scale per weight");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits: 2 to 8");
+  const int64_t rows = x.size(0), k = x.size(1);
+  int64_t total = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    TORCH_CHECK(weights[i].dim() == 2 && weights[i].scalar_type() == torch::kInt8 && weights[i].is_contiguous() &&
+                    weights[i].size(1) == k, "weight: contiguous int8 [N, K]");
+    TORCH_CHECK(weight_scales[i].scalar_type() == torch::kFloat32 && weight_scales[i].is_contiguous() &&
+                    weight_scales[i].numel() == weights[i].size(0), "weight_scale: contiguous float32 [N]");
+    total += weights[i].size(0);
+  }
+  const float max_code = static_cast<float>((1 << bits) - 1);
+  const float low = -static_cast<float>(1 << (bits - 1)), high_code = max_code + low;
+  std::vector<int8_t> codes(rows * k);
+  std::vector<float> row_scale(rows);
+  const float* xp = x.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xp + r * k;
+    float s = static_cast<float>(static_scale);
+    if (static_scale <= 0) {
+      float h = 0.0f;
+      bool nan = false;
+      for (int64_t j = 0; j < k; ++j) {
+        const float a = std::fabs(row[j]);
+        nan |= std::isnan(a);
+        h = a > h ? a : h;
+      }
+      if (h == 0.0f) h = 1.0f;
+      s = nan ? std::numeric_limits<float>::quiet_NaN() : (h + h) / max_code;
+    }
+    row_scale[r] = s;
+    for (int64_t j = 0; j < k; ++j) {
+      float q = std::nearbyint(row[j] / s);
+      q = q < low ? low : (q > high_code ? high_code : q);
+      if (std::isnan(q)) q = 0.0f;  // a NaN input: its row's scale is NaN, so its outputs are NaN anyway
+      codes[r * k + j] = static_cast<int8_t>(q);
+    }
+  }
+  auto y = torch::empty({rows, total}, x.options());
+  float* y_ptr = y.data_ptr<float>();
+  const int8_t* x_ptr = codes.data();
+  int64_t offset = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const int64_t n = weights[i].size(0);
+    std::vector<int32_t> sums(rows * n);
+    int32_t* s_ptr = sums.data();
+    const int8_t* w_ptr = weights[i].data_ptr<int8_t>();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+#define SLIMLM_S8(C, R) s8_columns<C, R>(begin, end, w_ptr, x_ptr + row0 * k, k, s_ptr + row0 * n, n)
+      SLIMLM_ROW_TILES(SLIMLM_S8)
+#undef SLIMLM_S8
+    });
+    const float* ws = weight_scales[i].data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < n; ++c)
+        y_ptr[r * total + offset + c] = (static_cast<float>(s_ptr[r * n + c]) * row_scale[r]) * ws[c];
+    offset += n;
+  }
+  return y;
+}
+
 // ---- Decode-step float32 operations of one token (batch 1): each one call instead of the 4-6 PyTorch operations
 // (and their dispatch overhead, several microseconds each on CPU) that compute it at this size.
 
@@ -634,6 +705,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_matmul", &lowbit_matmul<4>, "x[..., K] float32 times nibble-packed low-bit weights -> [..., sum N]");
   m.def("q8_matmul", &lowbit_matmul<8>, "x[..., K] float32 times int8 weights -> [..., sum N]");
   m.def("s8_few_rows", &s8_few_rows, "exact int8 x[M,K] @ int8 weight[N,K].T -> int32 [M,N], for a few rows");
+  m.def("w8a8_matmul", &w8a8_matmul, "x[M,K] float32, quantized per row to int8, times int8 weights -> [M, sum N]");
   m.def("f32_few_rows", &f32_few_rows, "x[M,K] @ weight[N,K].T, float32, for a few rows");
   m.def("rms_norm", &rms_norm, "RMSNorm of the rows of x");
   m.def("rope_rows", &rope_rows, "rotary embedding of rows at one position");
