@@ -5,8 +5,9 @@ Rows (each a float32 model as `slimlm.load` gives it; inside the generation runn
 take the decode path `slimlm.quant.kernels` measured fastest on this CPU: slimlm's native kernels
 (int8 activations per block of 32, integer dot products; `slimlm.quant.cpu_kernels`), PyTorch's packed
 int4 / int8 kernels with bfloat16 activations, or the exact reference path; `SLIMLM_KERNELS` forces one.
-The float32 rows' linears take the native few-row kernel at one to eight tokens where the native path
-was chosen):
+The float linears take the native few-row kernel at one to eight tokens where the native path was
+chosen; in the compressed rows, whose float tensors are kept as bfloat16 numbers, it reads them from
+bfloat16 copies, exactly: "bf16-weights" in the kernel column):
 
 - float32;
 - W8: RTN 8-bit symmetric per channel (the int8 packed kernel), alone and with the LM head at 8 bits;
@@ -32,7 +33,7 @@ Columns:
   with the decode kernels and once exactly;
 - weight bytes read per generated token (every linear, head included, as the kernel reads it: packed
   codes with float32 scale and scaled-zero pairs per group for the native kernels, bf16 pairs for the
-  packed int4 kernel, int8 codes, float32) over a measured single-thread read bandwidth:
+  packed int4 kernel, int8 codes, float32 or its bfloat16 twin) over a measured single-thread read bandwidth:
   the memory-bandwidth bound on tokens/s, and the fraction of it reached.
 
 Not in this script (issue 15): llama.cpp rows (benchmarks/gguf_export.py), ONNX Runtime rows
@@ -176,7 +177,6 @@ def run(args: argparse.Namespace) -> None:
 def time_decoding(models: dict, prompts: list[list[int]], repeats: int) -> dict[str, dict]:
     """Alternating greedy generations of NEW_TOKENS tokens; tokens/s of the decode steps and TTFT per model."""
     from slimlm.infer import generate_ids
-    from slimlm.quant.qlinear import QuantizedLinear
 
     timings = {name: {"tokens_per_s": [], "ttft_s": [], "kernel": ""} for name in models}
     for _ in range(repeats):
@@ -187,8 +187,20 @@ def time_decoding(models: dict, prompts: list[list[int]], repeats: int) -> dict[
             timings[name]["ttft_s"].append(stats.time_to_first_token_s)
             paths = sorted({m.last_path for m in model.modules()  # quantized linears, not embeddings
                             if getattr(m, "is_compressed_linear", False) and hasattr(m, "last_path")})
-            timings[name]["kernel"] = "+".join(paths) if paths else "float32"
+            timings[name]["kernel"] = "+".join(paths + float_linear_paths(model)) or "float32"
     return timings
+
+
+def float_linear_paths(model) -> list[str]:
+    """How the runner's native path reads the float linears left (the head of a weight-only model): "bf16-weights"
+    where their values are bfloat16 numbers (bfloat16 float_storage; `slimlm.infer.runner.bfloat16_twin`)."""
+    from slimlm.infer.runner import bfloat16_twin
+    from slimlm.quant.kernels import fp32_decode_path
+
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
+    if fp32_decode_path() != "native" or not linears:
+        return []
+    return ["bf16-weights"] if all(bfloat16_twin(m.weight) is not m.weight for m in linears) else []
 
 
 @torch.no_grad()
@@ -230,13 +242,14 @@ _FLOAT_REFERENCE: dict = {}  # the first variant's (float32's) exact log-probabi
 def weight_bytes_per_token(model) -> int:
     """Bytes of linear weights one decode step reads (embedding lookups excluded): packed codes plus the
     kernel's per-group (scale, offset) pairs (float32 for the native kernels, bf16 for PyTorch's int4
-    kernel, one bf16 scale per row for its int8 kernel), float32 otherwise."""
+    kernel, one bf16 scale per row for its int8 kernel), float32 otherwise (bfloat16 where the native path reads
+    the float linears' bfloat16 twins)."""
     from torch import nn
 
     from slimlm.quant.qlinear import QuantizedLinear
     from slimlm.quant.w8a8 import Int8Linear
 
-    total = 0
+    total, bf16 = 0, float_linear_paths(model) == ["bf16-weights"]  # float linears read from bfloat16 twins
     for module in model.modules():
         if isinstance(module, QuantizedLinear) and not module.is_compressed_linear:
             continue  # a quantized embedding: looked up, one row a token
@@ -250,7 +263,7 @@ def weight_bytes_per_token(model) -> int:
         elif isinstance(module, Int8Linear):
             total += module.weight.numel() + 4 * module.out_features
         elif isinstance(module, nn.Linear):
-            total += module.weight.numel() * module.weight.element_size()
+            total += module.weight.numel() * (2 if bf16 else module.weight.element_size())
     return total
 
 

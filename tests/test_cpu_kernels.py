@@ -331,3 +331,22 @@ def test_native_verification_rows_are_bitwise_single_steps(quantized, native_mod
     verified = runner.forward(torch.tensor([block]), [5], batch_cache, all_logits=True, exact_rows=True)[0]
     steps = torch.stack([runner.forward(torch.tensor([[t]]), [1], step_cache)[0] for t in block])
     assert torch.equal(verified, steps)
+
+
+@needs_native
+def test_float_weights_held_as_bfloat16_numbers_are_read_from_a_bfloat16_twin():
+    """A weight whose values are all bfloat16 numbers (bfloat16 float_storage) is read as bfloat16 by the few-row
+    kernel, bitwise the float32 result; any other weight, or one changed in place since, is read as it is."""
+    from slimlm.infer.runner import bfloat16_twin, few_row_linear
+
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.randn(96, 577, generator=generator).bfloat16().float()
+    x = torch.randn(3, 577, generator=generator)
+    twin = bfloat16_twin(exact)
+    assert twin.dtype == torch.bfloat16 and bfloat16_twin(exact) is twin  # made once
+    assert torch.equal(few_row_linear(x, exact, None, native=True), cpu_kernels.f32_few_rows(x, exact))
+    assert torch.equal(cpu_kernels.f32_few_rows(x, twin), cpu_kernels.f32_few_rows(x, exact))
+    exact[0, 0] += 1e-3  # no longer a bfloat16 number: the float32 weight again
+    assert bfloat16_twin(exact) is exact
+    plain = torch.randn(8, 64, generator=generator)
+    assert bfloat16_twin(plain) is plain

@@ -16,8 +16,9 @@ the boolean mask lets query t attend to cache slot j iff j <= start[b] + t and j
 
 Projections are called as modules, so slimlm's quantized and sparse linears work unchanged; the
 exception is generation's few-token float32 `nn.Linear` (and Llama/Mistral/Qwen2 gated MLPs made of
-them), which slimlm's native few-row kernel (where `slimlm.quant.kernels` chose the native path) or
-`small_gemm` computes faster on this CPU than `F.linear` (float32 rounding differs;
+them), which slimlm's native few-row kernel (where `slimlm.quant.kernels` chose the native path; reading a
+bfloat16 copy of a weight whose values are all bfloat16 numbers, as a model kept in bfloat16 `float_storage`
+has) or `small_gemm` computes faster on this CPU than `F.linear` (float32 rounding differs;
 `small_gemm=False` and evaluation, `fast_kernels=False`, keep the modules' own forward). SliceGPT's
 per-block residual shortcuts (`attn_shortcut`, `mlp_shortcut`) are applied when present. Per-block
 head counts come from each block's projection widths (structured pruning can change them). Other
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 from transformers import PreTrainedModel
 
 from slimlm.errors import SlimlmError
@@ -95,10 +97,27 @@ def native_operands(module: nn.Module) -> tuple[cpu_kernels.NativeOperands, int]
 
 def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, native: bool) -> torch.Tensor:
     """F.linear for a few rows of float32 x: slimlm's native kernel, which reads the weight once for all rows
-    (`native`, where the native decode path was chosen), else `small_gemm`."""
+    (`native`, where the native decode path was chosen; from a bfloat16 copy where every weight is a bfloat16
+    number, `bfloat16_twin`), else `small_gemm`."""
     if native and weight.is_contiguous():
-        return cpu_kernels.f32_few_rows(x, weight, bias)
+        return cpu_kernels.f32_few_rows(x, bfloat16_twin(weight), bias)
     return small_gemm(x, weight, bias)
+
+
+_TWINS = WeakIdKeyDictionary()  # float32 weight -> (its version, its bfloat16 twin or None)
+
+
+def bfloat16_twin(weight: torch.Tensor) -> torch.Tensor:
+    """A float32 weight whose every value is a bfloat16 number (a model kept in `float_storage` bfloat16 holds
+    such values in float32 parameters) as a bfloat16 copy, which the native kernel reads at half the bytes and
+    widens exactly: the same products and sums. Otherwise the weight itself. Checked once per weight (and
+    again after an in-place change); the copy lives as long as the weight."""
+    entry = _TWINS.get(weight)
+    if entry is None or entry[0] != weight._version:
+        narrow = weight.detach().to(torch.bfloat16)
+        twin = narrow if torch.equal(narrow.float(), weight.detach()) else None
+        entry = _TWINS[weight] = (weight._version, twin)
+    return weight if entry[1] is None else entry[1]
 
 
 @dataclass(frozen=True)

@@ -355,9 +355,33 @@ torch::Tensor lowbit_matmul(const torch::Tensor& x, const std::vector<torch::Ten
 }
 
 // float32 y = x @ weight.T for a few rows: each weight row is read once for all rows of x (MKL's GEMV / GEMM
-// read or pack the weight per call at a fraction of the memory bandwidth for one to a few rows).
-template <int C, int R>
-void f32_tile(const float* w, const float* x, int64_t k, float* y, int64_t n) {
+// read or pack the weight per call at a fraction of the memory bandwidth for one to a few rows). The weight is
+// float32 or bfloat16 (uint16 bits; widened exactly to float32 as it is loaded: half the bytes to read), the
+// arithmetic float32 in the same order either way, so a bfloat16 weight gives bitwise the result of its float32
+// copy.
+inline float widen(float w) { return w; }
+inline float widen(uint16_t w) {
+  const uint32_t bits = static_cast<uint32_t>(w) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+#if defined(__AVX512F__)
+inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 load16(const uint16_t* w) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#elif defined(__AVX2__)
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const uint16_t* w) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+#endif
+
+template <typename W, int C, int R>
+void f32_tile(const W* w, const float* x, int64_t k, float* y, int64_t n) {
   int64_t j = 0;
   float total[C][R] = {};
 #if defined(__AVX512F__)
@@ -368,7 +392,7 @@ void f32_tile(const float* w, const float* x, int64_t k, float* y, int64_t n) {
     __m512 xv[R];
     for (int r = 0; r < R; ++r) xv[r] = _mm512_loadu_ps(x + r * k + j);
     for (int c = 0; c < C; ++c) {
-      const __m512 wv = _mm512_loadu_ps(w + c * k + j);
+      const __m512 wv = load16(w + c * k + j);
       for (int r = 0; r < R; ++r) acc[c][r] = _mm512_fmadd_ps(wv, xv[r], acc[c][r]);
     }
   }
@@ -382,7 +406,7 @@ void f32_tile(const float* w, const float* x, int64_t k, float* y, int64_t n) {
     __m256 xv[R];
     for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_ps(x + r * k + j);
     for (int c = 0; c < C; ++c) {
-      const __m256 wv = _mm256_loadu_ps(w + c * k + j);
+      const __m256 wv = load8(w + c * k + j);
       for (int r = 0; r < R; ++r) acc[c][r] = _mm256_fmadd_ps(wv, xv[r], acc[c][r]);
     }
   }
@@ -391,32 +415,39 @@ void f32_tile(const float* w, const float* x, int64_t k, float* y, int64_t n) {
 #endif
   for (; j < k; ++j)
     for (int c = 0; c < C; ++c)
-      for (int r = 0; r < R; ++r) total[c][r] += w[c * k + j] * x[r * k + j];
+      for (int r = 0; r < R; ++r) total[c][r] += widen(w[c * k + j]) * x[r * k + j];
   for (int c = 0; c < C; ++c)
     for (int r = 0; r < R; ++r) y[r * n + c] = total[c][r];
 }
 
-template <int C, int R>
-void f32_columns(int64_t begin, int64_t end, const float* w, const float* x, int64_t k, float* y, int64_t n) {
+template <typename W, int C, int R>
+void f32_columns(int64_t begin, int64_t end, const W* w, const float* x, int64_t k, float* y, int64_t n) {
   int64_t col = begin;
-  for (; col + C <= end; col += C) f32_tile<C, R>(w + col * k, x, k, y + col, n);
-  for (; col < end; ++col) f32_tile<1, R>(w + col * k, x, k, y + col, n);
+  for (; col + C <= end; col += C) f32_tile<W, C, R>(w + col * k, x, k, y + col, n);
+  for (; col < end; ++col) f32_tile<W, 1, R>(w + col * k, x, k, y + col, n);
+}
+
+template <typename W>
+void f32_few_rows_into(const float* x_ptr, const W* w_ptr, int64_t rows, int64_t k, int64_t n, float* y_ptr) {
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+#define SLIMLM_F32(C, R) f32_columns<W, C, R>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n)
+    SLIMLM_ROW_TILES(SLIMLM_F32)
+#undef SLIMLM_F32
+  });
 }
 
 torch::Tensor f32_few_rows(const torch::Tensor& x, const torch::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kFloat32 && weight.is_contiguous() &&
-                  weight.size(1) == x.size(1), "weight: contiguous float32 [N, K]");
+  const bool bf16 = weight.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(weight.dim() == 2 && (bf16 || weight.scalar_type() == torch::kFloat32) && weight.is_contiguous() &&
+                  weight.size(1) == x.size(1), "weight: contiguous float32 or bfloat16 [N, K]");
   const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
   auto y = torch::empty({rows, n}, x.options());
-  const float* x_ptr = x.data_ptr<float>();
-  const float* w_ptr = weight.data_ptr<float>();
-  float* y_ptr = y.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-#define SLIMLM_F32(C, R) f32_columns<C, R>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n)
-    SLIMLM_ROW_TILES(SLIMLM_F32)
-#undef SLIMLM_F32
-  });
+  if (bf16)
+    f32_few_rows_into(x.data_ptr<float>(), reinterpret_cast<const uint16_t*>(weight.data_ptr()), rows, k, n,
+                      y.data_ptr<float>());
+  else
+    f32_few_rows_into(x.data_ptr<float>(), weight.data_ptr<float>(), rows, k, n, y.data_ptr<float>());
   return y;
 }
 
@@ -706,7 +737,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_matmul", &lowbit_matmul<8>, "x[..., K] float32 times int8 weights -> [..., sum N]");
   m.def("s8_few_rows", &s8_few_rows, "exact int8 x[M,K] @ int8 weight[N,K].T -> int32 [M,N], for a few rows");
   m.def("w8a8_matmul", &w8a8_matmul, "x[M,K] float32, quantized per row to int8, times int8 weights -> [M, sum N]");
-  m.def("f32_few_rows", &f32_few_rows, "x[M,K] @ weight[N,K].T, float32, for a few rows");
+  m.def("f32_few_rows", &f32_few_rows, "x[M,K] @ weight[N,K].T (weight float32 or bfloat16), float32, few rows");
   m.def("rms_norm", &rms_norm, "RMSNorm of the rows of x");
   m.def("rope_rows", &rope_rows, "rotary embedding of rows at one position");
   m.def("single_query_attention", &single_query_attention, "attention of one query per head");
