@@ -18,6 +18,9 @@ paper's three refinements, as in the IST-DASLab reference code (`gptq.py`):
   (`g_idx`) stored; `static_groups` computes all groups' parameters up front from the unquantized
   weights in the original column order, so that g_idx stays trivial under act-order.
 
+Optional extension (off by default, not in the paper): `refit_scales` refits each row's group scales by
+least squares on the layer-output objective once the codes are chosen (`slimlm.quant.scale_refit`).
+
 Deviation from the reference code: when a group starts in the middle of a lazy block, the
 reference reads the group's weights from the matrix that has not yet received the in-block
 updates; slimlm reads the fully updated weights, which is what the paper describes (the two
@@ -41,6 +44,7 @@ from slimlm.models.adapter import MLP_ROLES
 from slimlm.quant.fields import ClipField, WeightQuantFields
 from slimlm.quant.grid import QuantizedWeight, SweepGrid
 from slimlm.quant.qlinear import QuantizedLinear
+from slimlm.quant.scale_refit import refit_group_scales
 
 # True-sequential order inside a block (the reference code's `sequential` groups): each group is
 # quantized on inputs produced by the already-quantized groups before it.
@@ -60,14 +64,17 @@ def gptq_quantize(
     clip: str = "minmax",
     per_tensor: bool = False,
     keep_zero: torch.Tensor | None = None,
+    refit_scales: bool = False,
 ) -> tuple[QuantizedWeight, float]:
     """Quantize an (out, in) weight with GPTQ; returns the quantized weight and the summed OBS loss.
 
     `keep_zero` (a boolean mask of the weight's shape) pins those weights to exactly zero, their
     error compensated like any other: GPTQ on a pruned layer keeps its sparsity pattern (SparseGPT's
-    joint sparsify-and-quantize sweep with a fixed mask)."""
+    joint sparsify-and-quantize sweep with a fixed mask). `refit_scales`: after the sweep, each row's
+    group scales are refit by least squares on the same objective, codes fixed (`slimlm.quant.scale_refit`)."""
     rows, columns = weight.shape
     H, W = prepare_hessian(hessian, weight, dampening)
+    H_natural, W_natural = H, W  # the column order the refit works in (the sweep permutes copies)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns, device=W.device)
     # weighted_lsq: the column importance is the Hessian's diagonal before dampening (2 x mean squared input)
     importance = torch.diag(hessian).float() if clip == "weighted_lsq" else None
@@ -95,7 +102,10 @@ def gptq_quantize(
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
         codes_t[block_start:block_end] = Q1.to(torch.uint8)
         loss += Err1.square().sum(0) / 2  # the OBS loss (w - q)^2 / [H^-1]_jj^2 / 2 of the paper
-    return grid.quantized(codes_t, perm), float(loss.sum())
+    quantized = grid.quantized(codes_t, perm)
+    if refit_scales:
+        quantized = refit_group_scales(quantized, W_natural, H_natural)
+    return quantized, float(loss.sum())
 
 
 def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionReport) -> None:
@@ -123,6 +133,7 @@ def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionRepor
                 weight, hessians.pop(name), stage.bits, stage.group_columns, stage.symmetric, stage.dampening,
                 stage.block_size, stage.act_order, stage.static_groups, stage.clip,
                 per_tensor=stage.granularity == "tensor", keep_zero=pruned_mask(module, weight),
+                refit_scales=stage.refit_scales,
             )
             context.replace(name, QuantizedLinear.replacing(module, quantized))
             report.layers.append(LayerReport(name, "gptq", time.perf_counter() - start, loss))
@@ -140,6 +151,8 @@ class GPTQStage(WeightQuantFields, ClipField, Stage):
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    refit_scales: bool = Field(False, description="after the sweep, refit each row's group scales by least squares "
+                               "on GPTQ's objective, codes fixed (a slimlm extension: slimlm.quant.scale_refit)")
 
     def apply(self, context: BlockContext, report: CompressionReport) -> None:
         gptq_block(context, self, report)
