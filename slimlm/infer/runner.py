@@ -269,13 +269,13 @@ class ModelRunner:
         `Int8Linear` when its forward would take them for x."""
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return None
+        if type(module) is QuantizedLinear and fp32_decode_path() != "native":
+            return None  # (asked before the operands are built: they cost memory)
         key = id(module)
         if key not in self._native_operands:  # what does not depend on x, once per runner
             self._native_operands[key] = native_operands(module)
         entry = self._native_operands[key]
         if entry is None or x.numel() > entry[1] * x.shape[-1]:
-            return None
-        if isinstance(entry[0], cpu_kernels.LowbitOperands) and fp32_decode_path() != "native":
             return None
         return entry[0]
 
