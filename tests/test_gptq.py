@@ -134,3 +134,17 @@ def test_scale_refit_keeps_the_codes_and_lowers_the_layer_output_error(symmetric
             nudged[:, group] *= factor
             moved = type(refit)(**{**refit.__dict__, "scale": nudged})
             assert bool((objective(moved) >= objective(refit) * (1 - 1e-5)).all())
+
+
+def test_relative_dampening_moves_gptq_toward_round_to_nearest():
+    """relative_dampening shrinks the input correlations: very large, the sweep rounds each column to nearest
+    (GPTQ on the diagonal of H); in between, its layer-output error lies between the two."""
+    W, H, X = correlated_problem()
+    kwargs = dict(bits=3, group_size=16, symmetric=True, act_order=True, static_groups=True, clip="weighted_lsq")
+    nearest, _ = gptq_quantize(W, torch.diag(torch.diag(H)), **kwargs)
+    huge, _ = gptq_quantize(W, H, **kwargs, relative_dampening=1e6)
+    assert float((huge.codes != nearest.codes).float().mean()) < 0.01  # rounding ties aside
+    errors = [float((X @ (gptq_quantize(W, H, **kwargs, relative_dampening=delta)[0].dequantize() - W).T).pow(2).sum())
+              for delta in (0.0, 1.0)]
+    nearest_error = float((X @ (nearest.dequantize() - W).T).pow(2).sum())
+    assert errors[0] < errors[1] < nearest_error

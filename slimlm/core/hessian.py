@@ -88,14 +88,18 @@ class SharedHessians(SharedInputs):
         return super().pop(name).result()
 
 
-def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, dampening: float,
+                    relative_dampening: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The OBS solvers' (GPTQ, SparseGPT) set-up: dead inputs (H_jj = 0) get H_jj = 1 and a zero weight
-    column; lambda = `dampening` * mean(diag H) is added to the diagonal. Returns new float32 (H, W)."""
+    column; lambda = `dampening` * mean(diag H) is added to the diagonal, and `relative_dampening` * H_jj to
+    each H_jj (a slimlm option: it shrinks the correlations between inputs toward zero, each column keeping
+    its own scale; without correlations the sweep rounds each column to nearest). Returns new float32 (H, W)."""
     H, W = hessian.clone().float(), weight.clone().float()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H.diagonal().add_(dampening * torch.mean(torch.diag(H)))
+    mean = torch.mean(torch.diag(H))
+    H.diagonal().mul_(1 + relative_dampening).add_(dampening * mean)
     return H, W
 
 

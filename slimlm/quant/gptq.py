@@ -18,7 +18,10 @@ paper's three refinements, as in the IST-DASLab reference code (`gptq.py`):
   (`g_idx`) stored; `static_groups` computes all groups' parameters up front from the unquantized
   weights in the original column order, so that g_idx stays trivial under act-order.
 
-Optional extension (off by default, not in the paper): `refit_scales` refits each row's group scales by
+Optional extensions (off by default, not in the paper): `relative_dampening` delta adds delta * H_jj to each
+H_jj (on top of the paper's dampening), shrinking the input correlations the sweep compensates through
+(delta -> infinity: each column rounded to nearest, with the weighted_lsq scales still weighted by H_jj, which
+is llama.cpp's importance-matrix quantization); `refit_scales` refits each row's group scales by
 least squares on the layer-output objective once the codes are chosen (`slimlm.quant.scale_refit`).
 
 Deviation from the reference code: when a group starts in the middle of a lazy block, the
@@ -65,6 +68,7 @@ def gptq_quantize(
     per_tensor: bool = False,
     keep_zero: torch.Tensor | None = None,
     refit_scales: bool = False,
+    relative_dampening: float = 0.0,
 ) -> tuple[QuantizedWeight, float]:
     """Quantize an (out, in) weight with GPTQ; returns the quantized weight and the summed OBS loss.
 
@@ -73,7 +77,7 @@ def gptq_quantize(
     joint sparsify-and-quantize sweep with a fixed mask). `refit_scales`: after the sweep, each row's
     group scales are refit by least squares on the same objective, codes fixed (`slimlm.quant.scale_refit`)."""
     rows, columns = weight.shape
-    H, W = prepare_hessian(hessian, weight, dampening)
+    H, W = prepare_hessian(hessian, weight, dampening, relative_dampening)
     H_natural, W_natural = H, W  # the column order the refit works in (the sweep permutes copies)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(columns, device=W.device)
     # weighted_lsq: the column importance is the Hessian's diagonal before dampening (2 x mean squared input)
@@ -133,7 +137,7 @@ def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionRepor
                 weight, hessians.pop(name), stage.bits, stage.group_columns, stage.symmetric, stage.dampening,
                 stage.block_size, stage.act_order, stage.static_groups, stage.clip,
                 per_tensor=stage.granularity == "tensor", keep_zero=pruned_mask(module, weight),
-                refit_scales=stage.refit_scales,
+                refit_scales=stage.refit_scales, relative_dampening=stage.relative_dampening,
             )
             context.replace(name, QuantizedLinear.replacing(module, quantized))
             report.layers.append(LayerReport(name, "gptq", time.perf_counter() - start, loss))
@@ -151,6 +155,9 @@ class GPTQStage(WeightQuantFields, ClipField, Stage):
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    relative_dampening: float = Field(0.0, ge=0, description="added to each Hessian diagonal entry as a multiple of "
+                                      "itself (a slimlm extension; 0 = the paper's GPTQ; large = round to nearest "
+                                      "with the weighted_lsq scales)")
     refit_scales: bool = Field(False, description="after the sweep, refit each row's group scales by least squares "
                                "on GPTQ's objective, codes fixed (a slimlm extension: slimlm.quant.scale_refit)")
 
