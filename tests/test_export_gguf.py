@@ -266,8 +266,11 @@ def test_gguf_presets_target_the_block_formats():
         for name, bits, symmetric in (("q4_0", 4, True), ("q4_1", 4, False), ("q8_0", 8, True)):
             stage = load_recipe(f"{method}-gguf-{name}").stages[0]
             assert (stage.method, stage.bits, stage.group_size, stage.symmetric) == (method, bits, 32, symmetric)
-            if method != "awq":
-                assert getattr(stage, "clip") == ("signed_max" if name == "q4_0" else "minmax")
+            if method == "rtn":
+                assert stage.clip == ("signed_max" if name == "q4_0" else "minmax")
+            if method == "gptq":  # llama.cpp's importance-weighted search, the Hessian diagonal as importance
+                assert stage.clip == ("weighted_lsq" if name == "q4_0" else "minmax")
+                assert stage.relative_dampening == (1.0 if name == "q4_0" else 0.0)
 
 
 @pytest.mark.parametrize("bits, target", [(4, "Q4_0"), (5, "Q5_0")])
