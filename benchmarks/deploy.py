@@ -195,10 +195,10 @@ def float_linear_paths(model) -> list[str]:
     """How the runner's native path reads the float linears left (the head of a weight-only model): "bf16-weights"
     where their values are bfloat16 numbers (bfloat16 float_storage; `slimlm.infer.runner.bfloat16_twin`)."""
     from slimlm.infer.runner import bfloat16_twin
-    from slimlm.quant.kernels import fp32_decode_path
+    from slimlm.quant.kernels import kernel_choice
 
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == torch.float32]
-    if fp32_decode_path() != "native" or not linears:
+    if kernel_choice().path != "native" or not linears:  # the generation runner's decode path
         return []
     return ["bf16-weights"] if all(bfloat16_twin(m.weight) is not m.weight for m in linears) else []
 
