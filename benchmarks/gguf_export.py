@@ -11,7 +11,9 @@ and llama.cpp's own Q4_0 is made from that file by llama.cpp's `llama-quantize` 
 an importance matrix that `llama-imatrix` computes on the same calibration text (the 128 calibration
 windows detokenized and concatenated, re-tokenized by llama.cpp into 512-token chunks), once with
 llama-quantize's own Q4_0 mixture (which then stores `ffn_down` of the first n_layer/8 layers as Q4_1)
-and once with every linear Q4_0 (`--tensor-type ffn_down=q4_0`: slimlm's tensor types and file size).
+and once with every linear Q4_0 (`--tensor-type ffn_down=q4_0`: slimlm's tensor types and file size);
+llama.cpp's Q4_K_M mixture of the float model (no importance matrix) is the usual peer (a larger file:
+K-quants where a row is a multiple of 256 wide, llama.cpp's fallbacks elsewhere).
 Both tools are built by `benchmarks/peers/setup_llamacpp_tools.sh` from the llama.cpp that
 llama-cpp-python vendors. AWQ is not in the default `--configs`: on a 2-core CPU without AMX it runs
 for over 30 minutes (`--configs float32,awq-gguf-q4_0,...` adds it; `--work-dir DIR --reuse` keeps
@@ -117,6 +119,7 @@ CONFIGS = {
     "rtn-gguf-q8_0": ("rtn-gguf-q8_0", "q8_0"),
 }
 OWN, OWN_IMATRIX, OWN_IMATRIX_EQUAL = "llama.cpp Q4_0", "llama.cpp Q4_0 imatrix", "llama.cpp Q4_0 imatrix, all Q4_0"
+OWN_K = "llama.cpp Q4_K_M"  # the usual peer: llama-quantize's K-quant mixture (larger; per-tensor fallbacks)
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -205,6 +208,10 @@ def llamacpp_quantize(f32: Path, work: Path, calibration, tokenizer, args) -> di
     command = [quantize, str(f32), str(plain), "Q4_0", threads]
     run_tool(command, work / "llama-quantize.log")
     made[OWN] = {"path": plain, "command": shlex.join(["llama-quantize", f32.name, plain.name, "Q4_0", threads])}
+    k_quant = work / "llamacpp-q4_k_m.gguf"
+    run_tool([quantize, str(f32), str(k_quant), "Q4_K_M", threads], work / "llama-quantize-q4_k_m.log")
+    made[OWN_K] = {"path": k_quant,
+                   "command": shlex.join(["llama-quantize", f32.name, k_quant.name, "Q4_K_M", threads])}
     if args.no_imatrix:
         return made
     text = work / "calibration.txt"  # the calibration windows, detokenized and concatenated
