@@ -36,6 +36,8 @@ from typing import ClassVar
 
 import torch
 
+from slimlm.quant.grid import column_groups
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
@@ -183,12 +185,7 @@ def quantized_operands(quantized) -> LowbitOperands | None:
     kernels cannot express)."""
     if quantized.fmt != "int" or quantized.codebook is not None:
         return None
-    if quantized.g_idx is not None:
-        column_group = quantized.g_idx.long()
-    elif quantized.group_size is None:
-        column_group = torch.zeros(quantized.in_features, dtype=torch.long)
-    else:
-        column_group = torch.arange(quantized.in_features) // quantized.group_size
+    column_group = column_groups(quantized.in_features, quantized.group_size, quantized.g_idx)
     return lowbit_operands(quantized.codes, quantized.scale, quantized.zero, quantized.bits, column_group)
 
 

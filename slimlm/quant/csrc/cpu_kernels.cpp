@@ -515,20 +515,22 @@ void s8_columns(int64_t begin, int64_t end, const int8_t* w, const int8_t* x, in
   for (; col < end; ++col) s8_tile<1, R>(w + col * k, x, k, y + col, n);
 }
 
+// y [M, N] = the int32 sums of int8 x [M, K] times int8 w [N, K], the output columns split across threads.
+void s8_few_rows_into(const int8_t* x_ptr, const int8_t* w_ptr, int64_t rows, int64_t k, int64_t n, int32_t* y_ptr) {
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+#define SLIMLM_S8(C, R) s8_columns<C, R>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n)
+    SLIMLM_ROW_TILES(SLIMLM_S8)
+#undef SLIMLM_S8
+  });
+}
+
 torch::Tensor s8_few_rows(const torch::Tensor& x, const torch::Tensor& weight) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kInt8 && x.is_contiguous(), "x: contiguous int8 [M, K]");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kInt8 && weight.is_contiguous() &&
                   weight.size(1) == x.size(1), "weight: contiguous int8 [N, K]");
   const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
   auto y = torch::empty({rows, n}, x.options().dtype(torch::kInt32));
-  const int8_t* x_ptr = x.data_ptr<int8_t>();
-  const int8_t* w_ptr = weight.data_ptr<int8_t>();
-  int32_t* y_ptr = y.data_ptr<int32_t>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-#define SLIMLM_S8(C, R) s8_columns<C, R>(begin, end, w_ptr, x_ptr + row0 * k, k, y_ptr + row0 * n, n)
-    SLIMLM_ROW_TILES(SLIMLM_S8)
-#undef SLIMLM_S8
-  });
+  s8_few_rows_into(x.data_ptr<int8_t>(), weight.data_ptr<int8_t>(), rows, k, n, y.data_ptr<int32_t>());
   return y;
 }
 
@@ -586,13 +588,8 @@ torch::Tensor w8a8_matmul(const torch::Tensor& x, const std::vector<torch::Tenso
   for (size_t i = 0; i < weights.size(); ++i) {
     const int64_t n = weights[i].size(0);
     std::vector<int32_t> sums(rows * n);
-    int32_t* s_ptr = sums.data();
-    const int8_t* w_ptr = weights[i].data_ptr<int8_t>();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-#define SLIMLM_S8(C, R) s8_columns<C, R>(begin, end, w_ptr, x_ptr + row0 * k, k, s_ptr + row0 * n, n)
-      SLIMLM_ROW_TILES(SLIMLM_S8)
-#undef SLIMLM_S8
-    });
+    const int32_t* s_ptr = sums.data();
+    s8_few_rows_into(x_ptr, weights[i].data_ptr<int8_t>(), rows, k, n, sums.data());
     const float* ws = weight_scales[i].data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < n; ++c)
