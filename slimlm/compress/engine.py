@@ -52,6 +52,7 @@ from slimlm.core.blocks import (
     block_targets,
     capture_block_inputs,
     on_device,
+    original_block_weights,
     run_block,
 )
 from slimlm.core.stage import ModelContext
@@ -105,15 +106,18 @@ def compress(
         report.calibration_tokens = inputs.tokens
     plans = [stage.plan(model, adapter, selected, inputs, device) for stage, selected in zip(recipe.stages, selections)]
     report.block_sparsity = {i: plan for i, plan in enumerate(plans) if plan is not None}
+    keep_originals = any(stage.needs_original_weights for stage in recipe.stages)
     for index in progress(range(len(adapter)), desc="compress blocks", total=len(adapter)):
         block = adapter.blocks[index]
         with on_device([block], device):
             next_hidden = None
+            originals = original_block_weights(adapter, index) if keep_originals else None
             for stage, selected, plan in zip(recipe.stages, selections, plans):
                 targets = block_targets(adapter, index, stage, selected)
                 if targets:
                     context = BlockContext(model, adapter, index, block, targets, inputs, device,
-                                           plan=plan[index] if plan is not None else None)
+                                           plan=plan[index] if plan is not None else None,
+                                           original_weights=originals)
                     stage.apply(context, report)
                     next_hidden = context.next_inputs  # a later stage's changes invalidate earlier outputs
             if inputs is not None and index + 1 < len(adapter):

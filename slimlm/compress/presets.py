@@ -151,3 +151,29 @@ for _method in ("rtn", "gptq", "awq"):
                    {"method": _method, "bits": 4, "group_size": 64}]}
 PRESETS["rtn-w8-head8"] = {"stages": [{"method": "quantize_head", "bits": 8},
                                       {"method": "rtn", "bits": 8, "group_size": "channel", "symmetric": True}]}
+
+# Low-rank factorization (`slimlm.lowrank`), each at 10 / 20 / 30 % fewer parameters in the decoder linears:
+# truncated SVD (no data), ASVD (activation scaling, alpha searched, sensitivity-based ranks), ASVD with SVD-LLM
+# whitening, and LPLR's 8-bit factors at the bytes SVD's 16-bit factors take at that reduction.
+for _percent in (10, 20, 30):
+    _fraction = _percent / 100
+    PRESETS[f"svd-{_percent}"] = {"stages": [{"method": "svd", "parameter_reduction": _fraction}]}
+    PRESETS[f"asvd-{_percent}"] = {"stages": [{"method": "asvd", "parameter_reduction": _fraction}]}
+    PRESETS[f"asvd-whiten-{_percent}"] = {"stages": [{"method": "asvd", "parameter_reduction": _fraction,
+                                                      "scaling": "whitening"}]}
+    PRESETS[f"lplr-8bit-{_percent}"] = {"stages": [{"method": "lplr", "bytes_reduction": _fraction, "bits": 8}]}
+# LASER: the paper's search over every block and matrix (slow: blocks x 7 x 8 evaluations), and its cheaper
+# common case, the MLP matrices of the last quarter of the blocks; scored on WikiText-2's validation split.
+_LASER_DATA = {"corpus": "wikitext2", "samples": 8, "seqlen": 512}
+PRESETS["laser"] = {"stages": [{"method": "laser"}], "calibration": _LASER_DATA}
+PRESETS["laser-late-mlp"] = {"stages": [{"method": "laser", "blocks": [-8, -7, -6, -5, -4, -3, -2, -1],
+                                         "matrices": ["gate", "up", "down"]}], "calibration": _LASER_DATA}
+# Low-rank error compensation after a compression stage: LoRC (SVD of W - W_hat) and EoRA (in the eigenspace of
+# the inputs) at ranks 8 / 16 / 32 / 64, on GPTQ W3 g64, RTN W4 per channel and SparseGPT 2:4.
+_COMPENSATED = {"gptq-w3g64": {"method": "gptq", "bits": 3, "group_size": 64},
+                "rtn-w4ch": {"method": "rtn", "bits": 4, "group_size": "channel"},
+                "sparsegpt-2of4": {"method": "sparsegpt", "pattern": "2:4"}}
+for _base, _stage in _COMPENSATED.items():
+    for _method in ("lorc", "eora"):
+        for _rank in (8, 16, 32, 64):
+            PRESETS[f"{_base}+{_method}-r{_rank}"] = {"stages": [_stage, {"method": _method, "rank": _rank}]}

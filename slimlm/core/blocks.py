@@ -65,6 +65,9 @@ class BlockContext:
     residual_mlp: ResidualMlp | None = None
     # This block's entry of the stage's whole-model plan (`Stage.plan`; OWL: the block's sparsity), or None.
     plan: Any = None
+    # The block's (out, in) linear weights before any stage of the recipe changed the block, by full module
+    # name; kept only when a stage asks for them (`Stage.needs_original_weights`), else None.
+    original_weights: dict[str, torch.Tensor] | None = None
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
@@ -296,6 +299,14 @@ def collect_block_inputs(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def original_block_weights(adapter: ModelAdapter, index: int) -> dict[str, torch.Tensor]:
+    """Copies of block `index`'s float linear weights, (out, in), by full module name."""
+    prefix = f"{adapter.blocks_name}.{index}."
+    block = adapter[index]
+    return {prefix + block.linear_names[role]: linear_weight(module).detach().clone()
+            for role, module in block.linears.items() if not getattr(module, "is_compressed_linear", False)}
 
 
 def block_targets(adapter: ModelAdapter, index: int, stage: Stage, selected: set[str]) -> dict[str, str]:

@@ -32,8 +32,11 @@ BUILTIN_MODULES = (
     "slimlm.quant.awq", "slimlm.quant.omniquant", "slimlm.quant.llm_fp4", "slimlm.quant.head",
     "slimlm.prune.magnitude", "slimlm.prune.wanda", "slimlm.prune.sparsegpt", "slimlm.prune.dsnot",
     "slimlm.prune.layer_drop", "slimlm.prune.llm_pruner", "slimlm.prune.slicegpt", "slimlm.prune.flap",
+    "slimlm.lowrank.svd", "slimlm.lowrank.asvd", "slimlm.lowrank.lplr", "slimlm.lowrank.laser", "slimlm.lowrank.lorc",
+    "slimlm.lowrank.eora",
     # layer kinds only
     "slimlm.quant.qlinear", "slimlm.quant.qembedding", "slimlm.quant.w8a8", "slimlm.quant.llm_int8", "slimlm.prune.sparse_linear",
+    "slimlm.lowrank.layer",
 )
 ENTRY_POINT_GROUP = "slimlm.methods"
 

@@ -63,6 +63,9 @@ class Stage(StrictModel):
 
     method: str  # each method narrows it to Literal["its name"] with that default
     whole_model: ClassVar[bool] = False  # True: changes the architecture, runs on the whole model first
+    # True: needs each block's linear weights as they were before any stage of the recipe touched the block
+    # (error compensation fits W - W_compressed); the engine then keeps them in `BlockContext.original_weights`.
+    needs_original_weights: ClassVar[bool] = False
     targets: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 

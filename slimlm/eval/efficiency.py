@@ -7,8 +7,8 @@
   tokenizer files left out).
 - Compression ratio: original size / compressed size.
 - FLOPs per token from the architecture (a multiply-add counts 2 FLOPs): every linear layer of the
-  blocks and the LM head, plus attention scores and the weighted sum of values (4 * heads *
-  head_dim FLOPs per attended position). Decode at context L attends to L positions; the prefill of
+  blocks (a low-rank layer: 2 r (in + out)) and the LM head, plus attention scores and the weighted
+  sum of values (4 * heads * head_dim FLOPs per attended position). Decode at context L attends to L positions; the prefill of
   L tokens attends to 1..L (causal), so its per-token average is 4 * heads * head_dim * (L + 1) / 2.
   Layers with a sliding window attend to at most `window` positions. Norms, activations, rotary
   embeddings and the softmax are left out (under 1% for the models here).
@@ -111,7 +111,7 @@ def flops_per_token(model: PreTrainedModel, context: int = 2048) -> FlopsPerToke
     if context < 1:
         raise SlimlmError(f"context length must be at least 1 (got {context})")
     adapter = ModelAdapter(model)
-    linear = sum(2 * _in * _out for module in adapter.linear_layers().values() for _in, _out in [linear_shape(module)])
+    linear = sum(_linear_flops(module) for module in adapter.linear_layers().values())
     head_in, head_out = adapter.lm_head.weight.shape[1], adapter.lm_head.weight.shape[0]
     decode = prefill = 0
     for block, window in zip(adapter, _attention_windows(model.config, len(adapter))):
@@ -121,6 +121,14 @@ def flops_per_token(model: PreTrainedModel, context: int = 2048) -> FlopsPerToke
         span = window or context
         prefill += 4 * width * sum(min(i, span) for i in range(1, context + 1)) // context
     return FlopsPerToken(context, linear, 2 * head_in * head_out, decode, prefill)
+
+
+def _linear_flops(module: nn.Module) -> int:
+    """2 in out per token, or what a layer that factorizes its weight reports (`LowRankLinear`)."""
+    if hasattr(module, "matmul_flops_per_token"):
+        return module.matmul_flops_per_token()
+    in_features, out_features = linear_shape(module)
+    return 2 * in_features * out_features
 
 
 def _attention_width(block) -> int:
