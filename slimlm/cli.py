@@ -387,8 +387,9 @@ def _compress_table(args, before: list[dict], after: list[dict], sizes: dict, re
     size_rows = [{"quantity": key, "value": value} for key, value in sizes.items()]
     size_rows.append({"quantity": "compression_seconds", "value": report.seconds})
     size_rows.append({"quantity": "peak_rss_bytes", "value": report.peak_rss_bytes})
-    for change in report.structure:  # what structural stages did, without their per-block score lists
-        summary = {k: v for k, v in change.items() if k not in ("method", "importance", "recovery")}
+    for change in report.structure:  # what structural stages did, without score lists and per-layer tables
+        summary = {k: v for k, v in change.items() if k not in ("method", "importance", "recovery")
+                   and not (isinstance(v, dict) and len(v) > 8)}
         size_rows.append({"quantity": change["method"], "value": json.dumps(summary)})
     header = f"model: {args.model}, recipe: {args.recipe}, saved to {args.out}\n\n"
     quality = markdown_table(rows, ("task", "metric", "before", "after", "delta", "n", "protocol")) + "\n" if rows else ""

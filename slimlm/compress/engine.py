@@ -27,7 +27,9 @@ the model stays where it is (CPU RAM). Working memory is about
   + sum over the block's linears of in_features^2 * 4 bytes   (Hessians; GPTQ, one sequential group at a time)
   + the activations of one forward pass of `calibration.batch_size` segments through one block
   + N * L * d * 4 bytes              (GPTQ's true-sequential order: the residual stream entering the MLP,
-                                      so the MLP-only passes skip the attention half).
+                                      so the MLP-only passes skip the attention half)
+  + one block's weights               (a copy of the block's weights as they were, when a stage corrects the
+                                      error of earlier stages: `Stage.needs_original_weights`, LoRC, EoRA).
 
 For a 70B Llama (d = 8192, MLP width 28672, 80 blocks of about 1.7 GB in bfloat16) with 128 x 2048
 calibration tokens: 2 * 128 * 2048 * 8192 * 4 B = 17 GB of cached activations, 1.7 GB of block

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from pydantic import Field, model_validator
@@ -24,18 +25,16 @@ from slimlm.lowrank.layer import LowRankLinear
 from slimlm.models.adapter import ModelAdapter, linear_shape
 
 
-class RankFields(Stage):
-    """A rank for every target linear, or the fraction of each one's parameters to remove."""
+class SizeFields(Stage):
+    """A rank for every target linear, or a reduction (the subclass's field named by `reduction_field`)."""
 
+    reduction_field: ClassVar[str]
     rank: int | None = Field(None, ge=1, description="the same rank for every target linear")
-    parameter_reduction: float | None = Field(
-        None, gt=0, lt=1,
-        description="fraction of each target linear's parameters removed (rank = (1 - it) m n / (m + n))")
 
     @model_validator(mode="after")
     def _one_size(self):
-        if (self.rank is None) == (self.parameter_reduction is None):
-            raise ValueError("give exactly one of rank (e.g. 64) or parameter_reduction (e.g. 0.2)")
+        if (self.rank is None) == (getattr(self, self.reduction_field) is None):
+            raise ValueError(f"give exactly one of rank (e.g. 64) or {self.reduction_field} (e.g. 0.2)")
         return self
 
     @property
@@ -48,6 +47,15 @@ class RankFields(Stage):
             in_features, out_features = linear_shape(shapes[name])
             if self.rank is not None:
                 check_rank(self.rank, in_features, out_features, f"{self.method} {name}")
+
+
+class RankFields(SizeFields):
+    """A rank for every target linear, or the fraction of each one's parameters to remove."""
+
+    reduction_field: ClassVar[str] = "parameter_reduction"
+    parameter_reduction: float | None = Field(
+        None, gt=0, lt=1,
+        description="fraction of each target linear's parameters removed (rank = (1 - it) m n / (m + n))")
 
     def layer_rank(self, in_features: int, out_features: int) -> int:
         if self.rank is not None:

@@ -2,7 +2,7 @@
 compressed a linear (quantization, pruning), fit a rank-r correction to its error E = W - W_hat and keep it
 beside the compressed layer: y = layer_hat(x) + (x down^T) up^T (`LowRankLinear` with a base).
 With `factor_bits` the two factors are stored on an integer grid (round to nearest, one asymmetric scale per
-rank component), as ZeroQuant-V2 stores LoRC's factors in 8 bits and EoRA's authors quantize theirs to 4.
+rank component), as EoRA's authors report quantizing theirs to 4 and 3 bits.
 
 The engine keeps each block's weights as they were before the recipe touched the block
 (`Stage.needs_original_weights`), so the error is measured against the uncompressed weight, whatever the

@@ -8,7 +8,7 @@ With E = W - W_hat the error an earlier stage left and X the layer's calibration
 4. back to the original space: down = down' Lambda^(-1/2) Q^T (Eq. 7).
 
 The correction minimises ||(E - up down) X||_F, the layer-output error, where LoRC minimises the weight error.
-`factor_bits` stores both factors on a low-bit grid (the paper quantizes EoRA to 4 and 3 bits, Sec. 4.4);
+`factor_bits` stores both factors on a low-bit grid (the paper reports quantizing its factors to 4 and 3 bits);
 here round to nearest with one asymmetric scale per rank component.
 Eigenvalues are clamped at 1e-10 of the largest before the inverse square root (the GPTQModel
 implementation clamps small ones the same way). X is what enters the layer in the engine's sequential pass

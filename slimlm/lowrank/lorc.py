@@ -3,9 +3,9 @@
 With E = W - W_hat the error an earlier stage left (W_hat: the quantized or pruned weight), E's truncated SVD
 E ~= U_r Sigma_r V_r^T gives the correction up = U_r Sigma_r^(1/2), down = Sigma_r^(1/2) V_r^T (Eq. in Sec. 5:
 U_hat = U_m Sigma_m^(1/2), V_hat = V_m Sigma_m^(1/2)), added beside the compressed layer: W_hat + up down ~= W.
-It minimises ||E - up down||_F and needs no data. The paper stores the two factors in 8 bits: `factor_bits: 8`
-(round to nearest, one scale per rank component); by default they stay in the model's float storage dtype
-(bfloat16), which the reported bytes count.
+It minimises ||E - up down||_F and needs no data. The factors stay in the model's float storage dtype
+(bfloat16 by default), which the reported bytes count; `factor_bits` (a slimlm option) stores them on a
+low-bit grid instead (round to nearest, one scale per rank component).
 """
 
 from __future__ import annotations

@@ -25,13 +25,13 @@ import time
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from slimlm.core.blocks import CompressionReport, linear_weight
-from slimlm.core.stage import ModelContext, Stage, register
-from slimlm.lowrank.common import FactorizationLog, install_factors, target_linears
-from slimlm.lowrank.factorize import check_rank, output_error
-from slimlm.models.adapter import ModelAdapter, linear_shape
+from slimlm.core.stage import ModelContext, register
+from slimlm.lowrank.common import FactorizationLog, SizeFields, install_factors, target_linears
+from slimlm.lowrank.factorize import output_error
+from slimlm.models.adapter import linear_shape
 from slimlm.progress import progress
 from slimlm.quant.grid import quantize_weight
 from slimlm.quant.qlinear import QuantizedLinear
@@ -50,32 +50,15 @@ def lplr(weight: torch.Tensor, rank: int, bits: int, generator: torch.Generator)
 
 
 @register
-class LPLRStage(Stage):
+class LPLRStage(SizeFields):
     """LPLR: a Gaussian sketch of the column space, quantized, and the quantized projection onto it."""
 
     method: Literal["lplr"] = "lplr"
     whole_model: ClassVar[bool] = True
-    rank: int | None = Field(None, ge=1)
+    reduction_field: ClassVar[str] = "bytes_reduction"
     bytes_reduction: float | None = Field(None, gt=0, lt=1, description="fraction of each layer's 16-bit bytes removed")
     bits: int = Field(8, ge=2, le=8, description="bits of each factor's codes")
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _one_size(self):
-        if (self.rank is None) == (self.bytes_reduction is None):
-            raise ValueError("give exactly one of rank (e.g. 64) or bytes_reduction (e.g. 0.2)")
-        return self
-
-    @property
-    def needs_calibration(self) -> bool:
-        return False
-
-    def check(self, adapter: ModelAdapter, layers: dict[str, int]) -> None:
-        shapes = adapter.linear_layers()
-        for name in layers:
-            in_features, out_features = linear_shape(shapes[name])
-            if self.rank is not None:
-                check_rank(self.rank, in_features, out_features, f"lplr {name}")
 
     def layer_rank(self, in_features: int, out_features: int) -> int:
         if self.rank is not None:
