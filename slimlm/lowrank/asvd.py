@@ -188,21 +188,24 @@ class ASVDStage(Stage):
             return hooks
 
         context_adapter = target_linears(context.model, self)[0]
-        transforms, alphas, whiteners = {}, {}, {}
+        transforms, alphas = {}, {}
         passes = dense_block_passes(context.model, context_adapter, context.calibration, context.batch_size,
                                     context.device, "asvd statistics", pre_hooks)
         for block, _inputs, _outputs in passes:
             prefix = f"{context_adapter.blocks_name}.{block.index}."
+            # Linears reading one input (q, k, v) share one Hessian tensor and so one factorization; the
+            # tensors stay referenced here while the block is processed, so their ids cannot be reused.
+            whiteners: dict[int, tuple[Tensor, tuple[Tensor, Tensor]]] = {}
             for role in block.linears:
                 name = prefix + block.linear_names[role]
                 if name not in linears:
                     continue
                 weight = linear_weight(linears[name]).detach().double().cpu()
                 hessian = hessians.pop(name) if hessians is not None else None
-                if self.scaling == "whitening":  # linears reading one input (q, k, v) share one factorization
+                if self.scaling == "whitening":
                     if id(hessian) not in whiteners:
-                        whiteners[id(hessian)] = whitening(hessian, "cholesky")
-                    transforms[name] = whiteners[id(hessian)]
+                        whiteners[id(hessian)] = (hessian, whitening(hessian, "cholesky"))
+                    transforms[name] = whiteners[id(hessian)][1]
                     continue
                 mean = means.pop(name).result()
                 if self.alpha is not None:
