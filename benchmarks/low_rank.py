@@ -145,6 +145,11 @@ def main() -> None:
     def options(parser) -> None:
         parser.add_argument("--parts", default=",".join(PARTS),
                             help="comma-separated, in the order to run: " + ", ".join(PARTS))
+        parser.add_argument("--reuse-committed", action="store_true",
+                            help="count the rows of the committed results (--out's JSON) as done: resume a run "
+                                 "whose progress file is gone; the rows keep their own dates and commands")
+        parser.add_argument("--only-done", action="store_true",
+                            help="run nothing: write the results of the rows already done")
 
     defaults = {name: FACTORIZATION[name] for name in DEFAULT_METHODS}  # --methods may name any of FACTORIZATION
     started = start(__doc__, LEVELS, defaults, "low_rank", 256, run_job, options)
@@ -152,6 +157,15 @@ def main() -> None:
         return
     args, proto, out, progress, tokens = started
     from slimlm.results import library_versions, machine_info, utc_now, write_results
+
+    if args.reuse_committed:
+        _seed_progress(progress, out.with_suffix(".json"))
+
+    def only_done(key: str, compute) -> dict | None:
+        return progress.done.get(key)
+
+    if args.only_done:
+        progress.record = only_done
 
     def child(config: str, method: str, stages: list, **extra) -> dict:
         spec = {"protocol": proto, "data_dir": args.data_dir, "config": config, "method": method, "stages": stages,
@@ -162,6 +176,11 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",")]
     share = linear_share(tokens["model_dir"])
     rows = [progress.record("dense", lambda: child("dense", "-", [], latency=True))]
+    rows = [row for row in rows if row is not None]
+
+    def add(row: dict | None) -> None:
+        if row is not None:  # None: --only-done and not done
+            rows.append(row)
 
     def write() -> None:
         command = shlex.join(["python", "benchmarks/low_rank.py", *sys.argv[1:]])
@@ -180,7 +199,7 @@ def main() -> None:
                 stages = [stage]
                 if correction:
                     stages.append({"method": correction[0], "rank": correction[1], "factor_bits": correction[2]})
-                rows.append(progress.record(f"{base}/{label}", lambda b=base, m=label, s=stages: child(b, m, s)))
+                add(progress.record(f"{base}/{label}", lambda b=base, m=label, s=stages: child(b, m, s)))
                 write()
 
     def factorization() -> None:
@@ -190,13 +209,13 @@ def main() -> None:
                 if stage.get("ranks", "sensitivity") == "sensitivity" and stage["method"] == "asvd":
                     slug = method.lower().replace(" ", "-")
                     stage["sensitivity_cache"] = str(Path(tempfile.gettempdir()) / f"slimlm-{out.name}-{slug}.json")
-                rows.append(progress.record(f"{level_name}/{method}",
+                add(progress.record(f"{level_name}/{method}",
                                             lambda c=level_name, m=method, s=stage: child(c, m, [s], latency=True)))
                 write()
 
     def laser() -> None:
         validation = {"samples": 2 if args.quick else 4, "seqlen": 128 if args.quick else 512}
-        rows.append(progress.record("LASER", lambda: child("LASER", "LASER (late MLP)", [LASER],
+        add(progress.record("LASER", lambda: child("LASER", "LASER (late MLP)", [LASER],
                                                            laser_validation=validation, latency=True)))
 
     parts = {"factorization": factorization, "compensation-gptq": lambda: compensation(("GPTQ W3 g64",)),
@@ -206,6 +225,17 @@ def main() -> None:
         parts[part]()
     write()
     print(out.with_suffix(".md").read_text())
+
+
+def _seed_progress(progress, committed: Path) -> None:
+    """Mark the rows of an earlier results file as done (key = config/method, as `main` records them)."""
+    import json
+
+    if not committed.is_file():
+        return
+    for row in json.loads(committed.read_text())[0]["rows"]:
+        key = row["config"] if row["config"] in ("dense", "LASER") else f"{row['config']}/{row['method']}"
+        progress.done.setdefault(key, {**row, "reused_from": committed.name})
 
 
 def _structured_rows() -> list[dict]:
