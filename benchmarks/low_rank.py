@@ -53,7 +53,7 @@ BASES = {"GPTQ W3 g64": {"method": "gptq", "bits": 3, "group_size": 64},
          "RTN W4 per-channel": {"method": "rtn", "bits": 4, "group_size": "channel"},
          "SparseGPT 2:4": {"method": "sparsegpt", "pattern": "2:4"}}
 # (method, rank, factor bits): float (bfloat16) factors, and 4-bit factors with one scale per rank component
-CORRECTIONS = {"-": None, "LoRC r32 4-bit": ("lorc", 32, 4), "EoRA r32 4-bit": ("eora", 32, 4)}
+CORRECTIONS = {"-": None, "EoRA r32 4-bit": ("eora", 32, 4), "LoRC r32 4-bit": ("lorc", 32, 4)}
 GPTQ_EXTRA = {"LoRC r32": ("lorc", 32, None), "EoRA r32": ("eora", 32, None),  # on GPTQ W3 g64 only
               **{f"EoRA r{r} 4-bit": ("eora", r, 4) for r in (8, 16, 64)}}
 LASER = {"method": "laser", "blocks": [-8, -7, -6, -5, -4, -3, -2, -1], "matrices": ["gate", "up", "down"],
