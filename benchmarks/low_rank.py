@@ -21,7 +21,7 @@ stages remove level / (decoder linears' share of the parameters) of the linears.
 256-token prompt, the compressed model and the dense float32 model timed in alternating pairs in one
 process (median of each, and their ratio). CPU budget choices, stated in the results: ASVD's sensitivity
 sweep uses one 512-token calibration segment and the kept fractions 0.1, 0.3, 0.5, 0.7, 0.9 (the paper:
-0.1 ... 0.9); whitened ASVD uses SVD-LLM's uniform ranks; LASER searches the MLP matrices of the last 8
+0.1 ... 0.9), for ASVD and whitened ASVD alike; LASER searches the MLP matrices of the last 8
 blocks on 4 x 512 tokens of WikiText-2's validation split.
 """
 
@@ -179,8 +179,8 @@ def main() -> None:
     rows = [row for row in rows if row is not None]
 
     def add(row: dict | None) -> None:
-        if row is not None:  # None: --only-done and not done
-            rows.append(row)
+        if row is not None and all(row is not r for r in rows):  # None: --only-done and not done; a part may
+            rows.append(row)                                      # repeat another's rows (compensation-gptq)
 
     def write() -> None:
         command = shlex.join(["python", "benchmarks/low_rank.py", *sys.argv[1:]])
@@ -255,7 +255,9 @@ def _preamble(result: dict) -> str:
         "of them, so a stage removes level / that share of the linears' parameters. Prefill: a 256-token prompt, "
         "compressed and dense float32 models timed in alternating pairs in one process (7 pairs, medians). "
         "ASVD's sensitivity sweep (CPU budget): one 512-token calibration segment, kept fractions "
-        "0.1/0.3/0.5/0.7/0.9. Whitened ASVD: SVD-LLM's uniform ranks. LASER: the MLP matrices of the last 8 "
+        "0.1/0.3/0.5/0.7/0.9; whitened ASVD (SVD-LLM's Cholesky whitening) uses the same search. Rows may come from "
+        "several invocations of the script (resumed runs; `--only-done` writes them); compression_seconds of "
+        "rows that ran beside the test suite are not clean timings. LASER: the MLP matrices of the last 8 "
         "blocks, rho in the paper's grid, scored on 4 x 512 tokens of WikiText-2's validation split. The "
         "structured rows are copied from `pruning.json` (same protocol; their prefill is a 128-token prompt "
         "timed in separate runs, so compare their speed only with each other).\n"
