@@ -73,8 +73,7 @@ class BlockContext:
         return self.model.get_submodule(name)
 
     def replace(self, name: str, new: nn.Module) -> None:
-        parent_name, _, child = name.rpartition(".")
-        setattr(self.model.get_submodule(parent_name), child, new)
+        replace_module(self.model, name, new)
 
     def run(self) -> list[torch.Tensor]:
         """The block's outputs on every cached input batch (hooks attached by the caller fire)."""
@@ -299,6 +298,12 @@ def collect_block_inputs(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` (a full dotted name) is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def original_block_weights(adapter: ModelAdapter, index: int) -> dict[str, torch.Tensor]:

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from slimlm.core.blocks import replace_module
 from slimlm.core.registry import checkpoint_sections, layer_class, layer_kind
 from slimlm.errors import SlimlmError
 from slimlm.version import __version__
@@ -200,15 +201,13 @@ def load(
     dtype = getattr(torch, section.get("dtype", "float32"))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, meta in section["compressed_modules"].items():
-        parent_name, _, child = name.rpartition(".")
         module = layer_class(meta.get("kind", "quantized")).from_meta(meta, dtype)  # kind-less: format 1's first files
-        setattr(model.get_submodule(parent_name), child, module)
+        replace_module(model, name, module)
     for module in model.modules():
         if hasattr(module, "bind_shared_tensors"):  # layers sharing another's tensors (a tied quantized embedding)
             module.bind_shared_tensors(model)
     for name, (in_features, out_features, bias) in section.get("resized_linears", {}).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, nn.Linear(in_features, out_features, bias=bias, dtype=dtype))
+        replace_module(model, name, nn.Linear(in_features, out_features, bias=bias, dtype=dtype))
     for key, found in checkpoint_sections().items():
         for name, meta in section.get(key, {}).items():
             found.install(model.get_submodule(name), meta, dtype)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from slimlm.core.blocks import replace_module
 from slimlm.core.stage import StrictModel
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import ModelAdapter, linear_shape
@@ -81,8 +82,7 @@ def merge_lora_(model: nn.Module) -> int:
     merged = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.merged())
+            replace_module(model, name, module.merged())
             merged += 1
     for param in model.parameters():
         param.requires_grad_(True)

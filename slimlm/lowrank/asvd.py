@@ -41,7 +41,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from slimlm.core.blocks import CompressionReport, dense_block_passes, linear_weight
+from slimlm.core.blocks import CompressionReport, dense_block_passes, linear_weight, replace_module
 from slimlm.core.hessian import SharedHessians, SharedInputs
 from slimlm.core.stage import ModelContext, Stage, register
 from slimlm.errors import SlimlmError
@@ -51,7 +51,6 @@ from slimlm.lowrank.common import (
     block_index_of,
     install_factors,
     read_cache,
-    replace_module,
     target_linears,
     write_cache,
 )

@@ -17,7 +17,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from slimlm.core.blocks import CompressionReport, LayerReport, linear_weight
+from slimlm.core.blocks import CompressionReport, LayerReport, linear_weight, replace_module
 from slimlm.core.stage import Stage
 from slimlm.errors import SlimlmError
 from slimlm.lowrank.factorize import break_even_rank, check_rank, rank_for_kept_fraction, saves_parameters
@@ -61,11 +61,6 @@ class RankFields(SizeFields):
         if self.rank is not None:
             return self.rank
         return rank_for_kept_fraction(1 - self.parameter_reduction, in_features, out_features)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def install_factors(model: nn.Module, name: str, module: nn.Module, up: Tensor, down: Tensor) -> LowRankLinear:

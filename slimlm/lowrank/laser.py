@@ -30,7 +30,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from slimlm.core.blocks import CompressionReport, LayerReport, linear_weight
+from slimlm.core.blocks import CompressionReport, LayerReport, linear_weight, replace_module
 from slimlm.core.stage import ModelContext, Stage, register
 from slimlm.errors import SlimlmError
 from slimlm.lowrank.common import (
@@ -40,7 +40,6 @@ from slimlm.lowrank.common import (
     calibration_perplexity,
     install_factors,
     read_cache,
-    replace_module,
     target_linears,
     write_cache,
 )

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimlm.core.blocks import linear_weight
+from slimlm.core.blocks import linear_weight, replace_module
 from slimlm.core.packing import pack, unpack
 from slimlm.core.registry import register_layer
 from slimlm.core.sparsity import PRUNED, check_n_m
@@ -145,7 +145,6 @@ def sparsify_model_(model: nn.Module, n_m: tuple[int, int] | None = None) -> int
     for name, module in list(model.named_modules()):
         if getattr(module, PRUNED, False) and not getattr(module, "is_compressed_linear", False):
             sparse = SparseLinear.from_dense(linear_weight(module), getattr(module, "bias", None), n_m)
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, sparse)
+            replace_module(model, name, sparse)
             replaced += 1
     return replaced
