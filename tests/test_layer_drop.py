@@ -7,8 +7,9 @@ from transformers import AutoModelForCausalLM
 from slimlm.compress import compress, load_recipe
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import ModelAdapter
+from slimlm.models.loss import calibration_perplexity
 from slimlm.models.tiny import TINY_FAMILIES, tiny_model
-from slimlm.prune.layer_drop import _perplexity, remove_blocks_
+from slimlm.prune.layer_drop import remove_blocks_
 from tests.helpers import assert_plain_transformers_roundtrip
 
 CALIBRATION = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -46,7 +47,7 @@ def test_perplexity_criterion_removes_the_block_whose_removal_costs_least():
         copy = tiny_model("qwen2", blocks=4)
         remove_blocks_(copy, ModelAdapter(copy), [index])
         with torch.no_grad():
-            expected.append(_perplexity(copy, CALIBRATION, 2, torch.device("cpu")))
+            expected.append(calibration_perplexity(copy, CALIBRATION, 2, torch.device("cpu")))
     report = drop(reference, count=1, criterion="perplexity")
     assert report.structure[0]["importance"] == pytest.approx(expected)
     assert report.structure[0]["removed_blocks"] == [min(range(4), key=expected.__getitem__)]

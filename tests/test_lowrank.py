@@ -12,7 +12,7 @@ from slimlm.errors import SlimlmError
 from slimlm.eval.efficiency import count_parameters, flops_per_token
 from slimlm.export.native import load, save
 from slimlm.lowrank.asvd import allocate
-from slimlm.lowrank.common import TailPerplexity, calibration_perplexity
+from slimlm.lowrank.common import TailPerplexity
 from slimlm.lowrank.factorize import (
     break_even_rank,
     output_error,
@@ -23,6 +23,7 @@ from slimlm.lowrank.factorize import (
     whitening,
 )
 from slimlm.lowrank.layer import LowRankLinear
+from slimlm.models.loss import calibration_perplexity
 from slimlm.models.tiny import tiny_model
 from slimlm.quant.qlinear import QuantizedLinear
 

@@ -23,6 +23,7 @@ from slimlm.errors import SlimlmError
 from slimlm.lowrank.factorize import break_even_rank, check_rank, rank_for_kept_fraction, saves_parameters
 from slimlm.lowrank.layer import LowRankLinear
 from slimlm.models.adapter import ModelAdapter, linear_shape
+from slimlm.models.loss import calibration_perplexity, shifted_loss
 
 
 class SizeFields(Stage):
@@ -172,9 +173,7 @@ class TailPerplexity:
         for hidden in inputs.hidden:
             labels = self.tokens[start : start + hidden.shape[0]].to(hidden.device)
             start += hidden.shape[0]
-            logits = self.adapter.lm_head(self.adapter.final_norm(hidden))[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                                     reduction="sum")
+            loss = shifted_loss(self.adapter.lm_head(self.adapter.final_norm(hidden)), labels, reduction="sum")
             total, count = total + float(loss), count + labels[:, 1:].numel()
         return math.exp(total / count)
 
@@ -183,20 +182,6 @@ class TailPerplexity:
         if not self.exact:
             return calibration_perplexity(self.model, self.tokens, self.batch_size)
         return self._ppl_from(block_index)
-
-
-@torch.no_grad()
-def calibration_perplexity(model: nn.Module, tokens: Tensor, batch_size: int) -> float:
-    """exp(mean next-token loss) of the model on calibration segments."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(tokens), batch_size):
-        batch = tokens[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                 reduction="sum")
-        total, count = total + float(loss), count + batch[:, 1:].numel()
-    return math.exp(total / count)
 
 
 def read_cache(path: str | None, key: str) -> dict | None:

@@ -37,7 +37,6 @@ from slimlm.lowrank.common import (
     FactorizationLog,
     TailPerplexity,
     block_index_of,
-    calibration_perplexity,
     install_factors,
     read_cache,
     target_linears,
@@ -45,6 +44,7 @@ from slimlm.lowrank.common import (
 )
 from slimlm.lowrank.factorize import saves_parameters
 from slimlm.models.adapter import linear_shape
+from slimlm.models.loss import calibration_perplexity
 from slimlm.progress import progress
 
 KEEP_FRACTIONS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01)  # the paper's rho grid

@@ -18,7 +18,6 @@ shortens `config.num_hidden_layers` and, where the config has one, `config.layer
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar, Literal
 
 import torch
@@ -31,7 +30,7 @@ from slimlm.core.blocks import CompressionReport, dense_block_passes
 from slimlm.core.stage import ModelContext, Stage, register
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import ModelAdapter, text_config
-from slimlm.models.loss import next_token_loss
+from slimlm.models.loss import calibration_perplexity
 from slimlm.progress import progress
 
 
@@ -57,19 +56,10 @@ def perplexity_importance(model: PreTrainedModel, adapter: ModelAdapter, calibra
     for index in progress(range(len(blocks)), desc="perplexity without each block", total=len(blocks)):
         setattr(parent, attribute, nn.ModuleList(blocks[:index] + blocks[index + 1 :]))
         try:
-            scores.append(_perplexity(model, calibration, batch_size, device))
+            scores.append(calibration_perplexity(model, calibration, batch_size, device))
         finally:
             setattr(parent, attribute, adapter.blocks)
     return scores
-
-
-def _perplexity(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    nll, count = 0.0, 0
-    for start in range(0, len(calibration), batch_size):
-        ids = calibration[start : start + batch_size].to(device)
-        nll += float(next_token_loss(model, ids, reduction="sum"))
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
 
 
 def remove_blocks_(model: PreTrainedModel, adapter: ModelAdapter, indices: list[int]) -> None:
