@@ -41,22 +41,21 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from slimlm.core.blocks import CompressionReport, dense_block_passes, linear_weight, replace_module
+from slimlm.core.blocks import CompressionReport, block_targets, dense_block_passes, linear_weight, replace_module
 from slimlm.core.hessian import SharedHessians, SharedInputs
 from slimlm.core.stage import ModelContext, Stage, register
 from slimlm.errors import SlimlmError
 from slimlm.lowrank.common import (
     FactorizationLog,
     TailPerplexity,
-    block_index_of,
+    block_of,
     install_factors,
     read_cache,
     target_linears,
     write_cache,
 )
 from slimlm.lowrank.factorize import output_error, rank_for_kept_fraction, saves_parameters, whitening
-from slimlm.lowrank.layer import LowRankLinear
-from slimlm.models.adapter import linear_shape
+from slimlm.models.adapter import ModelAdapter, linear_shape
 from slimlm.progress import progress
 
 RATIO_CANDIDATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # ASVD's `param_ratio_candidates`
@@ -137,17 +136,17 @@ class ASVDStage(Stage):
         if context.calibration is None:
             raise SlimlmError("asvd needs calibration data")
         model = context.model
-        _adapter, linears = target_linears(model, self)
+        adapter, linears = target_linears(model, self)
         key = self._cache_key(context.calibration, linears)
         cached = read_cache(self.sensitivity_cache, key)  # the sweep and the searched alphas of an earlier run
-        transforms, alphas = self._collect(context, linears, cached.get("alphas") if cached else None)
+        transforms, alphas = self._collect(context, adapter, linears, cached.get("alphas") if cached else None)
         if self.ranks == "uniform":
             kept = {name: 1 - self.parameter_reduction for name in linears}
         else:
             if cached is not None:
                 sensitivity = cached["sweep"]
             else:
-                sensitivity = self._sensitivity(context, linears, transforms)
+                sensitivity = self._sensitivity(context, block_of(adapter), linears, transforms)
                 write_cache(self.sensitivity_cache, key, sensitivity, alphas=alphas)
             kept = allocate(sensitivity, {name: linear_shape(m) for name, m in linears.items()},
                             1 - self.parameter_reduction)
@@ -168,38 +167,28 @@ class ASVDStage(Stage):
             log.factorized(name, rank, start, output_error(weight - up @ down, None), report)
         log.summarize(report, alphas=alphas, kept_fractions=kept)
 
-    def _collect(self, context: ModelContext, linears: dict[str, nn.Module],
+    def _collect(self, context: ModelContext, adapter: ModelAdapter, linears: dict[str, nn.Module],
                  known_alphas: dict[str, float] | None) -> tuple[dict, dict]:
         """One pass of the uncompressed model: per target linear, (T, T^-1) and the chosen alpha (searched
         unless `known_alphas`, from the cache of a run on the same model and tokens, has it)."""
-        search = self.alpha is None and not known_alphas
-        need_hessian = self.scaling == "whitening" or search
-        means = SharedInputs(AbsoluteMean)
-        hessians = SharedHessians(device="cpu", dtype=torch.float64) if need_hessian else None
+        whitened = self.scaling == "whitening"
+        means = None if whitened else SharedInputs(AbsoluteMean)
+        search = not whitened and self.alpha is None and not known_alphas
+        hessians = SharedHessians(device="cpu", dtype=torch.float64) if whitened or search else None
+        selected = set(linears)
 
         def pre_hooks(block):
-            prefix = f"{context_adapter.blocks_name}.{block.index}."
-            hooks = []
-            for role, module in block.linears.items():
-                name = prefix + block.linear_names[role]
-                if name in linears:
-                    hooks.append((module, _sink(name, means, hessians)))
-            return hooks
+            targets = block_targets(adapter, block.index, self, selected)
+            return [(block.linears[role], _sink(name, means, hessians)) for name, role in targets.items()]
 
-        context_adapter = target_linears(context.model, self)[0]
         transforms, alphas = {}, {}
-        passes = dense_block_passes(context.model, context_adapter, context.calibration, context.batch_size,
+        passes = dense_block_passes(context.model, adapter, context.calibration, context.batch_size,
                                     context.device, "asvd statistics", pre_hooks)
         for block, _inputs, _outputs in passes:
-            prefix = f"{context_adapter.blocks_name}.{block.index}."
             # Linears reading one input (q, k, v) share one Hessian tensor and so one factorization; the
             # tensors stay referenced here while the block is processed, so their ids cannot be reused.
             whiteners: dict[int, tuple[Tensor, tuple[Tensor, Tensor]]] = {}
-            for role in block.linears:
-                name = prefix + block.linear_names[role]
-                if name not in linears:
-                    continue
-                weight = linear_weight(linears[name]).detach().double().cpu()
+            for name in block_targets(adapter, block.index, self, selected):
                 hessian = hessians.pop(name) if hessians is not None else None
                 if self.scaling == "whitening":
                     if id(hessian) not in whiteners:
@@ -209,8 +198,11 @@ class ASVDStage(Stage):
                 mean = means.pop(name).result()
                 if self.alpha is not None:
                     alpha = self.alpha
+                elif known_alphas:
+                    alpha = known_alphas[name]
                 else:
-                    alpha = known_alphas[name] if known_alphas else self._search_alpha(weight, mean, hessian)
+                    weight = linear_weight(linears[name]).detach().double().cpu()
+                    alpha = self._search_alpha(weight, mean, hessian)
                 scale = mean.pow(alpha) + 1e-6  # ASVD adds 1e-6 so a dead channel does not divide by zero
                 transforms[name], alphas[name] = (scale, 1 / scale), alpha
         return transforms, alphas
@@ -233,11 +225,11 @@ class ASVDStage(Stage):
                 best, best_score = alpha, score
         return best
 
-    def _sensitivity(self, context: ModelContext, linears: dict[str, nn.Module], transforms: dict) -> dict:
+    def _sensitivity(self, context: ModelContext, blocks: dict[str, int], linears: dict[str, nn.Module],
+                     transforms: dict) -> dict:
         """{layer: {kept fraction: calibration perplexity with only that layer truncated}}."""
         tokens = context.calibration[: self.sensitivity_samples]
         sensitivity, tail = {}, TailPerplexity(context.model, tokens, context.batch_size)
-        blocks = block_index_of(linears)
         total = len(linears) * len(self.ratio_candidates)
         bar = progress(((n, m) for n, m in linears.items()), desc=f"asvd sensitivity ({total} evaluations)",
                        total=len(linears))
@@ -248,10 +240,7 @@ class ASVDStage(Stage):
             sensitivity[name] = {}
             for fraction in self.ratio_candidates:
                 rank = rank_for_kept_fraction(fraction, in_features, out_features)
-                up, down = decomposition.factors(rank)
-                bias = getattr(module, "bias", None)
-                trial = LowRankLinear.from_factors(up, down, None if bias is None else bias.detach().float())
-                replace_module(context.model, name, trial.to(device=weight.device, dtype=module_dtype(module)))
+                install_factors(context.model, name, module, *decomposition.factors(rank))
                 try:
                     sensitivity[name][fraction] = tail(blocks[name])
                 finally:
@@ -268,16 +257,13 @@ class ASVDStage(Stage):
         return digest.hexdigest()
 
 
-def _sink(name: str, means: SharedInputs, hessians: SharedHessians | None):
+def _sink(name: str, means: SharedInputs | None, hessians: SharedHessians | None):
     def hook(_module, args):
-        means.add(name, args[0])
+        if means is not None:
+            means.add(name, args[0])
         if hessians is not None:
             hessians.add(name, args[0])
     return hook
-
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    return linear_weight(module).dtype
 
 
 def allocate(sensitivity: dict[str, dict[float, float]], shapes: dict[str, tuple[int, int]],

@@ -17,9 +17,16 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from slimlm.core.blocks import CompressionReport, LayerReport, linear_weight, replace_module
+from slimlm.core.blocks import (
+    BlockInputs,
+    CompressionReport,
+    LayerReport,
+    capture_block_inputs,
+    linear_weight,
+    replace_module,
+    run_block,
+)
 from slimlm.core.stage import Stage
-from slimlm.errors import SlimlmError
 from slimlm.lowrank.factorize import break_even_rank, check_rank, rank_for_kept_fraction, saves_parameters
 from slimlm.lowrank.layer import LowRankLinear
 from slimlm.models.adapter import ModelAdapter, linear_shape
@@ -43,11 +50,8 @@ class SizeFields(Stage):
         return False
 
     def check(self, adapter: ModelAdapter, layers: dict[str, int]) -> None:
-        shapes = adapter.linear_layers()
-        for name in layers:
-            in_features, out_features = linear_shape(shapes[name])
-            if self.rank is not None:
-                check_rank(self.rank, in_features, out_features, f"{self.method} {name}")
+        if self.rank is not None:
+            check_ranks(self, self.rank, adapter, layers)
 
 
 class RankFields(SizeFields):
@@ -126,18 +130,18 @@ def target_linears(model: nn.Module, stage: Stage) -> tuple[ModelAdapter, dict[s
     return adapter, {name: linears[name] for name in select_targets(list(linears), stage)}
 
 
-def check_fraction(value: float, what: str) -> None:
-    if not 0 < value < 1:
-        raise SlimlmError(f"{what} must lie strictly between 0 and 1 (got {value})")
+def block_of(adapter: ModelAdapter) -> dict[str, int]:
+    """The block index of every block linear, by full name."""
+    return {f"{adapter.blocks_name}.{block.index}.{path}": block.index
+            for block in adapter for path in block.linear_names.values()}
 
 
-def block_index_of(linears: dict[str, nn.Module]) -> dict[str, int]:
-    """The block index in each full linear name (`model.layers.3.mlp.up_proj` -> 3)."""
-    found = {}
-    for name in linears:
-        numbers = [int(part) for part in name.split(".") if part.isdigit()]
-        found[name] = numbers[0] if numbers else 0
-    return found
+def check_ranks(stage: Stage, rank: int, adapter: ModelAdapter, layers: dict[str, int]) -> None:
+    """Fail before any work if `rank` is above min(out, in) of a selected linear."""
+    shapes = adapter.linear_layers()
+    for name in layers:
+        in_features, out_features = linear_shape(shapes[name])
+        check_rank(rank, in_features, out_features, f"{stage.method} {name}")
 
 
 class TailPerplexity:
@@ -148,9 +152,6 @@ class TailPerplexity:
 
     @torch.no_grad()
     def __init__(self, model: nn.Module, tokens: Tensor, batch_size: int):
-        from slimlm.core.blocks import BlockInputs, capture_block_inputs, run_block
-        from slimlm.models.adapter import ModelAdapter
-
         self.model, self.tokens, self.batch_size = model, tokens, batch_size
         self.adapter = ModelAdapter(model)
         device = next(model.parameters()).device
@@ -164,8 +165,6 @@ class TailPerplexity:
 
     @torch.no_grad()
     def _ppl_from(self, index: int) -> float:
-        from slimlm.core.blocks import BlockInputs, run_block
-
         inputs = self.entering[index]
         for block in list(self.adapter.blocks)[index:]:
             inputs = BlockInputs(run_block(block, inputs), inputs.args, inputs.kwargs)

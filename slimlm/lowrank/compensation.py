@@ -18,12 +18,13 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport
+from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, linear_weight
 from slimlm.core.stage import Stage
 from slimlm.errors import SlimlmError
-from slimlm.lowrank.factorize import check_rank, output_error
-from slimlm.lowrank.layer import LowRankLinear, _dense
-from slimlm.models.adapter import ModelAdapter, linear_shape
+from slimlm.lowrank.common import check_ranks
+from slimlm.lowrank.factorize import output_error
+from slimlm.lowrank.layer import LowRankLinear, dense_of
+from slimlm.models.adapter import ModelAdapter
 
 
 class CompensationFields(Stage):
@@ -32,10 +33,7 @@ class CompensationFields(Stage):
         None, ge=2, le=8, description="quantize both factors to this many bits (null: the float storage dtype)")
 
     def check(self, adapter: ModelAdapter, layers: dict[str, int]) -> None:
-        shapes = adapter.linear_layers()
-        for name in layers:
-            in_features, out_features = linear_shape(shapes[name])
-            check_rank(self.rank, in_features, out_features, f"{self.method} {name}")
+        check_ranks(self, self.rank, adapter, layers)
 
 
 def compensate_block(context: BlockContext, stage: CompensationFields, report: CompressionReport,
@@ -86,8 +84,6 @@ def quantized_correction(up: Tensor, down: Tensor, base: nn.Module, bits: int,
 @torch.no_grad()
 def current_weight(module: nn.Module) -> Tensor:
     """The (out, in) float32 weight a (possibly compressed) linear applies now."""
-    if isinstance(module, nn.Linear) or not getattr(module, "is_compressed_linear", False):
-        from slimlm.core.blocks import linear_weight
-
-        return linear_weight(module).detach().float()
-    return _dense(module).detach()
+    if not getattr(module, "is_compressed_linear", False):
+        return linear_weight(module).detach().float()  # also GPT-2's transposed Conv1D
+    return dense_of(module).detach()

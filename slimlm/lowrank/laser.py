@@ -36,7 +36,7 @@ from slimlm.errors import SlimlmError
 from slimlm.lowrank.common import (
     FactorizationLog,
     TailPerplexity,
-    block_index_of,
+    block_of,
     install_factors,
     read_cache,
     target_linears,
@@ -93,7 +93,7 @@ class LASERStage(Stage):
         adapter, linears = target_linears(model, self)
         candidates = self._candidates(adapter, linears)
         baseline = calibration_perplexity(model, tokens, context.batch_size)
-        sweep = self._sweep(model, tokens, context.batch_size, candidates, linears)
+        sweep = self._sweep(model, tokens, context.batch_size, candidates, linears, block_of(adapter))
         best = {name: min(row.items(), key=lambda item: item[1]) for name, row in sweep.items()}
         order = sorted((item for item in best.items() if item[1][1] <= baseline * (1 + self.tolerance)),
                        key=lambda item: item[1][1])
@@ -133,12 +133,13 @@ class LASERStage(Stage):
             raise SlimlmError(f"laser: blocks {self.blocks} x matrices {self.matrices} select no target linear")
         return found
 
-    def _sweep(self, model, tokens, batch_size, candidates: dict[str, str], linears) -> dict[str, dict[float, float]]:
+    def _sweep(self, model, tokens, batch_size, candidates: dict[str, str], linears,
+               blocks: dict[str, int]) -> dict[str, dict[float, float]]:
         key = self._cache_key(tokens, candidates, linears)
         cached = read_cache(self.search_cache, key)
         if cached is not None:
             return cached["sweep"]
-        sweep, tail, blocks = {}, TailPerplexity(model, tokens, batch_size), block_index_of(candidates)
+        sweep, tail = {}, TailPerplexity(model, tokens, batch_size)
         total = len(candidates) * len(self.keep_fractions)
         for name in progress(candidates, desc=f"laser search ({total} evaluations)", total=len(candidates)):
             module = linears[name]

@@ -62,24 +62,24 @@ class LowRankLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.down(x)
         if self.up_transposed:
-            low_rank = torch.nn.functional.linear(hidden, _dense(self.up).T.to(hidden.dtype))
+            low_rank = torch.nn.functional.linear(hidden, dense_of(self.up).T.to(hidden.dtype))
         else:
             low_rank = self.up(hidden)
         return low_rank if self.base is None else self.base(x) + low_rank
 
     def up_factor(self) -> Tensor:
         """The dense (out, rank) left factor."""
-        return _dense(self.up).T if self.up_transposed else _dense(self.up)
+        return dense_of(self.up).T if self.up_transposed else dense_of(self.up)
 
     def correction(self) -> Tensor:
         """The dense (out, in) matrix up @ down (without the base or the bias)."""
-        return self.up_factor() @ _dense(self.down)
+        return self.up_factor() @ dense_of(self.down)
 
     def dense_weight(self) -> Tensor:
         """The dense (out, in) weight this layer applies (base included)."""
         weight = self.correction()
         if self.base is not None:
-            weight = weight + _dense(self.base)
+            weight = weight + dense_of(self.base)
         return weight
 
     @property
@@ -125,7 +125,7 @@ def _part(module: nn.Module) -> dict:
     raise SlimlmError(f"a {type(module).__name__} cannot be saved as the base of a low-rank layer")
 
 
-def _dense(module: nn.Module) -> Tensor:
+def dense_of(module: nn.Module) -> Tensor:
     """The dense (out, in) float weight of a float or compressed linear."""
     for attribute in ("dense_weight", "dequantize_weight"):
         if callable(getattr(module, attribute, None)):
