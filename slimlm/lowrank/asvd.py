@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
@@ -54,7 +53,7 @@ from slimlm.lowrank.common import (
     target_linears,
     write_cache,
 )
-from slimlm.lowrank.factorize import output_error, rank_for_kept_fraction, saves_parameters, whitening
+from slimlm.lowrank.factorize import Decomposition, output_error, rank_for_kept_fraction, saves_parameters, whitening
 from slimlm.models.adapter import ModelAdapter, linear_shape
 from slimlm.progress import progress
 
@@ -76,29 +75,6 @@ class AbsoluteMean:
         if self.tokens == 0:
             raise SlimlmError("no calibration inputs reached this layer: is it used in the forward pass?")
         return self.sum / self.tokens
-
-
-@dataclass
-class Decomposition:
-    """The SVD of W T (T: the activation scaling or whitening) and T^-1, to truncate at any rank."""
-
-    U: Tensor
-    sigma: Tensor
-    Vh: Tensor
-    back: Tensor  # T^-1: a vector (diagonal scaling) or a matrix (whitening)
-
-    @classmethod
-    def of(cls, weight: Tensor, forward: Tensor, back: Tensor) -> Decomposition:
-        weight = weight.double()
-        scaled = weight * forward if forward.dim() == 1 else weight @ forward
-        U, sigma, Vh = torch.linalg.svd(scaled, full_matrices=False)
-        return cls(U, sigma, Vh, back)
-
-    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
-        root = self.sigma[:rank].sqrt()
-        down = root[:, None] * self.Vh[:rank]
-        down = down * self.back if self.back.dim() == 1 else down @ self.back
-        return (self.U[:, :rank] * root).float(), down.float()
 
 
 @register

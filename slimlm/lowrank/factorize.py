@@ -15,13 +15,15 @@ Three truncations, each the optimum of its own objective (Eckart-Young):
   takes S = Q Lambda^(1/2) from H = Q Lambda Q^T (EoRA). Both give the same optimum when H is positive
   definite; they differ only in how a singular H is handled (dampening, or clamping small eigenvalues).
 
-The singular values are split evenly between the factors (U sqrt(Sigma), sqrt(Sigma) V^T), as ASVD's code
-does, so both factors have the same dynamic range when they are quantized afterwards (LPLR, QLoRA-style).
+All three are `Decomposition` (one SVD, truncated at any rank: ASVD's sensitivity sweep and LASER's search
+reuse it). The singular values are split evenly between the factors (U sqrt(Sigma), sqrt(Sigma) V^T), as
+ASVD's code does, so both factors have the same dynamic range when they are quantized afterwards.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -54,16 +56,36 @@ def check_rank(rank: int, in_features: int, out_features: int, name: str) -> Non
                           f"{out_features} x {in_features} weight; choose a rank of at most that")
 
 
-def _split(U: Tensor, S: Tensor, Vh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    root = S[:rank].sqrt()
-    return U[:, :rank] * root, root[:, None] * Vh[:rank]
+@dataclass
+class Decomposition:
+    """The SVD of W T, to truncate at any rank: T is nothing (plain SVD), a per-input-channel scale vector or a
+    whitening matrix, and T^-1 (`back`) is folded into `down`. Singular values are split evenly."""
+
+    U: Tensor
+    sigma: Tensor
+    Vh: Tensor
+    back: Tensor | None  # T^-1: a vector (diagonal scaling), a matrix (whitening), or None
+
+    @classmethod
+    def of(cls, weight: Tensor, forward: Tensor | None = None, back: Tensor | None = None) -> Decomposition:
+        weight = weight.double()
+        if forward is not None:
+            weight = weight * forward if forward.dim() == 1 else weight @ forward
+        U, sigma, Vh = torch.linalg.svd(weight, full_matrices=False)
+        return cls(U, sigma, Vh, back)
+
+    def factors(self, rank: int) -> tuple[Tensor, Tensor]:
+        """(up, down) in float32: U_r Sigma_r^(1/2) and Sigma_r^(1/2) V_r^T T^-1."""
+        root = self.sigma[:rank].sqrt()
+        down = root[:, None] * self.Vh[:rank]
+        if self.back is not None:
+            down = down * self.back if self.back.dim() == 1 else down @ self.back
+        return (self.U[:, :rank] * root).float(), down.float()
 
 
 def truncated_svd(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """(up, down) of the best rank-`rank` approximation of an (out, in) weight in Frobenius norm."""
-    U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    up, down = _split(U, S, Vh, rank)
-    return up.float(), down.float()
+    return Decomposition.of(weight).factors(rank)
 
 
 def scaled_svd(weight: Tensor, scale: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -72,9 +94,7 @@ def scaled_svd(weight: Tensor, scale: Tensor, rank: int) -> tuple[Tensor, Tensor
         raise SlimlmError("the per-input-channel scales must be positive (an input channel that is always 0 "
                           "needs a small floor)")
     scale = scale.double()
-    U, S, Vh = torch.linalg.svd(weight.double() * scale, full_matrices=False)
-    up, down = _split(U, S, Vh, rank)
-    return up.float(), (down / scale).float()
+    return Decomposition.of(weight, scale, 1 / scale).factors(rank)
 
 
 def whitening(hessian: Tensor, basis: Basis, dampening: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -111,9 +131,7 @@ def whitened_svd(weight: Tensor, hessian: Tensor | None, rank: int, basis: Basis
     """(up, down) with up @ down minimising ||(W - up down) X||_F, H = X X^T ((in, in), summed over tokens);
     `whitener` passes (S, S^-1) already computed from H (linears reading one input share it)."""
     S, S_inv = whitener if whitener is not None else whitening(hessian, basis, dampening)
-    U, sigma, Vh = torch.linalg.svd(weight.double() @ S, full_matrices=False)
-    up, down = _split(U, sigma, Vh, rank)
-    return up.float(), (down @ S_inv).float()
+    return Decomposition.of(weight, S, S_inv).factors(rank)
 
 
 def output_error(delta: Tensor, hessian: Tensor | None) -> float:

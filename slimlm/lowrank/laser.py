@@ -42,24 +42,13 @@ from slimlm.lowrank.common import (
     target_linears,
     write_cache,
 )
-from slimlm.lowrank.factorize import saves_parameters
+from slimlm.lowrank.factorize import Decomposition, saves_parameters
 from slimlm.models.adapter import linear_shape
 from slimlm.models.loss import calibration_perplexity
 from slimlm.progress import progress
 
 KEEP_FRACTIONS = (0.9, 0.8, 0.6, 0.4, 0.2, 0.1, 0.05, 0.01)  # the paper's rho grid
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down", "qkv")
-
-
-class _Truncation:
-    """A weight's SVD, to truncate at any rank: W_r = U_r Sigma_r V_r^T."""
-
-    def __init__(self, weight: torch.Tensor):
-        self.U, self.sigma, self.Vh = torch.linalg.svd(weight.double(), full_matrices=False)
-
-    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        root = self.sigma[:rank].sqrt()
-        return (self.U[:, :rank] * root).float(), (root[:, None] * self.Vh[:rank]).float()
 
 
 @register
@@ -143,10 +132,10 @@ class LASERStage(Stage):
         total = len(candidates) * len(self.keep_fractions)
         for name in progress(candidates, desc=f"laser search ({total} evaluations)", total=len(candidates)):
             module = linears[name]
-            truncation = _Truncation(linear_weight(module).detach().float())
+            decomposition = Decomposition.of(linear_weight(module).detach().float())
             sweep[name] = {}
             for fraction in self.keep_fractions:
-                up, down = truncation.factors(_rank(module, fraction))
+                up, down = decomposition.factors(_rank(module, fraction))
                 install_factors(model, name, module, up, down)
                 try:
                     sweep[name][fraction] = tail(blocks[name])
@@ -156,7 +145,7 @@ class LASERStage(Stage):
         return sweep
 
     def _reduce(self, model, name: str, module: nn.Module, fraction: float) -> None:
-        up, down = _Truncation(linear_weight(module).detach().float()).factors(_rank(module, fraction))
+        up, down = Decomposition.of(linear_weight(module).detach().float()).factors(_rank(module, fraction))
         install_factors(model, name, module, up, down)
 
     def _finish(self, model, kept: list[dict], originals: dict, log: FactorizationLog, report) -> None:
@@ -173,7 +162,7 @@ class LASERStage(Stage):
                 continue
             layer = model.get_submodule(name)
             weight = linear_weight(module)
-            weight.copy_(layer.correction().to(weight.dtype).reshape(weight.shape))
+            weight.copy_(layer.correction().to(weight.dtype))
             replace_module(model, name, module)
             log.stays_dense(name, f"rank {rank} would not save parameters: stored as the dense rank-{rank} matrix",
                             in_features, out_features, report)
