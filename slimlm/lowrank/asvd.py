@@ -140,7 +140,7 @@ class ASVDStage(Stage):
             weight = linear_weight(module).detach().float()
             up, down = Decomposition.of(weight, *transforms[name]).factors(rank)
             install_factors(model, name, module, up, down)
-            log.factorized(name, rank, start, output_error(weight - up @ down, None), report)
+            log.factorized(name, rank, in_features, out_features, start, output_error(weight - up @ down, None), report)
         log.summarize(report, alphas=alphas, kept_fractions=kept)
 
     def _collect(self, context: ModelContext, adapter: ModelAdapter, linears: dict[str, nn.Module],

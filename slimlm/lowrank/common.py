@@ -87,25 +87,26 @@ class FactorizationLog:
 
     def keeps_dense(self, name: str, rank: int, in_features: int, out_features: int, report: CompressionReport) -> bool:
         """True (and recorded) when `rank` would not save parameters: the layer stays dense."""
-        self.parameters_before += in_features * out_features
         if saves_parameters(rank, in_features, out_features):
-            self.parameters_after += rank * (in_features + out_features)
             return False
-        self.parameters_after += in_features * out_features
         limit = break_even_rank(in_features, out_features)
-        self.kept_dense[name] = f"rank {rank} >= {limit:.1f} = m n / (m + n): no parameters saved"
-        report.layers.append(LayerReport(name, f"{self.method} (kept dense: rank {rank} saves nothing)", 0.0))
+        self.stays_dense(name, f"rank {rank} >= {limit:.1f} = m n / (m + n): no parameters saved", in_features,
+                         out_features, report, label=f"rank {rank} saves nothing")
         return True
 
     def stays_dense(self, name: str, reason: str, in_features: int, out_features: int,
-                    report: CompressionReport) -> None:
-        """Record a layer the method itself chose to leave dense (ASVD's sensitivity search, LASER)."""
+                    report: CompressionReport, label: str | None = None) -> None:
+        """Record a layer left dense (its rank saves nothing, ASVD's sensitivity search, LASER, LPLR's bytes)."""
         self.parameters_before += in_features * out_features
         self.parameters_after += in_features * out_features
         self.kept_dense[name] = reason
-        report.layers.append(LayerReport(name, f"{self.method} (kept dense: {reason})", 0.0))
+        report.layers.append(LayerReport(name, f"{self.method} (kept dense: {label or reason})", 0.0))
 
-    def factorized(self, name: str, rank: int, start: float, error: float, report: CompressionReport) -> None:
+    def factorized(self, name: str, rank: int, in_features: int, out_features: int, start: float, error: float,
+                   report: CompressionReport) -> None:
+        """Record a layer replaced by factors of `rank`."""
+        self.parameters_before += in_features * out_features
+        self.parameters_after += rank * (in_features + out_features)
         self.ranks[name] = rank
         report.layers.append(LayerReport(name, self.method, time.perf_counter() - start, error))
 

@@ -156,9 +156,7 @@ class LASERStage(Stage):
             in_features, out_features = linear_shape(module)
             rank = entry["rank"]
             if saves_parameters(rank, in_features, out_features):
-                log.parameters_before += in_features * out_features
-                log.parameters_after += rank * (in_features + out_features)
-                log.factorized(name, rank, start, entry["composed_ppl"], report)
+                log.factorized(name, rank, in_features, out_features, start, entry["composed_ppl"], report)
                 continue
             layer = model.get_submodule(name)
             weight = linear_weight(module)

@@ -27,10 +27,11 @@ from typing import ClassVar, Literal
 import torch
 from pydantic import Field
 
-from slimlm.core.blocks import CompressionReport, linear_weight
+from slimlm.core.blocks import CompressionReport, linear_weight, replace_module
 from slimlm.core.stage import ModelContext, register
-from slimlm.lowrank.common import FactorizationLog, SizeFields, install_factors, target_linears
+from slimlm.lowrank.common import FactorizationLog, SizeFields, target_linears
 from slimlm.lowrank.factorize import output_error
+from slimlm.lowrank.layer import LowRankLinear
 from slimlm.models.adapter import linear_shape
 from slimlm.progress import progress
 from slimlm.quant.grid import quantize_weight
@@ -79,13 +80,13 @@ class LPLRStage(SizeFields):
                 log.stays_dense(name, f"{self.bits}-bit factors of rank {rank} take no fewer bytes than the 16-bit "
                                 "weight", in_features, out_features, report)
                 continue
-            log.parameters_before += in_features * out_features
-            log.parameters_after += rank * (in_features + out_features)
             weight = linear_weight(module).detach().float()
             up, down = lplr(weight, rank, self.bits, generator)
-            layer = install_factors(context.model, name, module, up.dequantize(), down.dequantize())
-            bias = layer.up.bias
-            layer.down = QuantizedLinear.from_quantized(down).to(weight.device)
-            layer.up = QuantizedLinear.from_quantized(up, None if bias is None else bias.detach()).to(weight.device)
-            log.factorized(name, rank, start, output_error(weight - layer.correction(), None), report)
+            bias = getattr(module, "bias", None)
+            layer = LowRankLinear(in_features, out_features, rank, bias is not None)
+            layer.down = QuantizedLinear.from_quantized(down)
+            layer.up = QuantizedLinear.from_quantized(up, None if bias is None else bias.detach())
+            replace_module(context.model, name, layer.to(weight.device))
+            log.factorized(name, rank, in_features, out_features, start,
+                           output_error(weight - layer.correction(), None), report)
         log.summarize(report, bits=self.bits)

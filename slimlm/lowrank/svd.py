@@ -42,5 +42,5 @@ class SVDStage(RankFields):
             weight = linear_weight(module).detach().float()
             up, down = truncated_svd(weight, rank)
             install_factors(context.model, name, module, up, down)
-            log.factorized(name, rank, start, output_error(weight - up @ down, None), report)
+            log.factorized(name, rank, in_features, out_features, start, output_error(weight - up @ down, None), report)
         log.summarize(report)
