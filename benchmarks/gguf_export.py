@@ -3,9 +3,10 @@
 Writes `benchmarks/results/gguf_export.{json,md}`. SmolLM2-135M (the embedded float32 model) is
 quantized by slimlm with its GGUF presets (`slimlm.compress.presets`): `rtn-gguf-q4_0` (RTN 4-bit
 symmetric group 32, llama.cpp's signed-max range rule), `gptq-gguf-q4_0` (the same grid by GPTQ with
-llama.cpp's importance-weighted scales, relative_dampening 1, act-order and static groups), `awq-gguf-q4_0` (AWQ 4-bit symmetric group 32, balanced grid), all
-exported to Q4_0, and `rtn-gguf-q8_0` (RTN 8-bit symmetric group 32) exported to Q8_0; each file is
-written by `slimlm.export.gguf.export_gguf` (token embedding Q8_0, norms F32). GPTQ and AWQ calibrate
+llama.cpp's importance-weighted scales, relative_dampening 1, act-order and static groups),
+`awq-gguf-q4_0` (AWQ 4-bit symmetric group 32, balanced grid), all exported to Q4_0, and
+`rtn-gguf-q8_0` (RTN 8-bit symmetric group 32) exported to Q8_0; each file is written by
+`slimlm.export.gguf.export_gguf` (token embedding Q8_0, norms F32). GPTQ and AWQ calibrate
 on `calibration_samples(tokenizer, "c4", 128, 512, seed 0)`. The float model is also written as F32,
 and llama.cpp's own Q4_0 is made from that file by llama.cpp's `llama-quantize` tool: plain, and with
 an importance matrix that `llama-imatrix` computes on the same calibration text (the 128 calibration

@@ -8,8 +8,9 @@
 - Compression ratio: original size / compressed size.
 - FLOPs per token from the architecture (a multiply-add counts 2 FLOPs): every linear layer of the
   blocks (a low-rank layer: 2 r (in + out)) and the LM head, plus attention scores and the weighted
-  sum of values (4 * heads * head_dim FLOPs per attended position). Decode at context L attends to L positions; the prefill of
-  L tokens attends to 1..L (causal), so its per-token average is 4 * heads * head_dim * (L + 1) / 2.
+  sum of values (4 * heads * head_dim FLOPs per attended position). Decode at context L attends to L
+  positions; the prefill of L tokens attends to 1..L (causal), so its per-token average is
+  4 * heads * head_dim * (L + 1) / 2.
   Layers with a sliding window attend to at most `window` positions. Norms, activations, rotary
   embeddings and the softmax are left out (under 1% for the models here).
 - Latency: prefill of a prompt (one forward pass that fills the KV cache) and per-token decode
