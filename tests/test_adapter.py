@@ -14,10 +14,17 @@ EXPECTED_LINEARS = {
     "gemma3_text": {"q", "k", "v", "o", "gate", "up", "down"},
     "opt": {"q", "k", "v", "o", "up", "down"},
     "gpt2": {"qkv", "o", "up", "down"},
+    "qwen3": {"q", "k", "v", "o", "gate", "up", "down"},
+    "phi3": {"qkv", "o", "gate_up", "down"},
+    "phi": {"q", "k", "v", "o", "up", "down"},
+    "gpt_neox": {"qkv", "o", "up", "down"},
+    "falcon": {"qkv", "o", "up", "down"},
 }
 EXPECTED_NORMS = {
     "gemma2": {"attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm"},
     "gemma3_text": {"attn_norm", "attn_out_norm", "mlp_norm", "mlp_out_norm", "q_norm", "k_norm"},
+    "qwen3": {"attn_norm", "mlp_norm", "q_norm", "k_norm"},
+    "phi": {"attn_norm"},  # one norm in front of the parallel attention and MLP
 }
 
 

@@ -1,8 +1,10 @@
 """The compression engine: one sequential, block-by-block pass that every method runs in.
 
-1. The calibration segments run through the model up to the first decoder block, whose inputs
-   (hidden states and the keyword arguments the model passes to its blocks: attention mask,
-   rotary position embeddings, ...) are captured and kept.
+1. The calibration segments run through the model's own forward, with the blocks passing their input
+   through: the hidden states entering the first block are kept, and for every block the other
+   arguments the model passes it (attention mask, rotary position embeddings, ...). Layers of
+   different attention types (Gemma 2/3 sliding-window and full attention, Qwen2's layers past
+   max_window_layers) get different masks and rotary embeddings, so each block is later run with its own.
 2. For each block in order, each stage of the recipe processes it: a method attaches hooks to the
    block's linears to gather what it needs (the input Hessian X^T X for GPTQ, activation
    statistics and inputs for AWQ), runs the block on the cached inputs, and replaces or rewrites
@@ -49,7 +51,6 @@ from transformers import PreTrainedModel
 from slimlm.compress.recipe import Recipe, select_targets
 from slimlm.core.blocks import (
     BlockContext,
-    BlockInputs,
     CompressionReport,
     block_targets,
     capture_block_inputs,
@@ -124,7 +125,7 @@ def compress(
                     next_hidden = context.next_inputs  # a later stage's changes invalidate earlier outputs
             if inputs is not None and index + 1 < len(adapter):
                 next_hidden = next_hidden if next_hidden is not None else run_block(block, inputs)
-                inputs = BlockInputs(next_hidden, inputs.args, inputs.kwargs)
+                inputs = inputs.following(next_hidden)
     return _finish(model, recipe, report, start, device, was_training)
 
 

@@ -7,6 +7,7 @@ context a method sees of the block it compresses, and the report methods write t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,15 +35,28 @@ class _InputsCollected(Exception):
 
 @dataclass
 class BlockInputs:
-    """Calibration activations entering a block, one entry per batch of segments."""
+    """Calibration activations entering a block, one entry per batch of segments, with the other arguments
+    the model's own forward passes that block (attention mask, rotary position embeddings, ...)."""
 
     hidden: list[torch.Tensor]
     args: list[tuple]
     kwargs: list[dict]
+    # The (args, kwargs) per batch that each later block gets from the model's forward, in order. Blocks
+    # differ where the layers differ in attention type: Gemma 2/3 give sliding-window and full-attention
+    # layers their own mask and rotary embedding, Qwen2 its layers past max_window_layers another mask.
+    later: list[tuple[list[tuple], list[dict]]] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def following(self, hidden: list[torch.Tensor]) -> BlockInputs:
+        """What enters the next block: `hidden` (this block's outputs) with the arguments the model gives that
+        block. After the last block only the hidden states mean anything (the last block's arguments stay)."""
+        if not self.later:
+            return BlockInputs(hidden, self.args, self.kwargs)
+        (args, kwargs), *rest = self.later
+        return BlockInputs(hidden, args, kwargs, rest)
 
 
 @dataclass
@@ -213,33 +227,73 @@ def dense_block_passes(
             for handle in handles:
                 handle.remove()
         yield block, inputs, outputs
-        inputs = BlockInputs(outputs, inputs.args, inputs.kwargs)
+        inputs = inputs.following(outputs)
 
 
 @torch.no_grad()
 def capture_block_inputs(
     model: PreTrainedModel, adapter: ModelAdapter, calibration: torch.Tensor, batch_size: int, device: torch.device
 ) -> BlockInputs:
-    """Run the calibration segments up to the first block and keep what enters it."""
-    captured = BlockInputs([], [], [])
+    """Run the calibration segments through the model's own forward and keep what enters the first block,
+    and what arguments besides the hidden states every block gets (see `BlockInputs.later`).
 
-    def hook(_module, args, kwargs):
-        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
-        captured.args.append(tuple(args[1:]))
-        captured.kwargs.append(dict(kwargs))
-        raise _InputsCaptured
+    The blocks are not computed: each passes its input through (returned in the form the real block's output
+    has), and the pass stops at the last block, so this costs the embeddings and one block on one batch."""
+    blocks = list(adapter.blocks)
+    calls: list[tuple[list[tuple], list[dict]]] = [([], []) for _ in blocks]
+    hidden: list[torch.Tensor] = []
 
-    handle = adapter.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def recorder(index: int):
+        def hook(_module, args, kwargs):
+            kwargs = dict(kwargs)
+            x = args[0] if args else kwargs.pop("hidden_states")
+            calls[index][0].append(tuple(args[1:]))
+            calls[index][1].append(kwargs)
+            if index == 0:
+                hidden.append(x)
+            if index == len(blocks) - 1:
+                raise _InputsCaptured
+        return hook
+
+    handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
-        with on_device(_non_block_modules(model, adapter), device):
+        with on_device(_non_block_modules(model, adapter), device), _passing_through(blocks[:-1]):
             for start in progress(range(0, len(calibration), batch_size), desc="capture inputs"):
                 try:
                     model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
                 except _InputsCaptured:
                     pass
     finally:
-        handle.remove()
-    return captured
+        for handle in handles:
+            handle.remove()
+    (args, kwargs), *later = calls
+    return BlockInputs(hidden, args, kwargs, later)
+
+
+@contextmanager
+def _passing_through(blocks: list[nn.Module]) -> Iterator[None]:
+    """Let `blocks` return their input hidden states instead of computing, in the form the real output has
+    (a tensor, or a tuple whose first item is the hidden states): the first call runs the real forward once
+    to learn that form."""
+    form: dict[str, tuple | None] = {}
+
+    def pass_through(block: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+        if "extra" not in form:
+            output = type(block).forward(block, hidden_states, *args, **kwargs)
+            form["extra"] = tuple(output[1:]) if isinstance(output, (tuple, list)) else None
+        return hidden_states if form["extra"] is None else (hidden_states, *form["extra"])
+
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = functools.partial(pass_through, block)
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def _non_block_modules(model: PreTrainedModel, adapter: ModelAdapter) -> list[nn.Module]:

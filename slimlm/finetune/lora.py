@@ -58,7 +58,7 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-def add_lora(model: nn.Module, roles: tuple[str, ...] = ("q", "k", "v", "qkv", "o", "gate", "up", "down"),
+def add_lora(model: nn.Module, roles: tuple[str, ...] = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"),
              rank: int = 8, alpha: float = 16.0, dropout: float = 0.05) -> int:
     """Freeze the model and wrap the block linears with the given roles in LoRA; returns how many."""
     for param in model.parameters():

@@ -18,7 +18,6 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from slimlm.core.blocks import (
-    BlockInputs,
     CompressionReport,
     LayerReport,
     capture_block_inputs,
@@ -160,7 +159,7 @@ class TailPerplexity:
         self.entering = []
         for block in self.adapter.blocks:
             self.entering.append(inputs)
-            inputs = BlockInputs(run_block(block, inputs), inputs.args, inputs.kwargs)
+            inputs = inputs.following(run_block(block, inputs))
         full = calibration_perplexity(model, tokens, batch_size)
         self.exact = math.isclose(self._ppl_from(0), full, rel_tol=1e-4)
 
@@ -168,7 +167,7 @@ class TailPerplexity:
     def _ppl_from(self, index: int) -> float:
         inputs = self.entering[index]
         for block in list(self.adapter.blocks)[index:]:
-            inputs = BlockInputs(run_block(block, inputs), inputs.args, inputs.kwargs)
+            inputs = inputs.following(run_block(block, inputs))
         total, count, start = 0.0, 0, 0
         for hidden in inputs.hidden:
             labels = self.tokens[start : start + hidden.shape[0]].to(hidden.device)

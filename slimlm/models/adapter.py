@@ -13,7 +13,8 @@ whereas Llama uses that name for the norm in front of the MLP.
 
 Roles:
 - attention linears: `q`, `k`, `v`, `o`, or `qkv` where one fused projection makes all three (GPT-2);
-- MLP linears: `gate`, `up`, `down` (`up`/`down` alone for two-matrix MLPs such as OPT and GPT-2);
+- MLP linears: `gate`, `up`, `down` (`up`/`down` alone for two-matrix MLPs such as OPT and GPT-2), or
+  `gate_up` where one fused projection makes gate and up (Phi-3: its first half is the gate, the second up);
 - norms: `attn_norm` (in front of attention), `mlp_norm` (in front of the MLP), `attn_out_norm`
   and `mlp_out_norm` (Gemma 2/3 sandwich norms on the branch outputs), `q_norm`, `k_norm`.
 """
@@ -31,7 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from slimlm.errors import SlimlmError
 
 ATTENTION_ROLES = ("q", "k", "v", "o", "qkv")
-MLP_ROLES = ("gate", "up", "down")
+MLP_ROLES = ("gate", "up", "gate_up", "down")
 NORM_ROLES = ("attn_norm", "mlp_norm", "attn_out_norm", "mlp_out_norm", "q_norm", "k_norm")
 
 # Role patterns, matched against the module's path inside its block (first match wins).
@@ -41,7 +42,8 @@ ROLE_PATTERNS: dict[str, str] = {
     "k": r"(k_proj|key|wk|k_lin)$",
     "v": r"(v_proj|value|wv|v_lin)$",
     "o": r"(attn\.c_proj|attention\.dense|o_proj|out_proj|wo|dense)$",
-    "gate": r"(gate_proj|w1|gate_up_proj)$",
+    "gate_up": r"gate_up_proj$",
+    "gate": r"(gate_proj|w1)$",
     "up": r"(up_proj|fc1|c_fc|w3|dense_h_to_4h|fc_in)$",
     "down": r"(down_proj|fc2|mlp\.c_proj|w2|dense_4h_to_h|fc_out)$",
     "q_norm": r"q_norm$",
@@ -86,7 +88,7 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features  # nn.Linear and compressed linears
 
 # The linears each pre-norm reads into, in a block's order (`BlockAdapter.norm_readers`).
-NORM_READERS = {"attn_norm": ("q", "k", "v", "qkv"), "mlp_norm": ("gate", "up")}
+NORM_READERS = {"attn_norm": ("q", "k", "v", "qkv"), "mlp_norm": ("gate", "up", "gate_up")}
 
 
 @dataclass
@@ -121,7 +123,8 @@ class BlockAdapter:
         """The submodule that holds the MLP's linears (Llama's `mlp`), or None where they sit directly
         in the block (OPT's fc1/fc2)."""
         parent = self.linear_names["down"].rpartition(".")[0]
-        if not parent or self.linear_names["up"].rpartition(".")[0] != parent:
+        up = self.linear_names.get("up", self.linear_names.get("gate_up", ""))
+        if not parent or up.rpartition(".")[0] != parent:
             return None
         return self.module.get_submodule(parent)
 
@@ -242,12 +245,22 @@ def _role_of(name: str, overrides: dict[str, str]) -> str | None:
     return None
 
 
+def require_norm_per_half(block: BlockAdapter, method: str) -> None:
+    """Fail unless the block has a norm in front of attention and another in front of the MLP: methods that
+    fold scales into those norms (AWQ, SmoothQuant, OmniQuant's LET) would mis-scale a half otherwise."""
+    if not {"attn_norm", "mlp_norm"} <= set(block.norm_names):
+        raise SlimlmError(f"{method} folds scales into the norm in front of attention and the one in front of the "
+                          f"MLP, but block {block.index} has norms {sorted(block.norm_names)} (one norm feeding both "
+                          "halves, as in Phi's parallel blocks); use a method without scale folding (gptq, rtn)")
+
+
 def _check_block(adapter: BlockAdapter) -> None:
     roles = set(adapter.linears)
     has_attention = {"q", "k", "v", "o"} <= roles or {"qkv", "o"} <= roles
-    has_mlp = {"up", "down"} <= roles
+    has_mlp = "down" in roles and ("up" in roles or "gate_up" in roles)
     if not (has_attention and has_mlp):
         raise SlimlmError(
             f"unsupported architecture: block {adapter.index} has linears {sorted(adapter.linear_names.values())}, "
-            f"recognised as roles {sorted(roles)}; slimlm needs q/k/v (or fused qkv), o, up and down projections"
+            f"recognised as roles {sorted(roles)}; slimlm needs q/k/v (or fused qkv), o, up (or fused gate_up) "
+            "and down projections"
         )

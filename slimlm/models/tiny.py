@@ -22,13 +22,30 @@ TINY_CONFIGS: dict[str, dict] = {
     "opt": dict(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                 word_embed_proj_dim=64, max_position_embeddings=512),
     "gpt2": dict(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=0, eos_token_id=0),
+    "qwen3": dict(_COMMON, head_dim=16),
+    "phi3": dict(_COMMON, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    "phi": dict(_COMMON),
+    "gpt_neox": dict(_COMMON),
+    "falcon": dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                   new_decoder_architecture=True, max_position_embeddings=512, bos_token_id=0, eos_token_id=0),
+}
+# Config changes that give the layers of one model different attention types (a sliding window shorter
+# than the tests' segments on some layers, full attention on others), for tests of per-layer inputs.
+MIXED_ATTENTION: dict[str, dict] = {
+    "mistral": dict(sliding_window=8),
+    "qwen2": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "qwen3": dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "gemma2": dict(sliding_window=8),
+    "gemma3_text": dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2),
 }
 TINY_FAMILIES = tuple(TINY_CONFIGS)
 
 
-def tiny_model(family: str, seed: int = 0, vocab_size: int | None = None, blocks: int = 2) -> PreTrainedModel:
-    """A random model of `family` with `blocks` decoder blocks (2 by default), in float32 eval mode."""
-    kwargs = dict(TINY_CONFIGS[family])
+def tiny_model(family: str, seed: int = 0, vocab_size: int | None = None, blocks: int = 2,
+               **config) -> PreTrainedModel:
+    """A random model of `family` with `blocks` decoder blocks (2 by default), in float32 eval mode;
+    `config` overrides the tiny config's settings."""
+    kwargs = dict(TINY_CONFIGS[family], **config)
     kwargs["n_layer" if family == "gpt2" else "num_hidden_layers"] = blocks
     if vocab_size is not None:
         kwargs["vocab_size"] = vocab_size

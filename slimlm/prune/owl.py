@@ -37,7 +37,7 @@ def outlier_ratios(model: PreTrainedModel, adapter: ModelAdapter, stage: Stage, 
                                 for name in targets]) if targets else torch.zeros(1)
             ratios.append(float((scores > multiple * scores.mean()).float().mean()) * 100)
             if index + 1 < len(adapter):
-                inputs = BlockInputs(run_block(block, inputs), inputs.args, inputs.kwargs)
+                inputs = inputs.following(run_block(block, inputs))
     return ratios
 
 

@@ -337,7 +337,7 @@ def slice_per_block_(model: PreTrainedModel, adapter: ModelAdapter, calibration:
         slice_norm_(block.norms["attn_norm"], hidden, width)
         signal: list[torch.Tensor] = []
         hook = block.norms["mlp_norm"].register_forward_pre_hook(lambda _m, args: signal.append(args[0].detach()))
-        batches = BlockInputs(hidden_in, inputs.args, inputs.kwargs)
+        batches = BlockInputs(hidden_in, inputs.args, inputs.kwargs)  # this block's arguments
         with on_device([module], device):
             try:
                 run_block(module, batches)
@@ -356,6 +356,7 @@ def slice_per_block_(model: PreTrainedModel, adapter: ModelAdapter, calibration:
             module.mlp_shortcut = nn.Parameter((Q_mid.T @ Q_next).to(dtype), requires_grad=False)
             rotate_writer_(block.linears["down"], Q_next)
         hidden_in = [o @ Q_next.to(o) for o in outputs]
+        inputs = inputs.following(hidden_in)
         Q = Q_next
     rotate_reader_(adapter.lm_head, Q)
     slice_norm_(adapter.final_norm, hidden, width)

@@ -51,7 +51,7 @@ from slimlm.quant.scale_refit import refit_group_scales
 
 # True-sequential order inside a block (the reference code's `sequential` groups): each group is
 # quantized on inputs produced by the already-quantized groups before it.
-SEQUENTIAL_GROUPS = (("q", "k", "v", "qkv"), ("o",), ("gate", "up"), ("down",))
+SEQUENTIAL_GROUPS = (("q", "k", "v", "qkv"), ("o",), ("gate", "up", "gate_up"), ("down",))
 
 
 def gptq_quantize(

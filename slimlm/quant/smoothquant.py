@@ -50,7 +50,7 @@ from slimlm.core.blocks import (
 )
 from slimlm.core.stage import Stage, register
 from slimlm.errors import SlimlmError
-from slimlm.models.adapter import BlockAdapter, ModelAdapter
+from slimlm.models.adapter import BlockAdapter, ModelAdapter, require_norm_per_half
 from slimlm.quant.awq import ScalingGroup, apply_scales
 from slimlm.quant.fields import ActivationQuantConfig, GroupSize, WeightActivationFields
 from slimlm.quant.rtn import replace_quantizing_inputs, wa_layer
@@ -71,9 +71,7 @@ def check_alpha(alpha: float) -> float:
 
 def smoothing_groups(block: BlockAdapter) -> list[SmoothingGroup]:
     """The norm -> linears pairs of a block, from the architecture adapter's roles."""
-    if not {"attn_norm", "mlp_norm"} <= set(block.norm_names):  # one norm feeding both halves would mis-scale the MLP
-        raise SlimlmError(f"block {block.index}: SmoothQuant needs a norm in front of attention and one in front "
-                          f"of the MLP; this block has norms {sorted(block.norm_names)}")
+    require_norm_per_half(block, "SmoothQuant")
     return [SmoothingGroup(block.norm_names[norm], [block.linear_names[role] for role in roles])
             for norm, roles in block.norm_readers().items()]
 
@@ -217,6 +215,11 @@ class SmoothQuantStage(WeightActivationFields, Stage):
             raise ValueError("outlier_threshold (LLM.int8()) is a setting of the rtn stage; SmoothQuant removes "
                              "the outliers by smoothing instead")
         return self
+
+    def check(self, adapter: ModelAdapter, layers: dict[str, int]) -> None:
+        super().check(adapter, layers)
+        for block in adapter:
+            require_norm_per_half(block, "SmoothQuant")
 
     def apply(self, context: BlockContext, report: CompressionReport) -> None:
         smoothquant_block(context, self, report)
