@@ -72,9 +72,9 @@ def token_files(data_dir: str, proto: dict, tag: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from slimlm.data.calibration import calibration_samples, tokenize_corpus
+    from slimlm.data.calibration import calibration_samples
     from slimlm.data.corpora import load_corpus
-    from slimlm.eval.perplexity import token_windows
+    from slimlm.eval.perplexity import corpus_windows
     from slimlm.models.loading import embedded_gguf_path, gguf_to_directory, load_model
 
     directory = Path(tempfile.gettempdir()) / f"slimlm-{tag}"
@@ -88,8 +88,9 @@ def token_files(data_dir: str, proto: dict, tag: str) -> dict:
         torch.save(calibration, paths["calib_pt"])
         save_file({"input_ids": calibration.contiguous()}, str(paths["calib"]))
         p = proto["perplexity"]
-        ids = tokenize_corpus(tokenizer, load_corpus("wikitext2", "eval", data_dir))
-        save_file({"input_ids": token_windows(ids, p["seqlen"], p["max_windows"]).contiguous()}, str(paths["eval"]))
+        windows, _, _ = corpus_windows(tokenizer, load_corpus("wikitext2", "eval", data_dir), p["seqlen"],
+                                       p["max_windows"])
+        save_file({"input_ids": windows.contiguous()}, str(paths["eval"]))
     return {key: str(value) for key, value in paths.items()}
 
 

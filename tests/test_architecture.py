@@ -24,7 +24,7 @@ from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, lin
 from slimlm.core.registry import register_layer
 from slimlm.core.stage import ModelContext, Stage, register
 from slimlm.errors import SlimlmError
-from slimlm.eval.perplexity import perplexity_of_ids
+from slimlm.eval.perplexity import perplexity_of_windows, token_windows
 from slimlm.models.tiny import tiny_model
 
 PACKAGE = Path(slimlm.__file__).parent
@@ -120,9 +120,9 @@ def test_toy_method_compresses_saves_reloads_and_evaluates(tmp_path):
         assert torch.equal(reloaded.state_dict()[key], tensor), key
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
-    nll, scored, _, _ = perplexity_of_ids(reloaded, ids, seqlen=32)
+    nll, scored = perplexity_of_windows(reloaded, token_windows(ids, 32))
     assert scored == 93 and torch.isfinite(torch.tensor(nll))
-    assert nll == perplexity_of_ids(model, ids, seqlen=32)[0]
+    assert nll == perplexity_of_windows(model, token_windows(ids, 32))[0]
 
 
 def test_toy_methods_compose_with_builtin_ones_in_one_recipe():

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import slimlm
 from slimlm.errors import SlimlmError
-from slimlm.eval.perplexity import perplexity_of_ids
+from slimlm.eval.perplexity import perplexity_of_windows, token_windows
 from slimlm.infer import generate_ids
 from slimlm.infer.runner import ModelRunner
 from slimlm.models.tiny import TINY_CONFIGS, tiny_model
@@ -68,8 +68,8 @@ def test_generation_uses_the_kernels_and_evaluation_stays_exact(kernel_mode):
         exact_runner = ModelRunner(model, fast_kernels=False).forward(ids, [40], _cache(model), all_logits=True)
     assert torch.allclose(exact_runner, exact, atol=1e-4)
     assert not torch.equal(fast, exact_runner) and torch.allclose(fast, exact_runner, atol=0.05, rtol=0.05)
-    nll = perplexity_of_ids(model, ids, seqlen=40)[0]
-    assert quantized_paths(model) == {"reference"} and nll == perplexity_of_ids(model, ids, seqlen=40)[0]
+    nll = perplexity_of_windows(model, token_windows(ids, 40))[0]
+    assert quantized_paths(model) == {"reference"} and nll == perplexity_of_windows(model, token_windows(ids, 40))[0]
 
 
 @needs_int4

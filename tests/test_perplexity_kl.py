@@ -7,8 +7,10 @@ import torch.nn.functional as F
 from slimlm.data.corpora import Corpus
 from slimlm.errors import SlimlmError
 from slimlm.eval.kl import kl_divergence, token_kl
-from slimlm.eval.perplexity import perplexity, token_windows
+from slimlm.data.calibration import added_bos
+from slimlm.eval.perplexity import corpus_windows, perplexity, token_windows
 from slimlm.models.tiny import tiny_model
+from tests.helpers import small_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +93,35 @@ def test_random_model_of_the_real_shape_has_perplexity_near_vocabulary_size(real
     trained = perplexity(real_model.model, tokenizer, "pydoc", seqlen=256, max_windows=2)
     assert trained.ppl < 100 < result.ppl
     assert math.isfinite(trained.nll)
+
+
+def test_bos_follows_the_tokenizer(text_corpus):
+    plain, with_bos = small_bpe_tokenizer(), small_bpe_tokenizer(adds_bos=True)
+    assert added_bos(plain) is None and added_bos(with_bos) == 1
+    stream = plain(text_corpus.text, return_tensors="pt").input_ids[0]
+    assert with_bos(text_corpus.text, return_tensors="pt").input_ids[0].tolist() == [1, *stream.tolist()]
+    windows, total, bos = corpus_windows(plain, text_corpus, 32, max_windows=3)
+    assert not bos and windows.tolist() == token_windows(stream, 32, 3).tolist() and total == len(stream) // 32
+    windows, total, bos = corpus_windows(with_bos, text_corpus, 32, max_windows=3)
+    assert bos and total == len(stream) // 31
+    assert windows[:, 0].tolist() == [1, 1, 1]  # the BOS starts every window, not only the corpus
+    assert windows[:, 1:].tolist() == token_windows(stream, 31, 3).tolist()
+
+
+def test_perplexity_with_bos_scores_each_window_after_the_bos(text_corpus):
+    tokenizer = small_bpe_tokenizer(adds_bos=True)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    result = perplexity(model, tokenizer, text_corpus, seqlen=32, max_windows=4)
+    stream = tokenizer(text_corpus.text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    nll = []
+    for i in range(4):  # written out: [BOS] + 31 tokens, the 31 tokens predicted
+        window = torch.cat([torch.tensor([1]), stream[i * 31 : (i + 1) * 31]])
+        with torch.no_grad():
+            logits = model(window[None]).logits[0]
+        nll.append(F.cross_entropy(logits[:-1], window[1:], reduction="sum"))
+    assert result.bos and result.tokens_scored == 4 * 31
+    assert result.ppl == pytest.approx(math.exp(float(sum(nll)) / (4 * 31)), rel=1e-5)
+    plain = perplexity(model, small_bpe_tokenizer(), text_corpus, seqlen=32, max_windows=4)
+    assert not plain.bos and plain.ppl != pytest.approx(result.ppl, rel=1e-3)
+    kl = kl_divergence(model, model, tokenizer, text_corpus, seqlen=32, max_windows=2)
+    assert kl.bos and kl.ppl == pytest.approx(perplexity(model, tokenizer, text_corpus, seqlen=32, max_windows=2).ppl)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from slimlm.cli import main
+from slimlm.data.calibration import added_bos
 from slimlm.eval.zeroshot import evaluate_task
 
 pytestmark = pytest.mark.real
@@ -41,6 +42,7 @@ def test_cli_perplexity_agrees_with_a_straight_line_transformers_computation(rea
             nlls.append(F.cross_entropy(logits[:-1], window[0, 1:]) * 2048)
     reference = torch.exp(torch.stack(nlls).sum() / (2 * 2048)).item()
     assert abs(ours - reference) < 0.01, (ours, reference)
+    assert added_bos(real_model.tokenizer) is None  # so the windows carry no BOS: committed numbers stand
 
 
 def _three_sigma(chance: float, n: int) -> float:

@@ -31,6 +31,7 @@ from slimlm.eval.zeroshot import (
     score_continuations,
     score_token_pairs,
 )
+from tests.helpers import small_bpe_tokenizer
 
 DATA_DIR = Path(os.environ.get("SLIMLM_DATA", "/work/shared/data"))
 needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no data directory at {DATA_DIR} (set SLIMLM_DATA)")
@@ -283,6 +284,14 @@ def test_empty_context_uses_eos(smol_tokenizer) -> None:
     ((context_ids, continuation_ids),) = encode_pairs(smol_tokenizer, [("", " hello there")])
     assert context_ids == [smol_tokenizer.eos_token_id]
     assert continuation_ids == smol_tokenizer.encode(" hello there", add_special_tokens=False)
+
+
+def test_a_tokenizer_that_adds_bos_gets_it_in_front_of_every_context() -> None:
+    plain, with_bos = small_bpe_tokenizer(), small_bpe_tokenizer(adds_bos=True)
+    pairs = [("Question: the\nAnswer:", " yes"), ("", " the end")]
+    without, with_ = encode_pairs(plain, pairs), encode_pairs(with_bos, pairs)
+    assert with_[0] == ([1, *without[0][0]], without[0][1])  # lm-eval's add_bos_token=True encoding
+    assert with_[1] == ([1], without[1][1]) and without[1][0] == [plain.eos_token_id]
 
 
 def test_scores_match_straight_line_reference(tiny_llama, smol_tokenizer) -> None:

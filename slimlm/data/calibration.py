@@ -18,6 +18,17 @@ from slimlm.data.corpora import Corpus, load_corpus
 from slimlm.errors import SlimlmError
 
 
+def added_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS token id the tokenizer puts in front of a text it encodes (Llama 2/3, Gemma), or None when it
+    adds none (GPT-2, SmolLM2, Qwen2: a BOS token may exist without being added)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    special = tokenizer("a", add_special_tokens=True).input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    return int(bos) if special[:1] == [bos] and plain[:1] != [bos] else None
+
+
 def tokenize_corpus(tokenizer: PreTrainedTokenizerBase, corpus: Corpus) -> torch.Tensor:
     """The whole corpus as one 1-D tensor of token ids (joined with blank lines, tokenized once)."""
     ids = tokenizer(corpus.text, return_tensors="pt", verbose=False).input_ids[0]

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slimlm.data.calibration import tokenize_corpus
 from slimlm.data.corpora import Corpus, load_corpus
-from slimlm.eval.perplexity import PROTOCOL, token_windows, window_logits, window_nll
+from slimlm.eval.perplexity import PROTOCOL, corpus_windows, window_logits, window_nll
 from slimlm.progress import progress
 
 
@@ -42,6 +41,7 @@ class KLResult:
     windows: int
     seqlen: int
     protocol: str = "KL(reference || model) per predicted token over the windows of the perplexity protocol: " + PROTOCOL
+    bos: bool = False  # every window started with the tokenizer's BOS token (as in the perplexity protocol)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +66,7 @@ def kl_divergence(
     """KL divergence of `model` from `reference` on the evaluation split of `corpus`."""
     if isinstance(corpus, str):
         corpus = load_corpus(corpus, split="eval", data_dir=data_dir)
-    windows = token_windows(tokenize_corpus(tokenizer, corpus), seqlen, max_windows)
+    windows, _, bos = corpus_windows(tokenizer, corpus, seqlen, max_windows)
     kls, agree, nll, nll_ref = [], 0, 0.0, 0.0
     for window in progress(windows, desc=f"kl {corpus.name}", total=len(windows)):
         ref_logits = window_logits(reference, window)
@@ -89,4 +89,5 @@ def kl_divergence(
         tokens_scored=count,
         windows=len(windows),
         seqlen=seqlen,
+        bos=bos,
     )

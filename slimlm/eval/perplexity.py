@@ -8,6 +8,13 @@ Protocol (recorded in every result):
    2..seqlen of the window from the ones before;
 4. ppl = exp(mean negative log-likelihood over all predicted tokens).
 
+BOS: a model whose tokenizer puts a BOS token in front of every text it encodes (Llama 2/3, Gemma) was
+trained with one at the start of every sequence, and scores far worse without it. For such a tokenizer
+every window is the BOS followed by `seqlen - 1` tokens of the stream (the stream without the BOS the
+tokenizer put in front of the corpus), and the model predicts those `seqlen - 1` tokens, the first from
+the BOS alone: as many predictions per window as without a BOS. A tokenizer that adds no BOS (SmolLM2,
+GPT-2, Qwen2) gets steps 1-4 unchanged. Results record which (`bos`).
+
 GPTQ's code multiplies each window's mean loss by `seqlen` and divides the sum by
 `windows * seqlen`; with equal-length windows that is the same number as step 4.
 
@@ -31,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slimlm.data.calibration import tokenize_corpus
+from slimlm.data.calibration import added_bos, tokenize_corpus
 from slimlm.data.corpora import Corpus, load_corpus
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress
@@ -53,6 +60,7 @@ class PerplexityResult:
     seqlen: int
     source: str
     protocol: str = PROTOCOL
+    bos: bool = False  # every window started with the tokenizer's BOS token (see the module docstring)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +79,22 @@ def token_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None
     return ids[: count * seqlen].view(count, seqlen)
 
 
+def corpus_windows(tokenizer: PreTrainedTokenizerBase, corpus: Corpus, seqlen: int,
+                   max_windows: int | None = None) -> tuple[torch.Tensor, int, bool]:
+    """The evaluation windows of `corpus`, shape (windows, seqlen), the number of windows the corpus holds,
+    and whether each starts with the tokenizer's BOS (see the module docstring)."""
+    ids = tokenize_corpus(tokenizer, corpus)
+    bos = added_bos(tokenizer)
+    if bos is None:
+        return token_windows(ids, seqlen, max_windows), ids.numel() // seqlen, False
+    if seqlen < 3:
+        raise SlimlmError(f"seqlen must be at least 3 with a BOS token in front of each window (got {seqlen})")
+    ids = ids[1:] if ids[:1].tolist() == [bos] else ids
+    text = token_windows(ids, seqlen - 1, max_windows)
+    windows = torch.cat([torch.full((len(text), 1), bos, dtype=text.dtype), text], dim=1)
+    return windows, ids.numel() // (seqlen - 1), True
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -87,13 +111,11 @@ def window_nll(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:-1], window[1:].to(logits.device), reduction="none")
 
 
-def perplexity_of_ids(
-    model: PreTrainedModel, ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None, desc: str = "ppl",
-    kv_cache=None, kv_chunk: int = 128,
-) -> tuple[float, int, int, int]:
-    """(mean NLL, tokens scored, windows used, windows available) over the windows of `ids`; with a
-    `kv_cache` spec (`slimlm.infer.quantized_cache.KVQuantSpec`) each window goes through that cache in chunks."""
-    windows = token_windows(ids, seqlen, max_windows)
+def perplexity_of_windows(
+    model: PreTrainedModel, windows: torch.Tensor, desc: str = "ppl", kv_cache=None, kv_chunk: int = 128,
+) -> tuple[float, int]:
+    """(mean NLL, tokens scored) over `windows` (windows, seqlen); with a `kv_cache` spec
+    (`slimlm.infer.quantized_cache.KVQuantSpec`) each window goes through that cache in chunks."""
     runner = None
     if kv_cache is not None:
         from slimlm.infer.quantized_cache import check_chunk, chunked_nll
@@ -110,7 +132,7 @@ def perplexity_of_ids(
             nll = chunked_nll(runner, window, kv_chunk, kv_cache)
         total_nll += nll.double().sum().item()
         scored += nll.numel()
-    return total_nll / scored, scored, len(windows), ids.numel() // seqlen
+    return total_nll / scored, scored
 
 
 def perplexity(
@@ -126,10 +148,10 @@ def perplexity(
     """Perplexity of `model` on the evaluation split of `corpus` (see the module docstring)."""
     if isinstance(corpus, str):
         corpus = load_corpus(corpus, split="eval", data_dir=data_dir)
-    ids = tokenize_corpus(tokenizer, corpus)
-    nll, scored, used, total = perplexity_of_ids(model, ids, seqlen, max_windows, desc=f"ppl {corpus.name}",
-                                                 kv_cache=kv_cache, kv_chunk=kv_chunk)
+    windows, total, bos = corpus_windows(tokenizer, corpus, seqlen, max_windows)
+    nll, scored = perplexity_of_windows(model, windows, desc=f"ppl {corpus.name}", kv_cache=kv_cache,
+                                        kv_chunk=kv_chunk)
     return PerplexityResult(
-        corpus=corpus.name, ppl=math.exp(nll), nll=nll, tokens_scored=scored, windows=used,
-        total_windows=total, seqlen=seqlen, source=corpus.source,
+        corpus=corpus.name, ppl=math.exp(nll), nll=nll, tokens_scored=scored, windows=len(windows),
+        total_windows=total, seqlen=seqlen, source=corpus.source, bos=bos,
     )

@@ -32,6 +32,11 @@ Deviations from lm-eval:
 * lm-eval >= 0.4.3 uses the BOS token (when the tokenizer has one) for an empty context; we use EOS,
   as v0.4.0-0.4.2 did. None of the eight tasks here has an empty context.
 * No bootstrap stderr for LAMBADA perplexity.
+
+BOS: a tokenizer that puts a BOS token in front of every text (Llama 2/3, Gemma) gets it in front of every
+context, as lm-eval encodes with `add_bos_token=True` (lm-eval's default for Gemma; for other models its
+default is no BOS, which scores such models without the token they were trained to start with). A
+tokenizer that adds none (SmolLM2, GPT-2, Qwen2) is scored exactly as above. Results record which (`bos`).
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from slimlm.data.tasks import (
     MultipleChoiceExample,
     load_task,
 )
+from slimlm.data.calibration import added_bos
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress
 
@@ -101,14 +107,16 @@ def encode_pairs(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple
     split = [_split_trailing_space(context, continuation) for context, continuation in pairs]
     texts = [c for c, _ in split if c] + [c + k if c else k for c, k in split]
     ids = _encode_all(tokenizer, texts)
+    bos = added_bos(tokenizer)
+    start = [] if bos is None else [bos]  # lm-eval's add_bos_token (see the module docstring)
     encoded = []
     for context, continuation in split:
         if not context:
-            # Nothing to condition on: lm-eval uses the end-of-text token as the context.
-            encoded.append(([_eos_id(tokenizer)], ids[continuation]))
+            # Nothing to condition on: lm-eval uses the end-of-text token as the context (BOS where one is added).
+            encoded.append((start or [_eos_id(tokenizer)], ids[continuation]))
             continue
         whole, context_ids = ids[context + continuation], ids[context]
-        encoded.append((context_ids, whole[len(context_ids) :]))
+        encoded.append((start + context_ids, whole[len(context_ids) :]))
     for (context, continuation), (_, continuation_ids) in zip(pairs, encoded):
         if not continuation_ids:
             raise SlimlmError(f"continuation {continuation!r} of context {context[-40:]!r} encodes to no tokens")
@@ -348,5 +356,6 @@ def evaluate_task(
             "lm_eval_task": lm_eval_task,
             "files": list(TASK_FILES[name]),
             "max_length": model_max_length(model, tokenizer),
+            "bos": added_bos(tokenizer) is not None,
         },
     }
