@@ -7,7 +7,8 @@ from slimlm.errors import SlimlmError
 from slimlm.infer import (CacheSettings, ContiguousCache, ModelRunner, PagedCache, SamplingSettings, generate_ids,
                           next_token_probs, stream_ids)
 from slimlm.infer.engine import padded_waste_bytes
-from slimlm.models.tiny import tiny_model
+from slimlm.infer.runner import SUPPORTED_FAMILIES
+from slimlm.models.tiny import MIXED_ATTENTION, TINY_CONFIGS, tiny_model
 
 PROMPTS = [[5, 17, 3, 99, 42], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 200, 31]]
 
@@ -40,8 +41,44 @@ def test_runner_logits_equal_transformers(family):
             torch.testing.assert_close(step[b, 0], reference[-1], atol=1e-5, rtol=1e-5)
 
 
+RUNNER_FAMILIES = [family for family in SUPPORTED_FAMILIES if family in TINY_CONFIGS]
+
+
+def _mixed(family: str, seed: int = 3):
+    """A 4-block model whose layers differ in attention type where the family allows it (windows of 8 tokens)."""
+    return tiny_model(family, seed=seed, blocks=4, **MIXED_ATTENTION.get(family, {}))
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged"])
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_every_supported_family_gives_transformers_logits_past_its_windows(family, kind):
+    model = _mixed(family)
+    runner = ModelRunner(model)
+    shape = runner.cache_shape()
+    cache = (ContiguousCache(shape, len(PROMPTS), 40) if kind == "contiguous"
+             else PagedCache.for_lengths(shape, [40] * len(PROMPTS), block_size=4))
+    tokens, counts = _batch(PROMPTS)
+    outputs = [runner.forward(tokens, counts, cache, all_logits=True)]
+    steps = [[[20 + i], [30 + i], [40 + i]] for i in range(10)]  # one token at a time, past every window
+    outputs += [runner.forward(torch.tensor(step), [1, 1, 1], cache, all_logits=True) for step in steps]
+    with torch.no_grad():
+        for b, prompt in enumerate(PROMPTS):
+            sequence = prompt + [step[b][0] for step in steps]
+            reference = model(torch.tensor([sequence])).logits[0]
+            got = torch.cat([outputs[0][b, : len(prompt)]] + [out[b, :1] for out in outputs[1:]])
+            torch.testing.assert_close(got, reference, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_every_supported_family_generates_what_transformers_generates(family):
+    model = _mixed(family)
+    prompt = PROMPTS[2]
+    reference = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert generate_ids(model, [prompt], 12).tokens[0] == reference[0, len(prompt):].tolist()
+
+
 def test_unsupported_architecture_names_the_supported_ones():
-    with pytest.raises(SlimlmError, match="llama, mistral, qwen2"):
+    with pytest.raises(SlimlmError, match="llama, mistral, qwen2, qwen3, phi3, gemma"):
         ModelRunner(tiny_model("gpt2"))
 
 

@@ -62,7 +62,7 @@ from transformers import PreTrainedModel
 
 from slimlm.errors import SlimlmError
 from slimlm.infer.cache import CacheShape, ContiguousCache
-from slimlm.infer.runner import SMALL_GEMM_MAX_ROWS, ModelRunner, apply_rotary, few_row_linear
+from slimlm.infer.runner import LLAMA_LIKE, SMALL_GEMM_MAX_ROWS, ModelRunner, apply_rotary, few_row_linear
 from slimlm.quant import cpu_kernels
 
 SELF = "self"
@@ -453,6 +453,9 @@ class LeanRunner:
 
     def __init__(self, model: PreTrainedModel, fuse: bool = True):
         base = ModelRunner(model)  # the architecture checks and shapes
+        if not base.llama_like:
+            raise SlimlmError(f"the lean draft runner runs {', '.join(LLAMA_LIKE)} decoders, not {base.family}; "
+                              "use the plain runner (ModelRunner) as the draft")
         self.model, self.config, self.family = model, base.config, base.family
         self.fast_kernels = True
         self.decoder, self.head_dim, self.vocab_size = base.decoder, base.head_dim, base.vocab_size

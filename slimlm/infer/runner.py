@@ -1,13 +1,21 @@
-"""slimlm's own decoder runner: runs a Llama-style model's modules with slimlm's KV caches.
+"""slimlm's own decoder runner: runs a pre-norm rotary decoder's modules with slimlm's KV caches.
 
-For Llama, Mistral and Qwen2 decoders (pre-norm blocks: RMSNorm, attention with rotary position
-embeddings and grouped-query heads, RMSNorm, gated MLP) the runner calls the Hugging Face model's
-own modules (embedding, each block's norms, q/k/v/o projections and `mlp`, the rotary-embedding
-module, final norm, LM head) and does the attention itself:
+For Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 1/2/3 decoders (pre-norm blocks: norm, attention with
+rotary position embeddings and grouped-query heads, norm, MLP; the parts found by the architecture
+adapter's roles, `LayerPlan`) the runner calls the Hugging Face model's own modules (embedding, each
+block's norms, q/k/v/o projections or a fused qkv, the MLP module, the rotary-embedding module, final
+norm, LM head) and does the attention itself:
 
-    q, k, v = q_proj(x), k_proj(x), v_proj(x)                 (split into heads)
-    q, k = RoPE(q, position), RoPE(k, position)               (Su et al., 2021)
-    out = o_proj(softmax(q k^T / sqrt(head_dim) + mask) v)    (torch's fused scaled_dot_product_attention)
+    q, k, v = q_proj(x), k_proj(x), v_proj(x)                 (split into heads; Phi-3: one fused qkv)
+    q, k = q_norm(q), k_norm(k)                               (Qwen3, Gemma 3)
+    q, k = RoPE(q, position), RoPE(k, position)               (Su et al., 2021; Gemma 3: per layer type)
+    out = o_proj(softmax(q k^T * scaling + mask) v)           (torch's fused scaled_dot_product_attention)
+
+The mask of a sliding-window layer (Mistral, Qwen2/3 past max_window_layers, Gemma 2/3 local layers)
+lets a query see itself and the window - 1 keys before it; Gemma 2's attention logits are soft-capped
+(cap * tanh(logits / cap), computed without SDPA), as are Gemma 2/3's final logits; Gemma 2/3's sandwich
+norms wrap each branch's output. Every family is tested against transformers' logits and greedy
+`generate` on tiny models whose layers mix window and full attention.
 
 with keys and values kept in a `slimlm.infer.cache` cache. A batch holds sequences of different
 lengths: each step takes a right-padded [batch, new] token tensor with a count of real tokens per
@@ -21,12 +29,15 @@ bfloat16 copy of a weight whose values are all bfloat16 numbers, as a model kept
 has) or `small_gemm` computes faster on this CPU than `F.linear` (float32 rounding differs;
 `small_gemm=False` and evaluation, `fast_kernels=False`, keep the modules' own forward). SliceGPT's
 per-block residual shortcuts (`attn_shortcut`, `mlp_shortcut`) are applied when present. Per-block
-head counts come from each block's projection widths (structured pruning can change them). Other
-architectures raise `SlimlmError`.
+head counts come from each block's projection widths (structured pruning can change them). The native
+one-token path and the lean draft runner are for Llama, Mistral and Qwen2 only. Other architectures
+(parallel attention and MLP, learned absolute positions: GPT-2, OPT, GPT-NeoX, Phi, Falcon) raise
+`SlimlmError`.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -37,14 +48,15 @@ from transformers import PreTrainedModel
 
 from slimlm.errors import SlimlmError
 from slimlm.infer.cache import CacheShape, ContiguousCache, KVCache
-from slimlm.models.adapter import linear_shape, text_config
+from slimlm.models.adapter import ModelAdapter, linear_shape, text_config
 from slimlm.quant import cpu_kernels
 from slimlm.quant.kernels import decode_kernels, fp32_decode_path
 from slimlm.quant.qlinear import QuantizedLinear
 from slimlm.quant.w8a8 import NATIVE_MAX_ROWS as W8A8_NATIVE_ROWS
 from slimlm.quant.w8a8 import Int8Linear
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2")  # the families the native one-token path and the lean runner know
+SUPPORTED_FAMILIES = (*LLAMA_LIKE, "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
 SMALL_GEMM_MAX_ROWS = 8  # generation: float32 linears over at most this many tokens take `small_gemm`
 _GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x)): the runner calls the linears
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x / sqrt(mean(x^2) + eps)
@@ -57,7 +69,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on [batch, heads, tokens, dim] with cos/sin [batch or 1, tokens, dim] (HF's half-split layout)."""
+    """RoPE on [batch, heads, tokens, dim] with cos/sin [batch or 1, tokens, rotary dim] (HF's half-split layout);
+    a rotary dim below the head dim (partial rotary) leaves the remaining dims as they are."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
@@ -126,6 +142,27 @@ class BlockShape:
     kv_heads: int
 
 
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one decoder layer computes, found by the architecture adapter's roles (pre-norm blocks):
+
+        h = h + attn_out_norm(attention(attn_norm(h)))       (attn_out_norm: Gemma 2/3's sandwich norm)
+        h = h + mlp_out_norm(mlp(mlp_norm(h)))"""
+
+    attention: nn.Module
+    projections: tuple[nn.Module, ...]  # q, k, v; or one fused qkv (Phi-3: q rows, then k, then v)
+    q_norm: nn.Module | None  # per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3)
+    k_norm: nn.Module | None
+    attn_norm: nn.Module
+    attn_out_norm: nn.Module | None
+    mlp: nn.Module
+    mlp_norm: nn.Module
+    mlp_out_norm: nn.Module | None
+    window: int | None  # sliding window: a query sees itself and the window - 1 keys before it
+    rope: str | None  # the layer type whose rotary embedding the layer uses (Gemma 3: local and global)
+    softcap: float | None  # attention logits soft-capped as cap * tanh(logits / cap) (Gemma 2)
+
+
 class ModelRunner:
     """Forward passes of a supported decoder with an explicit KV cache."""
 
@@ -137,15 +174,21 @@ class ModelRunner:
                 f"slimlm generation supports {', '.join(SUPPORTED_FAMILIES)} decoders; {type(model).__name__} "
                 f"({family}) is not one of them")
         self.model, self.config, self.family = model, config, family
+        self.llama_like = family in LLAMA_LIKE
         # Generation lets float32 quantized layers use the packed bf16 kernels where they are faster
         # (`slimlm.quant.kernels`); evaluation through the runner passes False to stay exact.
         self.fast_kernels = fast_kernels
         self.decoder = model.model
         self.layers = list(self.decoder.layers)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.blocks = [self._block_shape(layer) for layer in self.layers]
+        # Gemma 3 keeps a rotary embedding per layer type (local and global bases)
+        self._rope_takes_type = "layer_type" in inspect.signature(self.decoder.rotary_emb.forward).parameters
+        self.plans = self._plans(model, config)
+        self.blocks = [self._block_shape(plan) for plan in self.plans]
         self.vocab_size = getattr(model.get_output_embeddings(), "out_features", config.vocab_size)
-        self.sliding_window = self._sliding_window(config)
+        windows = [plan.window for plan in self.plans if plan.window is not None]
+        self.sliding_window = min(windows) if windows else None  # the smallest window of any layer
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
         parameter = next(model.parameters())
         self.device = parameter.device
         self.dtype = parameter.dtype if parameter.is_floating_point() else torch.float32
@@ -158,27 +201,38 @@ class ModelRunner:
         self._ops = None  # the native kernels, while a one-token (or exact-rows) float32 step of one sequence runs
         self._rope_rows: tuple[torch.Tensor, torch.Tensor] = ()  # cos, sin [new, head_dim] of that step
 
-    def _block_shape(self, layer: nn.Module) -> BlockShape:
-        attention = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            if not hasattr(attention, name):
-                raise SlimlmError(f"block has no self_attn.{name}: not a {'/'.join(SUPPORTED_FAMILIES)} decoder")
-        if hasattr(attention, "q_norm"):
-            raise SlimlmError("attention with q/k norms (Qwen3, OLMo2) is not supported by slimlm generation")
-        heads = linear_shape(attention.q_proj)[1] // self.head_dim
-        kv_heads = linear_shape(attention.k_proj)[1] // self.head_dim
-        return BlockShape(heads, kv_heads)
+    def _plans(self, model: PreTrainedModel, config) -> list[LayerPlan]:
+        adapter = ModelAdapter(model)
+        types = getattr(config, "layer_types", None) if self._rope_takes_type else None
+        plans = []
+        for block in adapter:
+            linears, norms = block.linears, block.norms
+            attention = block.module.get_submodule(block.linear_names["o"].rpartition(".")[0])
+            projections = (linears["qkv"],) if "qkv" in linears else (linears["q"], linears["k"], linears["v"])
+            window = getattr(attention, "sliding_window", getattr(config, "sliding_window", None))
+            if "mlp_norm" not in norms or block.mlp_module() is None:
+                raise SlimlmError(f"block {block.index} is not a pre-norm block with an MLP module; slimlm "
+                                  f"generation supports {', '.join(SUPPORTED_FAMILIES)} decoders")
+            plans.append(LayerPlan(
+                attention, projections, norms.get("q_norm"), norms.get("k_norm"), norms["attn_norm"],
+                norms.get("attn_out_norm"), block.mlp_module(), norms["mlp_norm"], norms.get("mlp_out_norm"),
+                window, types[block.index] if types is not None else None,
+                getattr(attention, "attn_logit_softcapping", None)))
+        return plans
 
-    @staticmethod
-    def _sliding_window(config) -> int | None:
-        """The model's own attention window where any layer uses one (the runner then refuses longer sequences)."""
-        window = getattr(config, "sliding_window", None)
-        types = getattr(config, "layer_types", None)
-        if types is not None and "sliding_attention" not in types:
-            return None
-        if getattr(config, "use_sliding_window", True) is False:
-            return None
-        return window
+    def _block_shape(self, plan: LayerPlan) -> BlockShape:
+        widths = [linear_shape(p)[1] for p in plan.projections]
+        if len(widths) == 1:  # fused q, k, v: split by the config's ratio of key-value heads to heads
+            config = self.config
+            kv_share = config.num_key_value_heads / config.num_attention_heads
+            query = round(widths[0] / (1 + 2 * kv_share))
+            widths = [query, (widths[0] - query) // 2]
+        return BlockShape(widths[0] // self.head_dim, widths[1] // self.head_dim)
+
+    def _rope(self, key: str | None, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._rope_takes_type:
+            return self.decoder.rotary_emb(x, positions, key)
+        return self.decoder.rotary_emb(x, positions)
 
     def cache_shape(self) -> CacheShape:
         return CacheShape(len(self.layers), tuple(b.kv_heads for b in self.blocks), self.head_dim, self.dtype,
@@ -205,18 +259,17 @@ class ModelRunner:
         # One float32 token on the native path: RMSNorm, RoPE, attention and the gated product as native calls;
         # `exact_rows` (speculative verification) runs each of its rows through the same calls, so a verified
         # row is computed exactly as a one-token step computes it.
-        native = (self.small_gemm and fp32_decode_path() == "native" and self.dtype == torch.float32
+        native = (self.small_gemm and self.llama_like and fp32_decode_path() == "native" and self.dtype == torch.float32
                   and batch == 1 and isinstance(cache, ContiguousCache) and not cache.rotate_on_read)
         self._ops = cpu_kernels.load() if native and (new == 1 or exact_rows) else None
         starts = torch.tensor(cache.reserve(list(counts)), device=self.device)
         lengths = torch.tensor(cache.lengths, device=self.device)
-        self._check_window(int(lengths.max()))
         query_positions = starts[:, None] + torch.arange(new, device=self.device)[None, :]
-        hidden = self.decoder.embed_tokens(tokens)
-        query_rope = self.decoder.rotary_emb(hidden, query_positions)
+        hidden = self.decoder.embed_tokens(tokens)  # (Gemma's embedding module scales by sqrt(hidden) itself)
+        ropes = {key: self._rope(key, hidden, query_positions) for key in {plan.rope for plan in self.plans}}
         if self._ops is not None:
-            self._rope_rows = tuple(part.reshape(new, -1).float().contiguous() for part in query_rope)
-        masks: dict = {}  # by key span (paged and contiguous spans differ)
+            self._rope_rows = tuple(part.reshape(new, -1).float().contiguous() for part in ropes[None])
+        masks: dict = {}  # by key span and window (paged and contiguous spans differ)
         if batch == 1 and isinstance(cache, ContiguousCache):
             # One sequence that sees every slot up to its length: a lone query needs no mask, and with
             # `exact_rows` query t attends to the first start + t + 1 slots without one (as that step would).
@@ -226,12 +279,15 @@ class ModelRunner:
             elif exact_rows:
                 masks["rows"] = [end - new + t + 1 for t in range(new)]
         for index, layer in enumerate(self.layers):
-            hidden = self._block(index, layer, hidden, query_rope, cache, query_positions, lengths, masks)
+            hidden = self._block(index, layer, hidden, ropes, cache, query_positions, lengths, masks)
         hidden = self._norm(self.decoder.norm, hidden)
         if not all_logits:
             last = (torch.tensor(counts, device=self.device) - 1).clamp(min=0)
             hidden = hidden[torch.arange(batch, device=self.device), last]
-        return self._linear(self.model.get_output_embeddings(), hidden)
+        logits = self._linear(self.model.get_output_embeddings(), hidden)
+        if self.final_softcap is not None:  # Gemma 2/3
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
 
     def _linear(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         native = self._native_layer(module, x)
@@ -300,31 +356,42 @@ class ModelRunner:
             return self._linear(mlp.down_proj, gated)
         return mlp(x)
 
-    def _check_window(self, longest: int) -> None:
-        if self.sliding_window is not None and longest > self.sliding_window:
-            raise SlimlmError(f"the model attends within a sliding window of {self.sliding_window} tokens, which "
-                              f"slimlm's runner does not implement; keep sequences within it (got {longest})")
-
-    def _block(self, index, layer, hidden, query_rope, cache, query_positions, lengths, masks) -> torch.Tensor:
-        attention_input = self._norm(layer.input_layernorm, hidden)
-        attended = self._attention(index, layer.self_attn, attention_input, query_rope, cache, query_positions,
-                                   lengths, masks)
+    def _block(self, index, layer, hidden, ropes, cache, query_positions, lengths, masks) -> torch.Tensor:
+        plan = self.plans[index]
+        attended = self._attention(index, plan, self._norm(plan.attn_norm, hidden), ropes[plan.rope], cache,
+                                   query_positions, lengths, masks)
+        if plan.attn_out_norm is not None:
+            attended = self._norm(plan.attn_out_norm, attended)
         shortcut = getattr(layer, "attn_shortcut", None)  # SliceGPT per-block rotations
         hidden = (hidden if shortcut is None else hidden @ shortcut) + attended
-        mlp_out = self._mlp(layer.mlp, self._norm(layer.post_attention_layernorm, hidden))
+        mlp_out = self._mlp(plan.mlp, self._norm(plan.mlp_norm, hidden))
+        if plan.mlp_out_norm is not None:
+            mlp_out = self._norm(plan.mlp_out_norm, mlp_out)
         shortcut = getattr(layer, "mlp_shortcut", None)
         return (hidden if shortcut is None else hidden @ shortcut) + mlp_out
 
-    def _attention(self, index, attention, x, query_rope, cache, query_positions, lengths, masks) -> torch.Tensor:
+    def _project(self, index: int, plan: LayerPlan, x: torch.Tensor) -> list[torch.Tensor]:
+        """Queries, keys and values [batch, new, heads, head_dim], q/k-normed where the layer has those norms."""
         batch, new, _ = x.shape
-        shape = self.blocks[index]
-        query, key, value = self._linears((attention.q_proj, attention.k_proj, attention.v_proj), x)
+        shape, d = self.blocks[index], self.head_dim
+        if len(plan.projections) == 1:
+            parts = self._linear(plan.projections[0], x).split(
+                [shape.heads * d, shape.kv_heads * d, shape.kv_heads * d], dim=-1)
+        else:
+            parts = self._linears(plan.projections, x)
+        query, key, value = (part.reshape(batch, new, -1, d) for part in parts)
+        if plan.q_norm is not None:
+            query, key = plan.q_norm(query), plan.k_norm(key)
+        return [query, key, value]
+
+    def _attention(self, index, plan, x, rope, cache, query_positions, lengths, masks) -> torch.Tensor:
+        batch, new, _ = x.shape
+        shape, attention, window = self.blocks[index], plan.attention, plan.window
+        query, key, value = self._project(index, plan, x)
         if self._ops is not None:
-            return self._attention_native(index, attention, query, key, value, cache)
-        query = query.view(batch, new, shape.heads, self.head_dim).transpose(1, 2)
-        key = key.view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
-        value = value.view(batch, new, shape.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = query_rope
+            return self._attention_native(index, attention, query, key, value, cache, window)
+        query, key, value = (part.transpose(1, 2) for part in (query, key, value))
+        cos, sin = rope
         query = apply_rotary(query, cos, sin)
         if not cache.rotate_on_read:
             key = apply_rotary(key, cos, sin)
@@ -333,24 +400,35 @@ class ModelRunner:
         span = keys.shape[2]
         if cache.rotate_on_read:  # keys stored before RoPE: rotate each at its position in the cache
             key_positions = torch.arange(span, device=self.device)[None, :]
-            keys = apply_rotary(keys, *self.decoder.rotary_emb(keys, key_positions))
+            keys = apply_rotary(keys, *self._rope(plan.rope, keys, key_positions))
         scale = getattr(attention, "scaling", self.head_dim ** -0.5)
         gqa = shape.heads != shape.kv_heads
-        if "rows" in masks and not cache.rotate_on_read:
-            out = torch.cat([F.scaled_dot_product_attention(query[:, :, t:t + 1], keys[:, :, :end], values[:, :, :end],
-                                                            scale=scale, enable_gqa=gqa)
+        if plan.softcap is not None:
+            key_id = (span, window)
+            if key_id not in masks:
+                masks[key_id] = attention_mask(query_positions, lengths, span, window)
+            out = capped_attention(query, keys, values, masks[key_id], scale, plan.softcap)
+        elif "rows" in masks and not cache.rotate_on_read:
+            out = torch.cat([F.scaled_dot_product_attention(query[:, :, t:t + 1], keys[:, :, _first(end, window):end],
+                                                            values[:, :, _first(end, window):end], scale=scale,
+                                                            enable_gqa=gqa)
                              for t, end in enumerate(masks["rows"])], dim=2)
-        elif self.small_gemm and batch == 1 and new == 1 and masks.get(span, False) is None:
-            out = single_query_attention(query, keys, values, scale)
+        elif batch == 1 and new == 1 and masks.get(span, False) is None:  # a lone query sees every slot
+            first = _first(span, window)
+            if self.small_gemm:
+                out = single_query_attention(query, keys[:, :, first:], values[:, :, first:], scale)
+            else:
+                out = F.scaled_dot_product_attention(query, keys[:, :, first:], values[:, :, first:], scale=scale,
+                                                     enable_gqa=gqa)
         else:
-            if span not in masks:
-                masks[span] = attention_mask(query_positions, lengths, span)
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[span], scale=scale,
+            key_id = (span, window)
+            if key_id not in masks:
+                masks[key_id] = attention_mask(query_positions, lengths, span, window)
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[key_id], scale=scale,
                                                  enable_gqa=gqa)
         return self._linear(attention.o_proj, out.transpose(1, 2).reshape(batch, new, shape.heads * self.head_dim))
 
-
-    def _attention_native(self, index, attention, query, key, value, cache) -> torch.Tensor:
+    def _attention_native(self, index, attention, query, key, value, cache, window) -> torch.Tensor:
         """The tokens of one sequence (contiguous cache), each as a one-token step: RoPE and attention
         through the native kernels, query t attending to the cache up to its own position."""
         shape, ops = self.blocks[index], self._ops
@@ -364,7 +442,8 @@ class ModelRunner:
         keys, values = cache.read(index)
         end = cache.lengths[0] - new + 1  # the first new token sees the cache up to and including itself
         scale = getattr(attention, "scaling", self.head_dim ** -0.5)
-        out = [ops.single_query_attention(queries[t], keys[0, :, :end + t], values[0, :, :end + t], scale)
+        out = [ops.single_query_attention(queries[t], keys[0, :, _first(end + t, window):end + t],
+                                          values[0, :, _first(end + t, window):end + t], scale)
                for t in range(new)]
         return self._linear(attention.o_proj, torch.stack(out).view(1, new, shape.heads * self.head_dim))
 
@@ -379,10 +458,30 @@ def single_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
     return torch.bmm(scores, values[0]).reshape(1, heads, 1, head_dim)
 
 
-def attention_mask(query_positions: torch.Tensor, lengths: torch.Tensor, span: int) -> torch.Tensor:
-    """[batch, 1, new, span] boolean: query at cache position p sees slot j iff j <= p and j < length.
-    A row that would see nothing (a released sequence's padding) sees slot 0, so the softmax stays finite."""
+def _first(end: int, window: int | None) -> int:
+    """The first cache slot a query that sees slots up to `end` (exclusive) attends to within `window`."""
+    return 0 if window is None else max(0, end - window)
+
+
+def attention_mask(query_positions: torch.Tensor, lengths: torch.Tensor, span: int,
+                   window: int | None = None) -> torch.Tensor:
+    """[batch, 1, new, span] boolean: query at cache position p sees slot j iff j <= p and j < length (and
+    j > p - window in a sliding-window layer). A row that would see nothing (a released sequence's padding)
+    sees slot 0, so the softmax stays finite."""
     slots = torch.arange(span, device=query_positions.device)
     mask = (slots[None, None, :] <= query_positions[:, :, None]) & (slots[None, None, :] < lengths[:, None, None])
+    if window is not None:
+        mask &= slots[None, None, :] > query_positions[:, :, None] - window
     mask[..., 0] |= ~mask.any(dim=-1)
     return mask[:, None]
+
+
+def capped_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
+                     cap: float) -> torch.Tensor:
+    """Attention whose logits are soft-capped, cap * tanh(logits / cap) before the mask (Gemma 2), which
+    `scaled_dot_product_attention` cannot do. query [b, heads, new, d], keys/values [b, kv_heads, span, d]."""
+    groups = query.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    logits = torch.tanh(query @ keys.transpose(-1, -2) * scale / cap) * cap
+    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    return logits.softmax(dim=-1, dtype=torch.float32).to(query.dtype) @ values
