@@ -4,6 +4,8 @@ byte-level tokenizer for exporters)."""
 import torch
 from transformers import AutoModelForCausalLM
 
+from slimlm.models.tiny import tiny_tokenizer
+
 
 def assert_plain_transformers_roundtrip(model, directory, probe: torch.Tensor) -> None:
     """`save_pretrained` then plain `from_pretrained` gives the same logits, and cached greedy decoding
@@ -40,20 +42,5 @@ def fill_kv_cache(cache, tokens: int, step: int = 256, heads: int = 2, head_dim:
 
 
 def small_bpe_tokenizer(adds_bos: bool = False):
-    """A byte-level BPE tokenizer of 262 tokens (the real one's 49152 tokens make every exported file slow to read);
-    with `adds_bos`, it puts its BOS token in front of every text it encodes, as Llama 2/3's and Gemma's do."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    vocab.update({char: index + 3 for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
-    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    if adds_bos:
-        bpe.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", pair="<|im_start|> $A $B",
-                                                           special_tokens=[("<|im_start|>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    """`slimlm.models.tiny.tiny_tokenizer` (262 tokens; the real one's 49152 make every exported file slow to read)."""
+    return tiny_tokenizer(adds_bos)

@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
-from slimlm.infer import (CacheSettings, ContiguousCache, ModelRunner, PagedCache, SamplingSettings, generate_ids,
-                          next_token_probs, stream_ids)
+from slimlm.infer import (
+    CacheSettings,
+    ContiguousCache,
+    ModelRunner,
+    PagedCache,
+    SamplingSettings,
+    generate_ids,
+    next_token_probs,
+    stream_ids,
+)
 from slimlm.infer.engine import padded_waste_bytes
 from slimlm.infer.runner import SUPPORTED_FAMILIES
 from slimlm.models.tiny import MIXED_ATTENTION, TINY_CONFIGS, tiny_model

@@ -7,7 +7,7 @@ hidden size 64 and grouped-query attention where the family has it.
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -53,3 +53,22 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int | None = None, blocks
     config = AutoConfig.for_model(family, **kwargs)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def tiny_tokenizer(adds_bos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of 262 tokens for the tiny models (build them with `vocab_size=262`); with
+    `adds_bos`, it puts its BOS token in front of every text it encodes, as Llama 2/3's and Gemma's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
+    vocab.update({char: index + 3 for index, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    if adds_bos:
+        bpe.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", pair="<|im_start|> $A $B",
+                                                           special_tokens=[("<|im_start|>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
