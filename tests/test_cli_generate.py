@@ -85,7 +85,7 @@ def test_draft_with_another_tokenizer_is_refused(tiny_dirs, capsys):
 
 
 def test_unsupported_architecture_is_a_one_line_error(tmp_path, tokenizer, capsys):
-    tiny_model("gpt2", vocab_size=len(tokenizer)).save_pretrained(tmp_path)
+    tiny_model("falcon", vocab_size=len(tokenizer)).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--max-new-tokens", "2"]) == 2
     assert "supports llama, mistral, qwen2" in capsys.readouterr().err

@@ -86,8 +86,10 @@ def test_every_supported_family_generates_what_transformers_generates(family):
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    with pytest.raises(SlimlmError, match="llama, mistral, qwen2, qwen3, phi3, gemma"):
-        ModelRunner(tiny_model("gpt2"))
+    with pytest.raises(SlimlmError, match="llama, mistral, qwen2, qwen3, phi3, gemma.*falcon"):
+        ModelRunner(tiny_model("falcon"))
+    with pytest.raises(SlimlmError, match="post-norm"):
+        ModelRunner(tiny_model("opt", do_layer_norm_before=False))
 
 
 def test_paged_and_contiguous_caches_give_identical_logits(llama):

@@ -14,7 +14,7 @@ import model_support  # noqa: E402
 
 # (family, check) cells a method or the runner refuses, by design (the reasons are in the docs table).
 EXPECTED_REFUSALS = {
-    ("opt", "generate"), ("gpt2", "generate"), ("phi", "generate"), ("gpt_neox", "generate"), ("falcon", "generate"),
+    ("falcon", "generate"),
     ("gpt2", "flap"), ("phi3", "flap"), ("gpt_neox", "flap"), ("falcon", "flap"),  # fused qkv
     ("phi", "awq"),  # one norm in front of both halves
 }

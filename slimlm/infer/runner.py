@@ -1,21 +1,24 @@
-"""slimlm's own decoder runner: runs a pre-norm rotary decoder's modules with slimlm's KV caches.
+"""slimlm's own decoder runner: runs a pre-norm decoder's modules with slimlm's KV caches.
 
-For Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 1/2/3 decoders (pre-norm blocks: norm, attention with
-rotary position embeddings and grouped-query heads, norm, MLP; the parts found by the architecture
-adapter's roles, `LayerPlan`) the runner calls the Hugging Face model's own modules (embedding, each
-block's norms, q/k/v/o projections or a fused qkv, the MLP module, the rotary-embedding module, final
-norm, LM head) and does the attention itself:
+For Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 1/2/3, Phi, GPT-NeoX, OPT and GPT-2 decoders (pre-norm
+blocks: norm, attention with grouped-query heads, norm, MLP, or attention and MLP in parallel; the parts
+found by the architecture adapter's roles, `LayerPlan`) the runner calls the Hugging Face model's own
+modules (embedding and learned positions where the model has them, each block's norms, q/k/v/o
+projections or a fused qkv, the MLP, the rotary-embedding module, final norm, LM head) and does the
+attention itself:
 
     q, k, v = q_proj(x), k_proj(x), v_proj(x)                 (split into heads; Phi-3: one fused qkv)
     q, k = q_norm(q), k_norm(k)                               (Qwen3, Gemma 3)
-    q, k = RoPE(q, position), RoPE(k, position)               (Su et al., 2021; Gemma 3: per layer type)
+    q, k = RoPE(q, position), RoPE(k, position)               (Su et al., 2021; Gemma 3: per layer type;
+                                                               partial for Phi and GPT-NeoX; none for GPT-2, OPT)
     out = o_proj(softmax(q k^T * scaling + mask) v)           (torch's fused scaled_dot_product_attention)
 
 The mask of a sliding-window layer (Mistral, Qwen2/3 past max_window_layers, Gemma 2/3 local layers)
 lets a query see itself and the window - 1 keys before it; Gemma 2's attention logits are soft-capped
 (cap * tanh(logits / cap), computed without SDPA), as are Gemma 2/3's final logits; Gemma 2/3's sandwich
-norms wrap each branch's output. Every family is tested against transformers' logits and greedy
-`generate` on tiny models whose layers mix window and full attention.
+norms wrap each branch's output; GPT-NeoX and Phi add attention and MLP to the residual in parallel.
+Every family is tested against transformers' logits and greedy `generate` on tiny models whose layers
+mix window and full attention.
 
 with keys and values kept in a `slimlm.infer.cache` cache. A batch holds sequences of different
 lengths: each step takes a right-padded [batch, new] token tensor with a count of real tokens per
@@ -31,8 +34,7 @@ has) or `small_gemm` computes faster on this CPU than `F.linear` (float32 roundi
 per-block residual shortcuts (`attn_shortcut`, `mlp_shortcut`) are applied when present. Per-block
 head counts come from each block's projection widths (structured pruning can change them). The native
 one-token path and the lean draft runner are for Llama, Mistral and Qwen2 only. Other architectures
-(parallel attention and MLP, learned absolute positions: GPT-2, OPT, GPT-NeoX, Phi, Falcon) raise
-`SlimlmError`.
+(Falcon, post-norm OPT-350m) raise `SlimlmError`.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ from slimlm.quant.w8a8 import NATIVE_MAX_ROWS as W8A8_NATIVE_ROWS
 from slimlm.quant.w8a8 import Int8Linear
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")  # the families the native one-token path and the lean runner know
-SUPPORTED_FAMILIES = (*LLAMA_LIKE, "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+SUPPORTED_FAMILIES = (*LLAMA_LIKE, "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "phi", "gpt_neox", "opt", "gpt2")
+QKV_PER_HEAD = ("gpt_neox",)  # fused qkv rows grouped per head: [q_h, k_h, v_h] for each head h in turn
 SMALL_GEMM_MAX_ROWS = 8  # generation: float32 linears over at most this many tokens take `small_gemm`
 _GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")  # down(act(gate(x)) * up(x)): the runner calls the linears
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x / sqrt(mean(x^2) + eps)
@@ -151,6 +154,7 @@ class LayerPlan:
 
     attention: nn.Module
     projections: tuple[nn.Module, ...]  # q, k, v; or one fused qkv (Phi-3: q rows, then k, then v)
+    output: nn.Module  # o
     q_norm: nn.Module | None  # per-head RMSNorm of queries and keys before RoPE (Qwen3, Gemma 3)
     k_norm: nn.Module | None
     attn_norm: nn.Module
@@ -161,6 +165,18 @@ class LayerPlan:
     window: int | None  # sliding window: a query sees itself and the window - 1 keys before it
     rope: str | None  # the layer type whose rotary embedding the layer uses (Gemma 3: local and global)
     softcap: float | None  # attention logits soft-capped as cap * tanh(logits / cap) (Gemma 2)
+    parallel: bool  # h = h + attention(attn_norm(h)) + mlp(mlp_norm(h)) (GPT-NeoX, Phi: mlp_norm is attn_norm)
+
+
+class _TwoLayerMlp(nn.Module):
+    """fc2(act(fc1(x))) of a block that holds its MLP linears itself (OPT), as one callable MLP."""
+
+    def __init__(self, up: nn.Module, down: nn.Module, act):
+        super().__init__()
+        self.up, self.down, self.act = up, down, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
 
 
 class ModelRunner:
@@ -178,12 +194,18 @@ class ModelRunner:
         # Generation lets float32 quantized layers use the packed bf16 kernels where they are faster
         # (`slimlm.quant.kernels`); evaluation through the runner passes False to stay exact.
         self.fast_kernels = fast_kernels
-        self.decoder = model.model
-        self.layers = list(self.decoder.layers)
+        if family == "opt" and not config.do_layer_norm_before:
+            raise SlimlmError("OPT-350m-style post-norm blocks (do_layer_norm_before=False) are not supported by "
+                              "slimlm generation")
+        self.decoder = model.base_model
+        self.adapter = ModelAdapter(model)
+        self.layers = list(self.adapter.blocks)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary = getattr(self.decoder, "rotary_emb", None)  # None: learned absolute positions (GPT-2, OPT)
         # Gemma 3 keeps a rotary embedding per layer type (local and global bases)
-        self._rope_takes_type = "layer_type" in inspect.signature(self.decoder.rotary_emb.forward).parameters
-        self.plans = self._plans(model, config)
+        self._rope_takes_type = (self.rotary is not None
+                                 and "layer_type" in inspect.signature(self.rotary.forward).parameters)
+        self.plans = self._plans(config)
         self.blocks = [self._block_shape(plan) for plan in self.plans]
         self.vocab_size = getattr(model.get_output_embeddings(), "out_features", config.vocab_size)
         windows = [plan.window for plan in self.plans if plan.window is not None]
@@ -201,38 +223,60 @@ class ModelRunner:
         self._ops = None  # the native kernels, while a one-token (or exact-rows) float32 step of one sequence runs
         self._rope_rows: tuple[torch.Tensor, torch.Tensor] = ()  # cos, sin [new, head_dim] of that step
 
-    def _plans(self, model: PreTrainedModel, config) -> list[LayerPlan]:
-        adapter = ModelAdapter(model)
+    def _plans(self, config) -> list[LayerPlan]:
         types = getattr(config, "layer_types", None) if self._rope_takes_type else None
+        parallel = bool(getattr(config, "use_parallel_residual", False)) or self.family == "phi"
         plans = []
-        for block in adapter:
+        for block in self.adapter:
             linears, norms = block.linears, block.norms
             attention = block.module.get_submodule(block.linear_names["o"].rpartition(".")[0])
             projections = (linears["qkv"],) if "qkv" in linears else (linears["q"], linears["k"], linears["v"])
             window = getattr(attention, "sliding_window", getattr(config, "sliding_window", None))
-            if "mlp_norm" not in norms or block.mlp_module() is None:
-                raise SlimlmError(f"block {block.index} is not a pre-norm block with an MLP module; slimlm "
-                                  f"generation supports {', '.join(SUPPORTED_FAMILIES)} decoders")
+            mlp = block.mlp_module()
+            if mlp is None:  # OPT: fc1 and fc2 sit in the block
+                mlp = _TwoLayerMlp(linears["up"], linears["down"], block.module.activation_fn)
             plans.append(LayerPlan(
-                attention, projections, norms.get("q_norm"), norms.get("k_norm"), norms["attn_norm"],
-                norms.get("attn_out_norm"), block.mlp_module(), norms["mlp_norm"], norms.get("mlp_out_norm"),
-                window, types[block.index] if types is not None else None,
-                getattr(attention, "attn_logit_softcapping", None)))
+                attention, projections, linears["o"], norms.get("q_norm"), norms.get("k_norm"), norms["attn_norm"],
+                norms.get("attn_out_norm"), mlp, norms.get("mlp_norm", norms["attn_norm"]),
+                norms.get("mlp_out_norm"), window, types[block.index] if types is not None else None,
+                getattr(attention, "attn_logit_softcapping", None), parallel))
         return plans
 
     def _block_shape(self, plan: LayerPlan) -> BlockShape:
         widths = [linear_shape(p)[1] for p in plan.projections]
+        if len(widths) == 1 and self.family in QKV_PER_HEAD:  # no grouped-query attention there
+            return BlockShape(widths[0] // (3 * self.head_dim), widths[0] // (3 * self.head_dim))
         if len(widths) == 1:  # fused q, k, v: split by the config's ratio of key-value heads to heads
             config = self.config
-            kv_share = config.num_key_value_heads / config.num_attention_heads
+            kv_share = getattr(config, "num_key_value_heads", config.num_attention_heads) / config.num_attention_heads
             query = round(widths[0] / (1 + 2 * kv_share))
             widths = [query, (widths[0] - query) // 2]
         return BlockShape(widths[0] // self.head_dim, widths[1] // self.head_dim)
 
     def _rope(self, key: str | None, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rotary is None:
+            return None
         if self._rope_takes_type:
-            return self.decoder.rotary_emb(x, positions, key)
-        return self.decoder.rotary_emb(x, positions)
+            return self.rotary(x, positions, key)
+        return self.rotary(x, positions)
+
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The embedding (Gemma's module scales by sqrt(hidden) itself), OPT's projection in, and learned
+        absolute positions where the model has them (GPT-2; OPT, whose table starts at its offset)."""
+        hidden = self.adapter.embedding(tokens)
+        project_in = getattr(self.decoder, "project_in", None)
+        if project_in is not None:
+            hidden = project_in(hidden)
+        table = self.adapter.position_embedding
+        if table is not None:
+            hidden = hidden + F.embedding(positions + getattr(table, "offset", 0), table.weight)
+        return hidden
+
+    def _final(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.adapter.final_norm is not None:
+            hidden = self._norm(self.adapter.final_norm, hidden)
+        project_out = getattr(self.decoder, "project_out", None)
+        return hidden if project_out is None else project_out(hidden)
 
     def cache_shape(self) -> CacheShape:
         return CacheShape(len(self.layers), tuple(b.kv_heads for b in self.blocks), self.head_dim, self.dtype,
@@ -265,7 +309,7 @@ class ModelRunner:
         starts = torch.tensor(cache.reserve(list(counts)), device=self.device)
         lengths = torch.tensor(cache.lengths, device=self.device)
         query_positions = starts[:, None] + torch.arange(new, device=self.device)[None, :]
-        hidden = self.decoder.embed_tokens(tokens)  # (Gemma's embedding module scales by sqrt(hidden) itself)
+        hidden = self._embed(tokens, query_positions)
         ropes = {key: self._rope(key, hidden, query_positions) for key in {plan.rope for plan in self.plans}}
         if self._ops is not None:
             self._rope_rows = tuple(part.reshape(new, -1).float().contiguous() for part in ropes[None])
@@ -280,7 +324,7 @@ class ModelRunner:
                 masks["rows"] = [end - new + t + 1 for t in range(new)]
         for index, layer in enumerate(self.layers):
             hidden = self._block(index, layer, hidden, ropes, cache, query_positions, lengths, masks)
-        hidden = self._norm(self.decoder.norm, hidden)
+        hidden = self._final(hidden)
         if not all_logits:
             last = (torch.tensor(counts, device=self.device) - 1).clamp(min=0)
             hidden = hidden[torch.arange(batch, device=self.device), last]
@@ -358,8 +402,11 @@ class ModelRunner:
 
     def _block(self, index, layer, hidden, ropes, cache, query_positions, lengths, masks) -> torch.Tensor:
         plan = self.plans[index]
-        attended = self._attention(index, plan, self._norm(plan.attn_norm, hidden), ropes[plan.rope], cache,
-                                   query_positions, lengths, masks)
+        normed = self._norm(plan.attn_norm, hidden)
+        attended = self._attention(index, plan, normed, ropes[plan.rope], cache, query_positions, lengths, masks)
+        if plan.parallel:
+            mlp_in = normed if plan.mlp_norm is plan.attn_norm else self._norm(plan.mlp_norm, hidden)
+            return hidden + attended + self._mlp(plan.mlp, mlp_in)
         if plan.attn_out_norm is not None:
             attended = self._norm(plan.attn_out_norm, attended)
         shortcut = getattr(layer, "attn_shortcut", None)  # SliceGPT per-block rotations
@@ -374,7 +421,9 @@ class ModelRunner:
         """Queries, keys and values [batch, new, heads, head_dim], q/k-normed where the layer has those norms."""
         batch, new, _ = x.shape
         shape, d = self.blocks[index], self.head_dim
-        if len(plan.projections) == 1:
+        if len(plan.projections) == 1 and self.family in QKV_PER_HEAD:
+            parts = self._linear(plan.projections[0], x).view(batch, new, shape.heads, 3 * d).chunk(3, dim=-1)
+        elif len(plan.projections) == 1:
             parts = self._linear(plan.projections[0], x).split(
                 [shape.heads * d, shape.kv_heads * d, shape.kv_heads * d], dim=-1)
         else:
@@ -391,14 +440,14 @@ class ModelRunner:
         if self._ops is not None:
             return self._attention_native(index, attention, query, key, value, cache, window)
         query, key, value = (part.transpose(1, 2) for part in (query, key, value))
-        cos, sin = rope
-        query = apply_rotary(query, cos, sin)
-        if not cache.rotate_on_read:
-            key = apply_rotary(key, cos, sin)
+        if rope is not None:
+            query = apply_rotary(query, *rope)
+            if not cache.rotate_on_read:
+                key = apply_rotary(key, *rope)
         cache.write(index, key, value)
         keys, values = cache.read(index)
         span = keys.shape[2]
-        if cache.rotate_on_read:  # keys stored before RoPE: rotate each at its position in the cache
+        if cache.rotate_on_read and rope is not None:  # keys stored before RoPE: rotate each at its position
             key_positions = torch.arange(span, device=self.device)[None, :]
             keys = apply_rotary(keys, *self._rope(plan.rope, keys, key_positions))
         scale = getattr(attention, "scaling", self.head_dim ** -0.5)
@@ -426,7 +475,7 @@ class ModelRunner:
                 masks[key_id] = attention_mask(query_positions, lengths, span, window)
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[key_id], scale=scale,
                                                  enable_gqa=gqa)
-        return self._linear(attention.o_proj, out.transpose(1, 2).reshape(batch, new, shape.heads * self.head_dim))
+        return self._linear(plan.output, out.transpose(1, 2).reshape(batch, new, shape.heads * self.head_dim))
 
     def _attention_native(self, index, attention, query, key, value, cache, window) -> torch.Tensor:
         """The tokens of one sequence (contiguous cache), each as a one-token step: RoPE and attention
