@@ -10,6 +10,9 @@ Each cell is one check:
   layer removal, flap
               the structured method removes blocks / narrows widths: finite logits, fewer parameters
   save/reload the GPTQ model saved as a slimlm checkpoint and loaded back: bitwise the same logits
+  compressed-tensors
+              the GPTQ model exported as compressed-tensors and loaded by plain transformers: the same
+              logits (within 1e-5)
   generate    slimlm's runner, greedy: the same 12 tokens as transformers' `generate`
 
 A cell reads "yes", "refused" (the method or runner declined before any work with a `SlimlmError`, whose
@@ -105,6 +108,18 @@ def check_save_reload(family: str) -> None:
     assert torch.equal(logits(reloaded), logits(model)), "reloaded logits differ"
 
 
+def check_compressed_tensors(family: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.export.compressed_tensors import export_compressed_tensors
+
+    model = compressed(family, {"method": "gptq", "bits": 4, "group_size": 32})
+    with tempfile.TemporaryDirectory() as directory:
+        export_compressed_tensors(model, Path(directory) / "ct")
+        loaded = AutoModelForCausalLM.from_pretrained(Path(directory) / "ct", dtype=torch.float32).eval()
+        assert torch.allclose(logits(loaded), logits(model), atol=1e-5), "transformers' logits differ"
+
+
 def check_generate(family: str) -> None:
     model, prompt = model_of(family), PROBE[0, :11].tolist()
     ours = generate_ids(model, [prompt], 12).tokens[0]
@@ -124,6 +139,7 @@ CHECKS: dict[str, Callable[[str], None]] = {
     "layer removal": check_structured({"method": "drop_layers", "count": 1}),
     "flap": check_structured({"method": "flap", "ratio": 0.2}),
     "save/reload": check_save_reload,
+    "compressed-tensors": check_compressed_tensors,
     "generate": check_generate,
 }
 

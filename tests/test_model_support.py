@@ -17,6 +17,7 @@ EXPECTED_REFUSALS = {
     ("falcon", "generate"),
     ("gpt2", "flap"), ("phi3", "flap"), ("gpt_neox", "flap"), ("falcon", "flap"),  # fused qkv
     ("phi", "awq"),  # one norm in front of both halves
+    ("gpt2", "compressed-tensors"),  # Conv1D layers: compressed-tensors loads quantized nn.Linear only
 }
 
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
 from slimlm.core.packing import pack
 from slimlm.core.registry import layer_kind
@@ -111,6 +112,7 @@ def export_compressed_tensors(
         raise SlimlmError("the model has no quantized layers to export")
     for name, layer in quantized.items():
         check_exportable(name, layer)
+    _refuse_transposed_layers(model, quantized)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     tensors = _float_tensors(model, quantized)
     for name, layer in quantized.items():
@@ -118,6 +120,19 @@ def export_compressed_tensors(
     config = model.config.to_dict()
     config["quantization_config"] = _quantization_config(model, quantized)
     return _write(directory, tensors, config, model, tokenizer)
+
+
+def _refuse_transposed_layers(model: PreTrainedModel, quantized: dict[str, nn.Module]) -> None:
+    """compressed-tensors swaps only `nn.Linear` modules for its compressed ones when transformers loads a
+    checkpoint; a quantized layer that the model class builds as GPT-2's transposed `Conv1D` would load as
+    mismatched raw weights. Found on a weightless (meta) copy of the model's own class."""
+    with torch.device("meta"):
+        skeleton = type(model)(model.config)
+    transposed = [name for name in quantized if isinstance(skeleton.get_submodule(name), Conv1D)]
+    if transposed:
+        raise SlimlmError(f"{model.config.model_type} builds {transposed[0]} (and {len(transposed) - 1} more) as "
+                          "transposed Conv1D layers, which compressed-tensors cannot load quantized; export this "
+                          "model natively (slimlm save) instead")
 
 
 def _float_tensors(model: PreTrainedModel, quantized: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
