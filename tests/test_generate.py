@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slimlm.errors import SlimlmError
+from slimlm.eval.perplexity import perplexity_of_windows
 from slimlm.infer import (
     CacheSettings,
     ContiguousCache,
@@ -15,6 +16,7 @@ from slimlm.infer import (
     stream_ids,
 )
 from slimlm.infer.engine import padded_waste_bytes
+from slimlm.infer.quantized_cache import parse_kv_cache
 from slimlm.infer.runner import SUPPORTED_FAMILIES
 from slimlm.models.tiny import MIXED_ATTENTION, TINY_CONFIGS, tiny_model
 
@@ -83,6 +85,21 @@ def test_every_supported_family_generates_what_transformers_generates(family):
     prompt = PROMPTS[2]
     reference = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
     assert generate_ids(model, [prompt], 12).tokens[0] == reference[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_every_supported_family_runs_sink_and_quantized_caches(family):
+    model, prompt = _mixed(family), PROMPTS[2]
+    plain = generate_ids(model, [prompt], 8).tokens[0]
+    roomy_sinks = CacheSettings("sinks", sink_tokens=2, window=64)  # nothing evicted: the same tokens
+    assert generate_ids(model, [prompt], 8, cache=roomy_sinks).tokens[0] == plain
+    assert len(generate_ids(model, [prompt], 8, cache=CacheSettings("sinks", sink_tokens=2, window=6)).tokens[0]) == 8
+    windows = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(5))
+    exact = perplexity_of_windows(model, windows)[0]
+    for name in ("naive-8bit", "kivi-8bit"):  # the runner's chunked evaluation through a quantized cache
+        spec = parse_kv_cache(name, group_size=8, residual=8)
+        nll = perplexity_of_windows(model, windows, kv_cache=spec, kv_chunk=8)[0]
+        assert nll == pytest.approx(exact, rel=0.02) and nll != exact, name
 
 
 def test_unsupported_architecture_names_the_supported_ones():
