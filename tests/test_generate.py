@@ -18,6 +18,7 @@ from slimlm.infer import (
 from slimlm.infer.engine import padded_waste_bytes
 from slimlm.infer.quantized_cache import parse_kv_cache
 from slimlm.infer.runner import SUPPORTED_FAMILIES
+from slimlm.infer.speculative import speculative_decode
 from slimlm.models.tiny import MIXED_ATTENTION, TINY_CONFIGS, tiny_model
 
 PROMPTS = [[5, 17, 3, 99, 42], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 200, 31]]
@@ -100,6 +101,14 @@ def test_every_supported_family_runs_sink_and_quantized_caches(family):
         spec = parse_kv_cache(name, group_size=8, residual=8)
         nll = perplexity_of_windows(model, windows, kv_cache=spec, kv_chunk=8)[0]
         assert nll == pytest.approx(exact, rel=0.02) and nll != exact, name
+
+
+@pytest.mark.parametrize("family", RUNNER_FAMILIES)
+def test_every_supported_family_decodes_speculatively_to_its_own_greedy_tokens(family):
+    target, draft = _mixed(family), _mixed(family, seed=4)  # an unrelated draft (tiny Gemma repeats one token:
+    expected = generate_ids(target, [PROMPTS[2]], 16).tokens[0]  # its drafts are all accepted)
+    tokens, stats = speculative_decode(target, draft, PROMPTS[2], 16, gamma=3)
+    assert tokens == expected and stats.drafted > 0
 
 
 def test_unsupported_architecture_names_the_supported_ones():
