@@ -157,3 +157,13 @@ def test_smoothquant_on_families_with_biases_fused_qkv_and_sandwich_norms(family
     with torch.no_grad():
         logits, expected = model(PROBE).logits, reference(PROBE).logits
     assert 0 < float((logits - expected).abs().mean()) < 0.1 * float(expected.abs().mean())
+
+
+def test_a_block_with_one_norm_for_both_halves_is_refused_before_any_work():
+    """Phi's attention and MLP read one norm: folding one set of scales into it would mis-scale a half."""
+    calls = []
+    model = tiny_model("phi")
+    model.model.embed_tokens.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(SlimlmError, match="SmoothQuant folds scales .* norms \\['attn_norm'\\]"):
+        compress(model, {"stages": [{"method": "smoothquant"}]}, calibration=torch.randint(0, 256, (4, 16)))
+    assert not calls  # refused before the calibration pass
