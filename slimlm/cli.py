@@ -13,12 +13,13 @@ import dataclasses
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.models.loading import DEFAULT_MODEL, DTYPES, LoadedModel
-from slimlm.results import atomic_write_text, format_value, make_record, markdown_table
+from slimlm.results import atomic_write_text, check_writable, format_value, make_record, markdown_table
 
 
 def _positive_int(text: str) -> int:
@@ -216,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        _check_common(args)
         record, table = COMMANDS[args.command](args)
     except SlimlmError as error:
         print(f"slimlm: error: {error}", file=sys.stderr)
@@ -225,6 +227,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """What every command can check before any work: the --json file can be written, the device exists."""
+    if args.json:
+        check_writable(args.json, "--json")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SlimlmError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None:
+            raise SlimlmError(f"--device {args.device}: this PyTorch ({torch.__version__}) is built without CUDA; "
+                              "drop --device or install a CUDA build of PyTorch")
+        if not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count():
+            raise SlimlmError(f"--device {args.device}: no such GPU is visible ({torch.cuda.device_count()} found)")
+    elif device.type not in ("cpu", "cuda") and not getattr(torch, device.type).is_available():
+        raise SlimlmError(f"--device {args.device}: not available on this machine")
+
+
+def check_context(model, tokens: int, what: str) -> None:
+    """Refuse sequences longer than the model's context (its position table or trained length)."""
+    from slimlm.eval.zeroshot import model_max_length
+
+    longest = model_max_length(model)
+    if tokens > longest:
+        raise SlimlmError(f"{what} is {tokens} tokens, longer than the model's context of {longest} tokens: "
+                          f"use at most {longest}")
 
 
 def _quiet_libraries() -> None:
@@ -242,7 +272,7 @@ def _load(spec: str, args: argparse.Namespace) -> LoadedModel:
 
 
 def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
-    from slimlm.eval.runner import TABLE_COLUMNS, EvalSettings, evaluate, parse_tasks
+    from slimlm.eval.runner import TABLE_COLUMNS, EvalSettings, evaluate, is_perplexity_task, parse_tasks
 
     tasks = parse_tasks(args.tasks)  # fail on a bad name before loading anything
     settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir,
@@ -256,6 +286,8 @@ def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
 
         resolve_data_dir(settings.data_dir)
     loaded = _load(args.model, args)
+    if any(is_perplexity_task(task) for task in tasks):
+        check_context(loaded.model, args.seqlen, "--seqlen")
     reference = _load(args.kl_reference, args).model if args.kl_reference else None
     calibration = _kvquant_calibration(args, loaded, spec)
     if calibration is not None:
@@ -319,16 +351,21 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.compress.engine import validate_recipe_for_model
     from slimlm.compress.recipe import load_recipe
     from slimlm.eval.efficiency import count_nonzero_parameters, count_parameters, disk_bytes, memory_bytes
-    from slimlm.eval.runner import EvalSettings, evaluate, parse_tasks
+    from slimlm.eval.runner import EvalSettings, evaluate, is_perplexity_task, parse_tasks
     from slimlm.export.native import model_bytes, refuse_non_empty, save
 
     recipe = with_calibration(load_recipe(args.recipe), corpus=args.calib_corpus, samples=args.calib_samples,
                               seqlen=args.calib_seqlen, seed=args.seed)
     tasks = parse_tasks(args.eval_tasks) if args.eval_tasks else []
     settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir)
+    _check_compress_options(args, recipe)
     refuse_non_empty(args.out, args.overwrite)
     loaded = _load(args.model, args)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if recipe.needs_calibration:
+        check_context(model, recipe.calibration.seqlen, "the calibration segment (--calib-seqlen)")
+    if any(is_perplexity_task(task) for task in tasks):
+        check_context(model, args.seqlen, "--seqlen")
     adapter, selections = validate_recipe_for_model(model, recipe)  # bad targets or groups fail before any work
     sparse_pattern = _sparse_storage_pattern(recipe) if args.sparse_storage else None
     if args.export_ct:
@@ -365,6 +402,25 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
                "export_ct": args.export_ct}
     record = make_record(args.model, str(args.recipe), protocol, metrics)
     return record, _compress_table(args, before, after, sizes, report)
+
+
+def _check_compress_options(args: argparse.Namespace, recipe) -> None:
+    """Options that cannot work together, and outputs that cannot be written, before the model is loaded."""
+    if args.kl and not args.eval_tasks:
+        raise SlimlmError("--kl compares the model before and after on the --eval tasks: add --eval, e.g. wikitext2")
+    given = [flag for flag, value in (("--calib-corpus", args.calib_corpus), ("--calib-samples", args.calib_samples),
+                                      ("--calib-seqlen", args.calib_seqlen), ("--seed", args.seed)) if value is not None]
+    if given and not recipe.needs_calibration:
+        methods = ", ".join(stage.method for stage in recipe.stages)
+        raise SlimlmError(f"{', '.join(given)}: this recipe ({methods}) uses no calibration data; drop "
+                          f"{'it' if len(given) == 1 else 'them'}")
+    check_writable(args.out, "--out")
+    if args.export_ct:
+        check_writable(args.export_ct, "--export-ct")
+        out, ct = Path(args.out).expanduser().resolve(), Path(args.export_ct).expanduser().resolve()
+        if out == ct or out in ct.parents or ct in out.parents:
+            raise SlimlmError(f"--export-ct {args.export_ct} and --out {args.out} overlap: give the "
+                              "compressed-tensors checkpoint its own folder")
 
 
 def _sparse_storage_pattern(recipe) -> tuple[int, int] | None:
@@ -430,6 +486,9 @@ def run_generate(args: argparse.Namespace) -> tuple[dict, str]:
 
     sampling, cache = _generation_settings(args)
     loaded = _load(args.model, args)
+    for prompt in args.prompt:
+        length = len(loaded.tokenizer(prompt).input_ids) + args.max_new_tokens
+        check_context(loaded.model, length, f"the prompt {prompt[:30]!r} plus --max-new-tokens")
     calibration = _kvquant_calibration(args, loaded, cache.kv_spec())
     if calibration is not None:
         cache = dataclasses.replace(cache, kv_calibration=calibration)

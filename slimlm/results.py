@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from slimlm.errors import SlimlmError
 from slimlm.version import __version__
 
 
@@ -69,6 +70,23 @@ def make_record(model: str, method: str, protocol: dict, metrics: dict, command:
         "date": utc_now(),
         "command": command if command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Fail before any work if `path` (a file or directory to be created, parents included) cannot be written:
+    a temporary file is created and removed in the nearest existing folder on its way."""
+    target = Path(path).expanduser()
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SlimlmError(f"cannot write {what} {target}: {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".slimlm-write-check-"):
+            pass
+    except OSError as error:
+        raise SlimlmError(f"cannot write {what} {target}: {error.strerror} in {existing}; choose a writable "
+                          "location") from None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

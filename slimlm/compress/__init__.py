@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from pydantic import ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slimlm.compress.engine import CompressionReport
@@ -20,7 +21,12 @@ def with_calibration(recipe: Recipe, **overrides: object) -> Recipe:
     given = {key: value for key, value in overrides.items() if value is not None}
     if not given:
         return recipe
-    calibration = recipe.calibration.model_validate({**recipe.calibration.model_dump(), **given})
+    try:
+        calibration = recipe.calibration.model_validate({**recipe.calibration.model_dump(), **given})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})"
+                             for e in error.errors())
+        raise SlimlmError(f"invalid calibration setting: {problems}") from None
     return recipe.model_copy(update={"calibration": calibration})
 
 

@@ -100,7 +100,17 @@ def load_corpus(name: str, split: str = "eval", data_dir: str | os.PathLike[str]
 
 
 def _read(directory: Path, relative: str) -> str:
-    return data_file(directory, relative).read_text(encoding="utf-8")
+    return read_utf8(data_file(directory, relative))
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; a file that is not UTF-8 fails with where and how to convert it."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SlimlmError(f"{path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}): "
+                          f"convert it, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.txt") from None
 
 
 def wikitext_rows(raw: str) -> list[str]:
@@ -141,7 +151,7 @@ def _pydoc(split: str) -> Corpus:
 
 
 def _user_corpus(path: Path, split: str) -> Corpus:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix == ".jsonl":
         try:
             documents = tuple(json.loads(line)["text"] for line in text.splitlines() if line.strip())

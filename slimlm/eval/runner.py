@@ -62,6 +62,10 @@ def parse_tasks(spec: str | list[str]) -> list[str]:
     return names
 
 
+def is_perplexity_task(name: str) -> bool:
+    return name in CORPORA or is_user_corpus(name)
+
+
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

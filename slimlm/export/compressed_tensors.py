@@ -189,7 +189,8 @@ def _quantization_config(model: PreTrainedModel, quantized: dict[str, nn.Module]
 
 def _write(directory, tensors, config: dict, model: PreTrainedModel, tokenizer) -> Path:
     with atomic_directory(directory) as staging:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt", "producer": "slimlm"})
+        # One metadata key: safetensors writes the map in no fixed order, and outputs must be byte-reproducible.
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         save_extras(staging, model, tokenizer)
     return Path(directory).expanduser()

@@ -32,11 +32,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from slimlm.core.blocks import replace_module
+from slimlm.core.dtypes import torch_dtype
 from slimlm.core.registry import checkpoint_sections, layer_class, layer_kind
 from slimlm.errors import SlimlmError
 from slimlm.version import __version__
@@ -79,8 +81,8 @@ def save(
         }
         plain = not any(section[key] for key in ("compressed_modules", "resized_linears", *checkpoint_sections()))
         section["weights_file"] = WEIGHTS if plain else SLIMLM_ONLY_WEIGHTS
-        save_file(storage_state_dict(model), str(staging / section["weights_file"]),
-                  metadata={"format": "pt", "producer": "slimlm"})
+        # One metadata key: safetensors writes the map in no fixed order, and outputs must be byte-reproducible.
+        save_file(storage_state_dict(model), str(staging / section["weights_file"]), metadata={"format": "pt"})
         (staging / SLIMLM_CONFIG).write_text(json.dumps(section, indent=2) + "\n")
     return Path(directory).expanduser()
 
@@ -186,6 +188,26 @@ def _swap_into_place(staging: Path, target: Path) -> None:
         os.rename(staging, target)
 
 
+def _read_section(path: Path) -> dict:
+    """slimlm.json, checked for what `load` reads from it (a damaged or foreign file fails here, clearly)."""
+    try:
+        section = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SlimlmError(f"{path} is not valid JSON ({error}): the checkpoint is damaged; save it again") from error
+    expected = {"compressed_modules": dict, "resized_linears": dict, "weights_file": str, "dtype": str}
+    if not isinstance(section, dict):
+        raise SlimlmError(f"{path} holds {type(section).__name__}, not a slimlm checkpoint section")
+    for key, kind in expected.items():
+        if key in section and not isinstance(section[key], kind):
+            raise SlimlmError(f"{path}: {key} is {type(section[key]).__name__}, expected {kind.__name__}; the "
+                              "checkpoint is damaged: save it again")
+    modules = section.get("compressed_modules", {})
+    if any(not isinstance(meta, dict) for meta in modules.values()):
+        raise SlimlmError(f"{path}: every compressed_modules entry must be an object; the checkpoint is damaged")
+    section.setdefault("compressed_modules", {})
+    return section
+
+
 def load(
     directory: str | os.PathLike[str], device: str | torch.device = "cpu", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
@@ -193,12 +215,12 @@ def load(
     directory = Path(directory).expanduser()
     if not is_slimlm_checkpoint(directory):
         raise SlimlmError(f"{directory} is not a slimlm checkpoint (no {SLIMLM_CONFIG})")
-    section = json.loads((directory / SLIMLM_CONFIG).read_text())
+    section = _read_section(directory / SLIMLM_CONFIG)
     if section.get("format_version") != FORMAT_VERSION:
         raise SlimlmError(f"{directory}: checkpoint format {section.get('format_version')} is not supported "
                           f"by slimlm {__version__} (expects {FORMAT_VERSION})")
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    dtype = getattr(torch, section.get("dtype", "float32"))
+    dtype = torch_dtype(section.get("dtype", "float32"), f"{directory / SLIMLM_CONFIG} dtype")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, meta in section["compressed_modules"].items():
         module = layer_class(meta.get("kind", "quantized")).from_meta(meta, dtype)  # kind-less: format 1's first files
@@ -215,7 +237,11 @@ def load(
     weights = directory / section.get("weights_file", WEIGHTS)
     if not weights.is_file():
         raise SlimlmError(f"{directory}: its weights file {weights.name} is missing; the checkpoint is incomplete")
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError) as error:
+        raise SlimlmError(f"{weights} is damaged ({error}): save the model again") from error
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
     model.tie_weights()
     state = model.state_dict()
     loaded = {_alias_key(state[key]) for key in state if key not in missing}

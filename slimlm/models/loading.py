@@ -112,8 +112,12 @@ def load_model(
                 f"{directory} is not a Hugging Face model directory (no config.json); "
                 "pass a directory saved with save_pretrained, a .gguf file, or a hub id"
             )
+        check_model_directory(directory, trust_remote_code)
         loaded = _from_directory(directory, torch_dtype, trust_remote_code)
         kind, source = "directory", str(directory)
+    elif _looks_like_path(spec):
+        raise SlimlmError(f"no such file or directory: {spec} (a local model is a directory saved with "
+                          "save_pretrained or a .gguf file; a hub id looks like org/name)")
     else:
         loaded = _from_hub(spec, torch_dtype, trust_remote_code)
         kind, source = "hub", spec
@@ -122,6 +126,72 @@ def load_model(
         model.slimlm_source_dtype = _checkpoint_dtype(source, trust_remote_code)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec, source=source, source_kind=kind)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """An absolute, home or explicitly relative path, or one with more than one separator: never a hub id."""
+    return spec.startswith(("/", "~", "./", "../")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_directory(directory: Path, trust_remote_code: bool = False) -> None:
+    """Refuse, before loading, a model directory slimlm cannot load safely and completely: pickle weights
+    only, damaged safetensors, no tokenizer, a model type this transformers does not know."""
+    from slimlm.export.native import is_slimlm_checkpoint
+
+    if is_slimlm_checkpoint(directory):
+        return  # slimlm's own loader validates its checkpoints
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        pickles = [name for name in PICKLE_FILES if (directory / name).is_file()]
+        if pickles:
+            raise SlimlmError(
+                f"{directory} holds PyTorch pickle weights ({pickles[0]}), which slimlm does not load (a pickle can "
+                "run code); convert them once to safetensors: AutoModelForCausalLM.from_pretrained(DIR)"
+                ".save_pretrained(NEW_DIR), in an environment you trust")
+        if not list(directory.glob("*.safetensors")):
+            raise SlimlmError(f"{directory} has no safetensors weights (model.safetensors): save the model there "
+                              "with save_pretrained")
+    for path in sorted(directory.glob("*.safetensors")):
+        _check_safetensors(path)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise SlimlmError(f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): save the "
+                          "tokenizer beside the model (tokenizer.save_pretrained(DIR))")
+    _check_model_type(directory, trust_remote_code)
+
+
+def _check_safetensors(path: Path) -> None:
+    """The header parses and the tensors it lists fit in the file (a truncated download fails here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        raise SlimlmError(f"{path} is damaged ({error}): download or save it again") from error
+
+
+def _check_model_type(directory: Path, trust_remote_code: bool) -> None:
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SlimlmError(f"{directory / 'config.json'} is not valid JSON ({error})") from error
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type in CONFIG_MAPPING or (trust_remote_code and "auto_map" in config):
+        return
+    hint = ("pass --trust-remote-code to run the model's own code" if "auto_map" in config
+            else "upgrade transformers, or check the config")
+    import transformers
+
+    raise SlimlmError(f"{directory / 'config.json'} has model_type {model_type!r}, which transformers "
+                      f"{transformers.__version__} does not know: {hint}")
 
 
 def _checkpoint_dtype(source: str, trust_remote_code: bool) -> torch.dtype | None:

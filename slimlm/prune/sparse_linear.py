@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimlm.core.blocks import linear_weight, replace_module
+from slimlm.core.dtypes import torch_dtype
 from slimlm.core.packing import pack, unpack
 from slimlm.core.registry import register_layer
 from slimlm.core.sparsity import PRUNED, check_n_m
@@ -132,7 +133,8 @@ class SparseLinear(nn.Module):
             raise SlimlmError(f"sparse-layer metadata version {meta.get('version')!r} is not supported "
                               f"(expected {META_VERSION}); re-save the model with this version of slimlm")
         return cls(meta["in_features"], meta["out_features"], meta["layout"], meta["nnz"],
-                   tuple(meta["n_m"]) if meta["n_m"] else None, getattr(torch, meta["dtype"]), meta["bias"])
+                   tuple(meta["n_m"]) if meta["n_m"] else None, torch_dtype(meta["dtype"], "sparse-layer metadata"),
+                   meta["bias"])
 
     def extra_repr(self) -> str:
         pattern = f"{self.n_m[0]}:{self.n_m[1]}" if self.n_m else "csr"

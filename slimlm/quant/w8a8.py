@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimlm.core.dtypes import torch_dtype
 from slimlm.core.registry import register_layer
 from slimlm.errors import SlimlmError
 from slimlm.quant import cpu_kernels
@@ -111,7 +112,8 @@ class Int8Linear(nn.Module):
             layer = cls(meta["in_features"], meta["out_features"], activations["bits"],
                         activations["granularity"], activations["symmetric"])
             if meta["bias_dtype"] is not None:
-                layer.bias = torch.zeros(layer.out_features, dtype=getattr(torch, meta["bias_dtype"]))
+                bias_dtype = torch_dtype(meta["bias_dtype"], "int8-layer metadata")
+                layer.bias = torch.zeros(layer.out_features, dtype=bias_dtype)
         except KeyError as missing:
             raise SlimlmError(f"int8-layer metadata lacks {missing}; re-save the model with Int8Linear.meta()") from None
         return layer
