@@ -129,3 +129,22 @@ def test_two_identical_runs_write_identical_bytes(models, tmp_path):
         assert cli(*arguments).returncode == 0
         runs.append(digests(tmp_path / name))
     assert runs[0] == runs[1] and len(runs[0]) >= 4
+
+
+def test_outputs_follow_the_umask_and_leftovers_of_a_killed_run_are_reported(models, tmp_path):
+    leftover = tmp_path / ".out.tmp-deadbeef"
+    leftover.mkdir()
+    (leftover / "slimlm.json").write_text("{")
+    previous = os.umask(0o027)
+    try:
+        from slimlm.export.native import save
+
+        save(tiny_model("llama", vocab_size=262), tmp_path / "out", tiny_tokenizer())
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {0o640}
+    assert leftover.exists()  # reported, not removed: another run might be writing it
+    result = cli("compress", "--model", str(models / "tiny"), "--recipe", "rtn-w4g64", "--out", str(tmp_path / "out"),
+                 "--overwrite")
+    assert result.returncode == 0 and "left by an interrupted run" in result.stderr and str(leftover) in result.stderr

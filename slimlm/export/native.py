@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,13 +132,49 @@ def atomic_directory(directory: str | os.PathLike[str], overwrite: bool = False)
     so an interrupted write never leaves a half-written checkpoint."""
     target = refuse_non_empty(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
+    report_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
+        finish_directory(staging)
         _swap_into_place(staging, target)
+        _fsync(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def report_leftovers(target: Path) -> list[Path]:
+    """Staging folders of `target` that a killed run left behind (an interrupted run that exits removes its
+    own): named on stderr with how to remove them; they are not removed, since another run may be writing."""
+    leftovers = sorted(path for kind in ("tmp", "old") for path in target.parent.glob(f".{target.name}.{kind}-*"))
+    if leftovers:
+        names = " ".join(shlex.quote(str(path)) for path in leftovers)
+        print(f"slimlm: note: {len(leftovers)} staging folder(s) of {target} left by an interrupted run; if no other "
+              f"run is writing it, remove them: rm -r {names}", file=sys.stderr)
+    return leftovers
+
+
+def finish_directory(staging: Path) -> None:
+    """Before the rename that publishes it: permissions as the umask asks (mkdtemp made it 0700, the files
+    0600 where written through mkstemp), and every file and the folder on disk (fsync), so a crash after the
+    rename cannot leave a published checkpoint with empty files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    for path in staging.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+        if path.is_file():
+            _fsync(path)
+    _fsync(staging)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_extras(staging: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None) -> None:
