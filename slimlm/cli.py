@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--recipe", required=True, help="a preset name (e.g. gptq-w4g64) or a YAML recipe file")
     squeeze.add_argument("--out", required=True, help="directory to save the compressed model to")
     squeeze.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    squeeze.add_argument("--force", action="store_true",
+                         help="run even when the memory estimate exceeds the available RAM")
     squeeze.add_argument("--export-ct", metavar="DIR",
                          help="also write a compressed-tensors (pack-quantized) checkpoint that transformers loads")
     squeeze.add_argument("--sparse-storage", action="store_true",
@@ -348,7 +350,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     import copy
 
     from slimlm.compress import calibration_tokens, compress, with_calibration
-    from slimlm.compress.engine import validate_recipe_for_model
+    from slimlm.compress.engine import check_memory, validate_recipe_for_model
     from slimlm.compress.recipe import load_recipe
     from slimlm.eval.efficiency import count_nonzero_parameters, count_parameters, disk_bytes, memory_bytes
     from slimlm.eval.runner import EvalSettings, evaluate, is_perplexity_task, parse_tasks
@@ -364,6 +366,8 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     model, tokenizer = loaded.model, loaded.tokenizer
     if recipe.needs_calibration:
         check_context(model, recipe.calibration.seqlen, "the calibration segment (--calib-seqlen)")
+    memory = check_memory(model, recipe, args.force)
+    print(f"slimlm: memory estimate: {memory.describe()}", file=sys.stderr)
     if any(is_perplexity_task(task) for task in tasks):
         check_context(model, args.seqlen, "--seqlen")
     adapter, selections = validate_recipe_for_model(model, recipe)  # bad targets or groups fail before any work
@@ -397,7 +401,8 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
         "disk_bytes_before": original_bytes["disk"], "disk_bytes_after": model_bytes(args.out),
     }
     sizes["compression_ratio_disk"] = sizes["disk_bytes_before"] / sizes["disk_bytes_after"]
-    protocol = {"recipe": recipe.model_dump(mode="json"), "eval": {**vars(settings), "data_dir": str(args.data_dir)}}
+    protocol = {"recipe": recipe.model_dump(mode="json"), "eval": {**vars(settings), "data_dir": str(args.data_dir)},
+                "memory_estimate_bytes": dataclasses.asdict(memory)}
     metrics = {"before": before, "after": after, "sizes": sizes, "compression": report.to_dict(), "out": args.out,
                "export_ct": args.export_ct}
     record = make_record(args.model, str(args.recipe), protocol, metrics)
@@ -407,7 +412,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
 def _check_compress_options(args: argparse.Namespace, recipe) -> None:
     """Options that cannot work together, and outputs that cannot be written, before the model is loaded."""
     if args.kl and not args.eval_tasks:
-        raise SlimlmError("--kl compares the model before and after on the --eval tasks: add --eval, e.g. wikitext2")
+        raise SlimlmError("--kl compares the model before and after on the --eval tasks: add --eval wikitext2")
     given = [flag for flag, value in (("--calib-corpus", args.calib_corpus), ("--calib-samples", args.calib_samples),
                                       ("--calib-seqlen", args.calib_seqlen), ("--seed", args.seed)) if value is not None]
     if given and not recipe.needs_calibration:

@@ -93,6 +93,9 @@ CASES = [
                                  "600"], "longer than the model's context of 512"),
     ("--kl without --eval", ["compress", "--model", "{root}/tiny", "--recipe", "rtn-w4g64", "--out", "{out}", "--kl"],
      "add --eval"),
+    ("calibration past the RAM", ["compress", "--model", "{root}/tiny", "--recipe", "gptq-w4g64", "--calib-corpus",
+                                  "pydoc", "--calib-samples", "20000000", "--calib-seqlen", "512", "--out", "{out}"],
+     "pass --force"),
     ("--calib-corpus unused", ["compress", "--model", "{root}/tiny", "--recipe", "rtn-w4g64", "--out", "{out}",
                                "--calib-corpus", "pydoc"], "uses no calibration data"),
 ]

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import resource
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -75,6 +76,77 @@ def validate_recipe_for_model(model: PreTrainedModel, recipe: Recipe) -> tuple[M
         stage.check(adapter, {name: linear_shape(linears[name])[0] for name in chosen})
         selections.append(set(chosen))
     return adapter, selections
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The working memory of a compression run by the formula of the module docstring, in bytes."""
+
+    model: int  # every parameter and buffer as loaded
+    activations: int  # block inputs and outputs of every calibration segment, float32
+    block: int  # the largest block's weights (a copy where a stage keeps the original weights)
+    hessians: int  # the largest (in_features^2) float32 matrix, once per linear of the widest sequential group
+    forward: int  # one batch of segments through one block (MLP activations dominate)
+
+    runtime: int = 512 * 1024**2  # Python, PyTorch and the tokenizer (measured: about 0.4 GiB on CPU)
+
+    @property
+    def total(self) -> int:
+        return self.model + self.activations + self.block + self.hessians + self.forward + self.runtime
+
+    def describe(self) -> str:
+        parts = {"model": self.model, "cached activations": self.activations, "Hessians": self.hessians,
+                 "block copies and one batch's forward": self.block + self.forward, "runtime": self.runtime}
+        return f"about {_size(self.total)} (" + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()) + ")"
+
+
+def _size(count: int) -> str:
+    return f"{count / 1024**3:.2f} GiB" if count >= 1024**3 else f"{count / 1024**2:.0f} MiB"
+
+
+def estimate_memory(model: PreTrainedModel, recipe: Recipe) -> MemoryEstimate:
+    """The engine's working memory for `recipe` on `model` (CPU runs: all of it in RAM)."""
+    adapter = ModelAdapter(model)
+    model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    blocks = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in adapter.blocks]
+    widths = [linear_shape(m) for m in adapter.linear_layers().values()]  # (in, out)
+    if not recipe.needs_calibration:
+        return MemoryEstimate(model_bytes, 0, max(blocks, default=0), 0, 0)
+    c = recipe.calibration
+    tokens = c.samples * c.seqlen
+    widest_in = max((w[0] for w in widths), default=0)
+    widest_out = max((w[1] for w in widths), default=0)
+    keeps_original = any(stage.needs_original_weights for stage in recipe.stages)
+    return MemoryEstimate(
+        model=model_bytes,
+        activations=3 * tokens * adapter.embedding.weight.shape[1] * 4,  # inputs, outputs, residual stream
+        block=max(blocks, default=0) * (2 if keeps_original else 1),
+        hessians=3 * widest_in**2 * 4,
+        forward=4 * c.batch_size * c.seqlen * max(widest_in, widest_out) * 4)
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM the kernel says a new allocation can get (MemAvailable), or None where that is unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(model: PreTrainedModel, recipe: Recipe, force: bool = False) -> MemoryEstimate:
+    """The estimate; a `SlimlmError` when it exceeds the available RAM (the model is already loaded, so its
+    share counts as available) unless `force`."""
+    estimate = estimate_memory(model, recipe)
+    free = available_memory()
+    if free is not None and not force and estimate.total - estimate.model - estimate.runtime > free:
+        raise SlimlmError(f"this compression needs {estimate.describe()}, but only {_size(free)} of RAM is "
+                          "available: calibrate on fewer or shorter segments (--calib-samples, --calib-seqlen), "
+                          "or pass --force to try anyway")
+    return estimate
 
 
 def compress(
