@@ -366,19 +366,20 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     model, tokenizer = loaded.model, loaded.tokenizer
     if recipe.needs_calibration:
         check_context(model, recipe.calibration.seqlen, "the calibration segment (--calib-seqlen)")
-    memory = check_memory(model, recipe, args.force)
-    print(f"slimlm: memory estimate: {memory.describe()}", file=sys.stderr)
     if any(is_perplexity_task(task) for task in tasks):
         check_context(model, args.seqlen, "--seqlen")
     adapter, selections = validate_recipe_for_model(model, recipe)  # bad targets or groups fail before any work
+    memory = check_memory(model, recipe, args.force)
     sparse_pattern = _sparse_storage_pattern(recipe) if args.sparse_storage else None
     if args.export_ct:
-        from slimlm.export.compressed_tensors import check_recipe_exportable
+        from slimlm.export.compressed_tensors import check_recipe_exportable, refuse_transposed_layers
         from slimlm.models.adapter import linear_shape
 
         widths = {name: linear_shape(m)[0] for name, m in adapter.linear_layers().items()}
         check_recipe_exportable(recipe, widths, selections)
+        refuse_transposed_layers(model, set().union(*selections))
         refuse_non_empty(args.export_ct)
+    print(f"slimlm: memory estimate: {memory.describe()}", file=sys.stderr)
     calibration = calibration_tokens(recipe, tokenizer, args.data_dir)
     before = evaluate(model, tokenizer, tasks, settings) if tasks else []
     original_bytes = {"memory": memory_bytes(model), "disk": disk_bytes(model), "parameters": count_parameters(model)}

@@ -96,6 +96,8 @@ CASES = [
     ("calibration past the RAM", ["compress", "--model", "{root}/tiny", "--recipe", "gptq-w4g64", "--calib-corpus",
                                   "pydoc", "--calib-samples", "20000000", "--calib-seqlen", "512", "--out", "{out}"],
      "pass --force"),
+    ("--export-ct of GPT-2", ["compress", "--model", "{root}/gpt2", "--recipe", "rtn-w4g64", "--out", "{out}",
+                              "--export-ct", "{out}-ct"], "transposed Conv1D layers"),
     ("--calib-corpus unused", ["compress", "--model", "{root}/tiny", "--recipe", "rtn-w4g64", "--out", "{out}",
                                "--calib-corpus", "pydoc"], "uses no calibration data"),
 ]
@@ -103,11 +105,11 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def phi(models) -> Path:
-    directory = models / "phi"
-    if not directory.exists():
-        tiny_model("phi", vocab_size=262).save_pretrained(directory)
-        tiny_tokenizer().save_pretrained(directory)
-    return directory
+    for family in ("phi", "gpt2"):
+        if not (models / family).exists():
+            tiny_model(family, vocab_size=262).save_pretrained(models / family)
+            tiny_tokenizer().save_pretrained(models / family)
+    return models / "phi"
 
 
 @pytest.mark.parametrize(("name", "arguments", "message"), CASES, ids=[case[0] for case in CASES])
@@ -117,7 +119,7 @@ def test_bad_input_is_refused_before_any_work(models, phi, tmp_path, name, argum
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("slimlm: error: ") and message in lines[0], result.stderr
-    assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert not out.exists() and not list(tmp_path.glob(".out*")) and not Path(f"{out}-ct").exists()
 
 
 def test_two_identical_runs_write_identical_bytes(models, tmp_path):

@@ -112,7 +112,7 @@ def export_compressed_tensors(
         raise SlimlmError("the model has no quantized layers to export")
     for name, layer in quantized.items():
         check_exportable(name, layer)
-    _refuse_transposed_layers(model, quantized)
+    refuse_transposed_layers(model, quantized)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     tensors = _float_tensors(model, quantized)
     for name, layer in quantized.items():
@@ -122,13 +122,13 @@ def export_compressed_tensors(
     return _write(directory, tensors, config, model, tokenizer)
 
 
-def _refuse_transposed_layers(model: PreTrainedModel, quantized: dict[str, nn.Module]) -> None:
+def refuse_transposed_layers(model: PreTrainedModel, quantized) -> None:
     """compressed-tensors swaps only `nn.Linear` modules for its compressed ones when transformers loads a
     checkpoint; a quantized layer that the model class builds as GPT-2's transposed `Conv1D` would load as
     mismatched raw weights. Found on a weightless (meta) copy of the model's own class."""
     with torch.device("meta"):
         skeleton = type(model)(model.config)
-    transposed = [name for name in quantized if isinstance(skeleton.get_submodule(name), Conv1D)]
+    transposed = sorted(name for name in quantized if isinstance(skeleton.get_submodule(name), Conv1D))
     if transposed:
         raise SlimlmError(f"{model.config.model_type} builds {transposed[0]} (and {len(transposed) - 1} more) as "
                           "transposed Conv1D layers, which compressed-tensors cannot load quantized; export this "
