@@ -263,3 +263,16 @@ def test_cli_eval_and_generate_with_kvquant(tiny_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
         assert main(["generate", "--model", missing, "--prompt", "x", "--kv-cache", "kvquant-2bit", *bad]) != 0
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen3"])
+def test_calibration_refuses_fused_projections_and_normalized_keys(family):
+    """Phi-3 fuses q, k and v; Qwen3 normalizes keys after k_proj: what k_proj outputs is not what is cached."""
+    with pytest.raises(SlimlmError, match=f"{family} fuses those projections or normalizes its keys"):
+        calibrate_kvquant(tiny_model(family), torch.randint(0, 256, (2, 16)), bits=3)
+
+
+@pytest.mark.parametrize("family", ["gemma", "mistral"])
+def test_calibration_runs_on_other_families_with_separate_projections(family):
+    calibration = calibrate_kvquant(tiny_model(family), torch.randint(0, 256, (2, 16)), bits=3)
+    assert len(calibration.layers) == 2

@@ -202,6 +202,10 @@ def calibrate_kvquant(model, segments: torch.Tensor, bits: int, outliers: float 
     if segments.dim() != 2 or segments.shape[0] < 1 or segments.shape[1] < 2:
         raise SlimlmError(f"KVQuant calibration needs segments [n, L >= 2] of token ids, got {tuple(segments.shape)}")
     runner = ModelRunner(model, fast_kernels=False)  # exact; the cache is only used through the runner
+    if any(len(plan.projections) != 3 or plan.k_norm is not None for plan in runner.plans):
+        raise SlimlmError(f"KVQuant calibration reads the cached keys and values at the k and v projections' "
+                          f"outputs, but {runner.family} fuses those projections or normalizes its keys after them; "
+                          "use the kivi or naive KV cache for this model")
     captured: dict[tuple[int, str], torch.Tensor] = {}
 
     def hook(key):
@@ -212,9 +216,10 @@ def calibrate_kvquant(model, segments: torch.Tensor, bits: int, outliers: float 
         return capture
 
     handles = []
-    for index, layer in enumerate(runner.layers):
-        handles.append(layer.self_attn.k_proj.register_forward_hook(hook((index, "k"))))
-        handles.append(layer.self_attn.v_proj.register_forward_hook(hook((index, "v"))))
+    for index, plan in enumerate(runner.plans):
+        _, key, value = plan.projections
+        handles.append(key.register_forward_hook(hook((index, "k"))))
+        handles.append(value.register_forward_hook(hook((index, "v"))))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     gathered: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # activations, Fisher
     try:
