@@ -257,7 +257,7 @@ def capture_block_inputs(
 
     handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
-        with on_device(_non_block_modules(model, adapter), device), _passing_through(blocks[:-1]):
+        with on_device(_non_block_modules(model, adapter), device), _passing_through(blocks[:-1], device):
             for start in progress(range(0, len(calibration), batch_size), desc="capture inputs"):
                 try:
                     model(input_ids=calibration[start : start + batch_size].to(device), use_cache=False)
@@ -271,15 +271,16 @@ def capture_block_inputs(
 
 
 @contextmanager
-def _passing_through(blocks: list[nn.Module]) -> Iterator[None]:
+def _passing_through(blocks: list[nn.Module], device: torch.device) -> Iterator[None]:
     """Let `blocks` return their input hidden states instead of computing, in the form the real output has
     (a tensor, or a tuple whose first item is the hidden states): the first call runs the real forward once
-    to learn that form."""
+    (the block on `device` for it) to learn that form."""
     form: dict[str, tuple | None] = {}
 
     def pass_through(block: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
         if "extra" not in form:
-            output = type(block).forward(block, hidden_states, *args, **kwargs)
+            with on_device([block], device):
+                output = type(block).forward(block, hidden_states, *args, **kwargs)
             form["extra"] = tuple(output[1:]) if isinstance(output, (tuple, list)) else None
         return hidden_states if form["extra"] is None else (hidden_states, *form["extra"])
 
