@@ -414,8 +414,9 @@ def _check_compress_options(args: argparse.Namespace, recipe) -> None:
     """Options that cannot work together, and outputs that cannot be written, before the model is loaded."""
     if args.kl and not args.eval_tasks:
         raise SlimlmError("--kl compares the model before and after on the --eval tasks: add --eval wikitext2")
-    given = [flag for flag, value in (("--calib-corpus", args.calib_corpus), ("--calib-samples", args.calib_samples),
-                                      ("--calib-seqlen", args.calib_seqlen), ("--seed", args.seed)) if value is not None]
+    options = {"--calib-corpus": args.calib_corpus, "--calib-samples": args.calib_samples,
+               "--calib-seqlen": args.calib_seqlen, "--seed": args.seed}
+    given = [flag for flag, value in options.items() if value is not None]
     if given and not recipe.needs_calibration:
         methods = ", ".join(stage.method for stage in recipe.stages)
         raise SlimlmError(f"{', '.join(given)}: this recipe ({methods}) uses no calibration data; drop "

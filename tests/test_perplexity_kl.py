@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from slimlm.data.calibration import added_bos
 from slimlm.data.corpora import Corpus
 from slimlm.errors import SlimlmError
 from slimlm.eval.kl import kl_divergence, token_kl
-from slimlm.data.calibration import added_bos
 from slimlm.eval.perplexity import corpus_windows, perplexity, token_windows
 from slimlm.models.tiny import tiny_model
 from tests.helpers import small_bpe_tokenizer

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from slimlm.data.calibration import added_bos
 from slimlm.data.tasks import (
     LM_EVAL_METRICS,
     LM_EVAL_TASKS,
@@ -59,7 +60,6 @@ from slimlm.data.tasks import (
     MultipleChoiceExample,
     load_task,
 )
-from slimlm.data.calibration import added_bos
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress
 
