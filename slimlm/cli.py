@@ -14,12 +14,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from slimlm.defaults import DEFAULT_MODEL, DTYPE_NAMES
 from slimlm.errors import SlimlmError
-from slimlm.models.loading import DEFAULT_MODEL, DTYPES, LoadedModel
-from slimlm.results import atomic_write_text, check_writable, format_value, make_record, markdown_table
+
+if TYPE_CHECKING:
+    from slimlm.models.loading import LoadedModel
 
 
 def _positive_int(text: str) -> int:
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"embedded name, local directory, .gguf file or hub id (default {DEFAULT_MODEL})")
-    common.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    common.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     common.add_argument("--device", default="cpu")
     common.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     common.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
@@ -214,7 +215,11 @@ def _without_calibration(settings) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # before PyTorch is imported: --help and bad arguments answer at once
+    import torch
+
+    from slimlm.results import atomic_write_text
+
     _quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -233,6 +238,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_common(args: argparse.Namespace) -> None:
     """What every command can check before any work: the --json file can be written, the device exists."""
+    import torch
+
+    from slimlm.results import check_writable
+
     if args.json:
         check_writable(args.json, "--json")
     try:
@@ -275,6 +284,7 @@ def _load(spec: str, args: argparse.Namespace) -> LoadedModel:
 
 def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.eval.runner import TABLE_COLUMNS, EvalSettings, evaluate, is_perplexity_task, parse_tasks
+    from slimlm.results import make_record, markdown_table
 
     tasks = parse_tasks(args.tasks)  # fail on a bad name before loading anything
     settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir,
@@ -305,6 +315,7 @@ def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
 def run_info(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.eval.efficiency import count_parameters, disk_bytes, flops_per_token, memory_bytes
     from slimlm.models.adapter import ModelAdapter
+    from slimlm.results import format_value, make_record
 
     loaded = _load(args.model, args)
     adapter = ModelAdapter(loaded.model)
@@ -326,6 +337,7 @@ def run_info(args: argparse.Namespace) -> tuple[dict, str]:
 
 def run_bench(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.eval.efficiency import measure_latency, measure_peak_flops, mfu
+    from slimlm.results import make_record, markdown_table
 
     loaded = _load(args.model, args)
     peak = args.peak_flops or measure_peak_flops()
@@ -355,6 +367,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.eval.efficiency import count_nonzero_parameters, count_parameters, disk_bytes, memory_bytes
     from slimlm.eval.runner import EvalSettings, evaluate, is_perplexity_task, parse_tasks
     from slimlm.export.native import model_bytes, refuse_non_empty, save
+    from slimlm.results import make_record
 
     recipe = with_calibration(load_recipe(args.recipe), corpus=args.calib_corpus, samples=args.calib_samples,
                               seqlen=args.calib_seqlen, seed=args.seed)
@@ -412,6 +425,8 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
 
 def _check_compress_options(args: argparse.Namespace, recipe) -> None:
     """Options that cannot work together, and outputs that cannot be written, before the model is loaded."""
+    from slimlm.results import check_writable
+
     if args.kl and not args.eval_tasks:
         raise SlimlmError("--kl compares the model before and after on the --eval tasks: add --eval wikitext2")
     options = {"--calib-corpus": args.calib_corpus, "--calib-samples": args.calib_samples,
@@ -441,6 +456,8 @@ def _sparse_storage_pattern(recipe) -> tuple[int, int] | None:
 
 
 def _compress_table(args, before: list[dict], after: list[dict], sizes: dict, report) -> str:
+    from slimlm.results import markdown_table
+
     rows = []
     previous = {(r["task"], r["metric"]): r["value"] for r in before}
     for row in after:
@@ -490,6 +507,7 @@ def _generation_settings(args: argparse.Namespace):
 
 def run_generate(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.infer import generate, speculative_generate
+    from slimlm.results import make_record, markdown_table
 
     sampling, cache = _generation_settings(args)
     loaded = _load(args.model, args)
@@ -569,6 +587,8 @@ def _decode_kernels(model) -> str | None:
 
 def run_export(args: argparse.Namespace) -> tuple[dict, str]:
     from pathlib import Path
+
+    from slimlm.results import make_record
 
     _check_export_options(args)
     if args.format == "onnx":

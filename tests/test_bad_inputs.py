@@ -153,3 +153,17 @@ def test_outputs_follow_the_umask_and_leftovers_of_a_killed_run_are_reported(mod
     result = cli("compress", "--model", str(models / "tiny"), "--recipe", "rtn-w4g64", "--out", str(tmp_path / "out"),
                  "--overwrite")
     assert result.returncode == 0 and "left by an interrupted run" in result.stderr and str(leftover) in result.stderr
+
+
+def test_help_and_argument_errors_answer_without_importing_torch():
+    import time
+
+    for arguments in (["--help"], ["compress", "--recipe", "gptq-w4g64"]):  # the second lacks --out
+        seconds = []
+        for _ in range(2):
+            start = time.perf_counter()
+            result = cli(*arguments)
+            seconds.append(time.perf_counter() - start)
+        assert result.returncode in (0, 2) and min(seconds) < 1.0, (arguments, seconds)
+    probe = "import sys, slimlm, slimlm.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe]).returncode == 0

