@@ -11,7 +11,7 @@ from slimlm.compress import compress, load_recipe
 from slimlm.compress.presets import PRESETS
 from slimlm.errors import SlimlmError
 from slimlm.export.native import load, save
-from slimlm.models.tiny import tiny_model
+from slimlm.models.tiny import tiny_model, tiny_tokenizer
 from slimlm.quant import cpu_kernels
 from slimlm.quant.activation import ActivationQuantizer
 from slimlm.quant.grid import find_params, quantize, quantize_signed, range_params
@@ -268,6 +268,7 @@ def test_cli_compress_rtn_w8a8_end_to_end(tmp_path, capsys):
 
     source, out = tmp_path / "float", tmp_path / "w8a8"
     tiny_model("qwen2").save_pretrained(source)
+    tiny_tokenizer().save_pretrained(source)  # a model folder without one is refused (tests/test_bad_inputs.py)
     assert main(["compress", "--model", str(source), "--recipe", "rtn-w8a8", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "disk_bytes_after" in printed
