@@ -247,6 +247,21 @@ def test_compressed_models_run_through_the_runner(recipe):
     assert [len(t) for t in generated] == [3] * 3
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("recipe", ["gptq-w4g64", "sparsegpt-2of4"])
+def test_compressed_models_of_other_families_run_through_the_runner(family, recipe):
+    import slimlm
+
+    model = _mixed(family)
+    calibration = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    slimlm.compress(model, recipe, calibration=calibration)
+    assert any(getattr(m, "is_compressed_linear", False) for m in model.modules()) or recipe.startswith("sparse")
+    prompt = PROMPTS[2]
+    with torch.no_grad():
+        reference = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert generate_ids(model, [prompt], 8).tokens[0] == reference[0, len(prompt):].tolist()
+
+
 def test_streamed_text_flushes_a_character_held_back_at_the_end():
     """A byte-level tokenizer can end on half a UTF-8 character: the held-back text still comes out."""
     from slimlm.infer.engine import TextDeltas
