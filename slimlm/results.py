@@ -89,6 +89,13 @@ def check_writable(path: str | Path, what: str) -> None:
                           "location") from None
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it: it is put back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never half of one."""
     path = Path(path)
@@ -99,9 +106,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())  # on disk before the rename publishes it
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a new file follows the umask
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; a new file follows the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimlm.data.corpora import data_file, required_data_dir
+from slimlm.data.corpora import data_file, read_utf8, required_data_dir
 from slimlm.errors import SlimlmError
 
 ZERO_SHOT_TASKS = ("lambada", "piqa", "hellaswag", "arc_easy", "arc_challenge", "boolq", "winogrande", "openbookqa")
@@ -142,7 +142,7 @@ def load_task(
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -183,7 +183,7 @@ def _lambada(path: Path) -> list[LambadaExample]:
 
 def _piqa(path: Path, labels_path: Path) -> list[MultipleChoiceExample]:
     rows = _jsonl(path)
-    labels = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = [line.strip() for line in read_utf8(labels_path).splitlines() if line.strip()]
     if len(labels) != len(rows):
         raise SlimlmError(
             f"{labels_path} has {len(labels)} labels for {len(rows)} questions in {path}; restore both files"
@@ -221,7 +221,7 @@ def hellaswag_query(line: str) -> str:
 
 
 def _hellaswag(path: Path) -> list[MultipleChoiceExample]:
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_utf8(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the file
     if len(lines) % 6:

@@ -43,6 +43,7 @@ from slimlm.core.blocks import replace_module
 from slimlm.core.dtypes import torch_dtype
 from slimlm.core.registry import checkpoint_sections, layer_class, layer_kind
 from slimlm.errors import SlimlmError
+from slimlm.results import current_umask
 from slimlm.version import __version__
 
 SLIMLM_CONFIG = "slimlm.json"
@@ -159,8 +160,7 @@ def finish_directory(staging: Path) -> None:
     """Before the rename that publishes it: permissions as the umask asks (mkdtemp made it 0700, the files
     0600 where written through mkstemp), and every file and the folder on disk (fsync), so a crash after the
     rename cannot leave a published checkpoint with empty files."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     os.chmod(staging, 0o777 & ~umask)
     for path in staging.rglob("*"):
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

@@ -225,7 +225,7 @@ class ModelRunner:
 
     def _plans(self, config) -> list[LayerPlan]:
         types = getattr(config, "layer_types", None) if self._rope_takes_type else None
-        parallel = bool(getattr(config, "use_parallel_residual", False)) or self.family == "phi"
+        parallel_residual = bool(getattr(config, "use_parallel_residual", False))  # GPT-NeoX
         plans = []
         for block in self.adapter:
             linears, norms = block.linears, block.norms
@@ -235,6 +235,7 @@ class ModelRunner:
             mlp = block.mlp_module()
             if mlp is None:  # OPT: fc1 and fc2 sit in the block
                 mlp = _TwoLayerMlp(linears["up"], linears["down"], block.module.activation_fn)
+            parallel = parallel_residual or "mlp_norm" not in norms  # Phi: one norm feeds both halves
             plans.append(LayerPlan(
                 attention, projections, linears["o"], norms.get("q_norm"), norms.get("k_norm"), norms["attn_norm"],
                 norms.get("attn_out_norm"), mlp, norms.get("mlp_norm", norms["attn_norm"]),
@@ -453,10 +454,8 @@ class ModelRunner:
         scale = getattr(attention, "scaling", self.head_dim ** -0.5)
         gqa = shape.heads != shape.kv_heads
         if plan.softcap is not None:
-            key_id = (span, window)
-            if key_id not in masks:
-                masks[key_id] = attention_mask(query_positions, lengths, span, window)
-            out = capped_attention(query, keys, values, masks[key_id], scale, plan.softcap)
+            mask = _cached_mask(masks, query_positions, lengths, span, window)
+            out = capped_attention(query, keys, values, mask, scale, plan.softcap)
         elif "rows" in masks and not cache.rotate_on_read:
             out = torch.cat([F.scaled_dot_product_attention(query[:, :, t:t + 1], keys[:, :, _first(end, window):end],
                                                             values[:, :, _first(end, window):end], scale=scale,
@@ -470,11 +469,8 @@ class ModelRunner:
                 out = F.scaled_dot_product_attention(query, keys[:, :, first:], values[:, :, first:], scale=scale,
                                                      enable_gqa=gqa)
         else:
-            key_id = (span, window)
-            if key_id not in masks:
-                masks[key_id] = attention_mask(query_positions, lengths, span, window)
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=masks[key_id], scale=scale,
-                                                 enable_gqa=gqa)
+            mask = _cached_mask(masks, query_positions, lengths, span, window)
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
         return self._linear(plan.output, out.transpose(1, 2).reshape(batch, new, shape.heads * self.head_dim))
 
     def _attention_native(self, index, attention, query, key, value, cache, window) -> torch.Tensor:
@@ -505,6 +501,14 @@ def single_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torc
     grouped = query.reshape(kv_heads, heads // kv_heads, head_dim)  # query heads sharing a key/value head
     scores = torch.bmm(grouped, keys[0].transpose(1, 2)).mul_(scale).softmax(dim=-1)
     return torch.bmm(scores, values[0]).reshape(1, heads, 1, head_dim)
+
+
+def _cached_mask(masks: dict, query_positions: torch.Tensor, lengths: torch.Tensor, span: int,
+                 window: int | None) -> torch.Tensor:
+    """`attention_mask` for this key span and window, built once per forward and shared by its layers."""
+    if (span, window) not in masks:
+        masks[span, window] = attention_mask(query_positions, lengths, span, window)
+    return masks[span, window]
 
 
 def _first(end: int, window: int | None) -> int:
