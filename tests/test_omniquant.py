@@ -276,3 +276,13 @@ def test_cli_compress_omniquant_w4a4_end_to_end(tmp_path, tiny_dir, capsys):
     assert len(layers) == 14 and all(m.input_quantizer is not None and m.input_quantizer.bits == 4 for m in layers)
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 100, (2, 16))).logits).all()
+
+
+def test_let_on_a_block_with_one_norm_for_both_halves_is_refused_before_any_work():
+    """Phi's attention and MLP read one norm: LET's scales would be folded into it for both halves."""
+    model = tiny_model("phi")
+    with pytest.raises(SlimlmError, match="OmniQuant's LET .* norms \\['attn_norm'\\]"):
+        compress(model, {"stages": [{"method": "omniquant", "bits": 4, "group_size": 32}]},
+                 calibration=torch.randint(0, 256, (4, 16)))
+    compress(model, {"stages": [{"method": "omniquant", "bits": 4, "group_size": 32, "let": False, "epochs": 1}]},
+             calibration=torch.randint(0, 256, (2, 16)))

@@ -22,7 +22,7 @@ Roles:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -105,6 +105,11 @@ class BlockAdapter:
     def attention_linears(self) -> dict[str, nn.Module]:
         return {r: m for r, m in self.linears.items() if r in ATTENTION_ROLES}
 
+    @property
+    def up_role(self) -> str:
+        """The role of the MLP's up projection: `up`, or the fused `gate_up` (whose last rows are up)."""
+        return "up" if "up" in self.linears else "gate_up"
+
     def mlp_linears(self) -> dict[str, nn.Module]:
         return {r: m for r, m in self.linears.items() if r in MLP_ROLES}
 
@@ -123,8 +128,7 @@ class BlockAdapter:
         """The submodule that holds the MLP's linears (Llama's `mlp`), or None where they sit directly
         in the block (OPT's fc1/fc2)."""
         parent = self.linear_names["down"].rpartition(".")[0]
-        up = self.linear_names.get("up", self.linear_names.get("gate_up", ""))
-        if not parent or up.rpartition(".")[0] != parent:
+        if not parent or self.linear_names[self.up_role].rpartition(".")[0] != parent:
             return None
         return self.module.get_submodule(parent)
 
@@ -245,10 +249,12 @@ def _role_of(name: str, overrides: dict[str, str]) -> str | None:
     return None
 
 
-def require_norm_per_half(block: BlockAdapter, method: str) -> None:
-    """Fail unless the block has a norm in front of attention and another in front of the MLP: methods that
+def require_norm_per_half(blocks: Iterable[BlockAdapter], method: str) -> None:
+    """Fail unless every block has a norm in front of attention and another in front of the MLP: methods that
     fold scales into those norms (AWQ, SmoothQuant, OmniQuant's LET) would mis-scale a half otherwise."""
-    if not {"attn_norm", "mlp_norm"} <= set(block.norm_names):
+    for block in blocks:
+        if {"attn_norm", "mlp_norm"} <= set(block.norm_names):
+            continue
         raise SlimlmError(f"{method} folds scales into the norm in front of attention and the one in front of the "
                           f"MLP, but block {block.index} has norms {sorted(block.norm_names)} (one norm feeding both "
                           "halves, as in Phi's parallel blocks); use a method without scale folding (gptq, rtn)")

@@ -82,7 +82,7 @@ def awq_block(context: BlockContext, stage: AWQStage, report: CompressionReport)
     prefix = f"{context.adapter.blocks_name}.{context.index}."
     names = {role: prefix + path for role, path in block.linear_names.items()}
     attention = context.module(_parent(names.get("q", names.get("qkv"))))
-    mlp_name = _parent(names.get("up", names.get("gate_up")))
+    mlp_name = _parent(names[block.up_role])
     mlp = context.module(mlp_name) if mlp_name != prefix.rstrip(".") else None
 
     linear_inputs, attention_calls, mlp_inputs, outputs = _float_pass(context, names, attention, mlp)
@@ -170,7 +170,7 @@ def _scaling_groups(context: BlockContext, block, names: dict[str, str], has_mlp
         v, o = context.module(names["v"]), context.module(names["o"])  # the live modules, not the adapter's snapshot
         if linear_weight(v).shape[0] == linear_weight(o).shape[1]:  # multi-head attention: o reads v one to one
             groups.append(ScalingGroup(v, False, [names["o"]], names["o"]))
-    up = names.get("up", names.get("gate_up"))  # a fused gate_up's last rows are the up projection (Phi-3)
+    up = names[block.up_role]  # a fused gate_up's last rows are the up projection (Phi-3)
     groups.append(ScalingGroup(block.norms["mlp_norm"], True, [names[r] for r in readers["mlp_norm"]],
                                "mlp" if has_mlp_module else up))
     if "gate" in names or "gate_up" in names or _activation_is_relu(context, block):
@@ -315,8 +315,7 @@ class AWQStage(WeightQuantFields, Stage):
 
     def check(self, adapter: ModelAdapter, layers: dict[str, int]) -> None:
         super().check(adapter, layers)
-        for block in adapter:
-            require_norm_per_half(block, "AWQ")
+        require_norm_per_half(adapter, "AWQ")
 
     def apply(self, context: BlockContext, report: CompressionReport) -> None:
         awq_block(context, self, report)

@@ -76,6 +76,7 @@ from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, blo
 from slimlm.core.stage import Stage, register
 from slimlm.core.transforms import divide_norm_
 from slimlm.errors import SlimlmError
+from slimlm.models.adapter import ModelAdapter, require_norm_per_half
 from slimlm.progress import progress_bar
 from slimlm.quant.activation import fake_quantize_tokens
 from slimlm.quant.fields import ActivationQuantConfig, GroupSize, WeightQuantFields
@@ -444,6 +445,11 @@ class OmniQuantStage(WeightQuantFields, Stage):
                 raise ValueError("OmniQuant quantizes activations per token on a dynamic integer grid, as the paper "
                                  "does: set activations.granularity: per_token (and fmt: int)")
         return self
+
+    def check(self, adapter: ModelAdapter, layers: dict[str, int]) -> None:
+        super().check(adapter, layers)
+        if self.let:  # LET's scales fold into the norm in front of each half, as SmoothQuant's
+            require_norm_per_half(adapter, "OmniQuant's LET (let: true)")
 
     def apply(self, context: BlockContext, report: CompressionReport) -> None:
         omniquant_block(context, self, report)

@@ -71,7 +71,7 @@ def check_alpha(alpha: float) -> float:
 
 def smoothing_groups(block: BlockAdapter) -> list[SmoothingGroup]:
     """The norm -> linears pairs of a block, from the architecture adapter's roles."""
-    require_norm_per_half(block, "SmoothQuant")
+    require_norm_per_half([block], "SmoothQuant")
     return [SmoothingGroup(block.norm_names[norm], [block.linear_names[role] for role in roles])
             for norm, roles in block.norm_readers().items()]
 
@@ -218,8 +218,7 @@ class SmoothQuantStage(WeightActivationFields, Stage):
 
     def check(self, adapter: ModelAdapter, layers: dict[str, int]) -> None:
         super().check(adapter, layers)
-        for block in adapter:
-            require_norm_per_half(block, "SmoothQuant")
+        require_norm_per_half(adapter, "SmoothQuant")
 
     def apply(self, context: BlockContext, report: CompressionReport) -> None:
         smoothquant_block(context, self, report)
