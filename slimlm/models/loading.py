@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -27,7 +28,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    CONFIG_MAPPING,
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers import __version__ as transformers_version
 
 from slimlm.defaults import DEFAULT_MODEL, DTYPE_NAMES
 from slimlm.errors import SlimlmError
@@ -175,10 +184,6 @@ def _check_safetensors(path: Path) -> None:
 
 
 def _check_model_type(directory: Path, trust_remote_code: bool) -> None:
-    import json
-
-    from transformers import CONFIG_MAPPING
-
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
@@ -188,10 +193,8 @@ def _check_model_type(directory: Path, trust_remote_code: bool) -> None:
         return
     hint = ("pass --trust-remote-code to run the model's own code" if "auto_map" in config
             else "upgrade transformers, or check the config")
-    import transformers
-
     raise SlimlmError(f"{directory / 'config.json'} has model_type {model_type!r}, which transformers "
-                      f"{transformers.__version__} does not know: {hint}")
+                      f"{transformers_version} does not know: {hint}")
 
 
 def _checkpoint_dtype(source: str, trust_remote_code: bool) -> torch.dtype | None:
