@@ -1,5 +1,5 @@
 """Command line: `slimlm eval`, `slimlm info`, `slimlm bench`, `slimlm compress`, `slimlm generate`,
-`slimlm export`.
+`slimlm export`, `slimlm compare`.
 
 Every command loads a model (`--model`: an embedded name, a directory, a .gguf file or a hub id),
 prints a table, and with `--json FILE` writes the full record (model, protocol, machine, library
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own code to run")
     common.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's choice)")
     common.add_argument("--json", metavar="FILE", help="also write the full result record as JSON")
+    common.add_argument("--verbose", action="store_true",
+                        help="show libraries' logging, load bars and deprecation warnings (hidden by default)")
 
     evaluate = commands.add_parser("eval", parents=[common], help="perplexity, KL divergence and zero-shot accuracy")
     evaluate.add_argument("--tasks", default="wikitext2",
@@ -104,7 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--batch-size", type=_positive_int, default=16, help="zero-shot batch size for --eval")
     _add_generate_parser(commands, common)
     _add_export_parser(commands, common)
+    _add_compare_parser(commands, common)
     return parser
+
+
+def _add_compare_parser(commands, common: argparse.ArgumentParser) -> None:
+    compare = commands.add_parser("compare", parents=[common],
+                                  help="the float model and several recipes side by side: table, JSON, HTML report")
+    compare.add_argument("--recipes", required=True,
+                         help="comma-separated preset names or YAML files, e.g. rtn-w4g64,gptq-w4g64,sparsegpt-2of4")
+    compare.add_argument("--out", default="slimlm-compare",
+                         help="folder for results.json, results.md, report.html and the row cache "
+                              "(default slimlm-compare)")
+    compare.add_argument("--format", default="json,md,html",
+                         help="comma-separated files to write: json, md, html (default all three)")
+    compare.add_argument("--eval", dest="eval_tasks", default="wikitext2",
+                         help="tasks for every row (default wikitext2), e.g. wikitext2,c4,piqa,arc_easy")
+    compare.add_argument("--no-kl", action="store_true", help="skip the KL divergence from the float model")
+    compare.add_argument("--data-dir", help="data directory (default: $SLIMLM_DATA)")
+    compare.add_argument("--seqlen", type=_positive_int, default=512, help="perplexity window length (default 512)")
+    compare.add_argument("--max-windows", type=_positive_int, default=40,
+                         help="first N perplexity windows (default 40)")
+    compare.add_argument("--limit", type=_positive_int, default=200,
+                         help="first N examples of zero-shot tasks (default 200)")
+    compare.add_argument("--batch-size", type=_positive_int, default=16, help="zero-shot batch size")
+    compare.add_argument("--calib-corpus", help="calibration corpus for every recipe (default: each recipe's)")
+    compare.add_argument("--calib-samples", type=_positive_int, help="calibration segments for every recipe")
+    compare.add_argument("--calib-seqlen", type=_positive_int, help="tokens per calibration segment")
+    compare.add_argument("--seed", type=int, help="calibration sampling seed for every recipe")
+    compare.add_argument("--prompt-tokens", type=_positive_int, default=128, help="speed: prompt length")
+    compare.add_argument("--new-tokens", type=_positive_int, default=32, help="speed: tokens generated")
+    compare.add_argument("--repeats", type=_positive_int, default=3, help="speed: alternating runs per row")
 
 
 def _add_export_parser(commands, common: argparse.ArgumentParser) -> None:
@@ -220,7 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from slimlm.results import atomic_write_text
 
-    _quiet_libraries()
+    if args.verbose:
+        os.environ["SLIMLM_VERBOSE"] = "1"  # child processes (slimlm compare's rows) follow
+    quiet_libraries(args.verbose)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -268,12 +303,23 @@ def check_context(model, tokens: int, what: str) -> None:
                           f"use at most {longest}")
 
 
-def _quiet_libraries() -> None:
-    """transformers' deprecation chatter and load bars drown the table; our own bars stay."""
+def quiet_libraries(verbose: bool | None = None) -> None:
+    """Library chatter that is not the user's business stays out of the output: transformers' logging and load
+    bars, and deprecation notices (`FutureWarning`, `DeprecationWarning`, such as transformers'
+    `past_key_values` notice); our own bars and warnings stay. `--verbose` (or SLIMLM_VERBOSE=1) shows it all."""
+    import os
+    import warnings
+
+    if verbose is None:
+        verbose = os.environ.get("SLIMLM_VERBOSE") == "1"
+    if verbose:
+        return
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.simplefilter("ignore", DeprecationWarning)
 
 
 def _load(spec: str, args: argparse.Namespace) -> LoadedModel:
@@ -421,6 +467,36 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
                "export_ct": args.export_ct}
     record = make_record(args.model, str(args.recipe), protocol, metrics)
     return record, _compress_table(args, before, after, sizes, report)
+
+
+def run_compare(args: argparse.Namespace) -> tuple[dict, str]:
+    from slimlm.report import FORMATS, EvalPlan, SpeedPlan, Sweep, run_sweep, write_report
+    from slimlm.report.tables import markdown
+    from slimlm.results import check_writable
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise SlimlmError(f"--format {args.format}: choose from {', '.join(FORMATS)} (comma-separated)")
+    if args.data_dir is not None:
+        from slimlm.data.corpora import resolve_data_dir
+
+        resolve_data_dir(args.data_dir)
+    check_writable(Path(args.out) / "results.json", "--out")
+    calibration = {"corpus": args.calib_corpus, "samples": args.calib_samples, "seqlen": args.calib_seqlen,
+                   "seed": args.seed}
+    sweep = Sweep(
+        model=args.model, recipes=[r.strip() for r in args.recipes.split(",") if r.strip()], out=Path(args.out),
+        eval=EvalPlan(tasks=[t.strip() for t in args.eval_tasks.split(",") if t.strip()], seqlen=args.seqlen,
+                      max_windows=args.max_windows, limit=args.limit, batch_size=args.batch_size),
+        speed=SpeedPlan(args.prompt_tokens, args.new_tokens, args.repeats),
+        calibration={k: v for k, v in calibration.items() if v is not None}, kl=not args.no_kl,
+        data_dir=args.data_dir, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    rows = run_sweep(sweep)
+    written = write_report(sweep, rows, formats)
+    record = {"rows": rows, "written": {k: str(v) for k, v in written.items()}}
+    where = "".join(f"{kind}: {path}\n" for kind, path in written.items())
+    return record, f"model: {args.model}\n\n{markdown(rows)}\n{where}"
 
 
 def _check_compress_options(args: argparse.Namespace, recipe) -> None:
@@ -634,7 +710,7 @@ def _check_export_options(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"eval": run_eval, "info": run_info, "bench": run_bench, "compress": run_compress,
-            "generate": run_generate, "export": run_export}
+            "generate": run_generate, "export": run_export, "compare": run_compare}
 
 if __name__ == "__main__":
     sys.exit(main())

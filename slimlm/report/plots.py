@@ -1,0 +1,88 @@
+"""Scatter plots with the Pareto frontier marked, as inline SVG (no script, no external asset)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from html import escape
+
+WIDTH, HEIGHT = 560, 360
+LEFT, RIGHT, TOP, BOTTOM = 70, 150, 20, 50
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str
+    x: float
+    y: float
+
+
+def pareto_front(points: list[Point], x_higher_better: bool, y_higher_better: bool) -> list[Point]:
+    """Points no other point beats on both axes (at least as good on both and better on one), sorted by x."""
+    def at_least(a: float, b: float, higher: bool) -> bool:
+        return a >= b if higher else a <= b
+
+    def dominates(p: Point, q: Point) -> bool:
+        return (at_least(p.x, q.x, x_higher_better) and at_least(p.y, q.y, y_higher_better)
+                and (p.x != q.x or p.y != q.y))
+
+    return sorted((q for q in points if not any(dominates(p, q) for p in points)), key=lambda p: p.x)
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values covering [low, high]."""
+    if high <= low:
+        high = low + (abs(low) or 1.0)
+    raw = (high - low) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    start, end = math.floor(low / step), math.ceil(high / step)
+    if end == start:
+        end += 1
+    return [round(i * step, 12) for i in range(start, end + 1)]
+
+
+def scatter_svg(points: list[Point], front: list[Point], x_label: str, y_label: str, title: str) -> str:
+    """An SVG scatter of `points` with `front` joined by a line and drawn filled."""
+    if not points:
+        return ""
+    xs, ys = nice_ticks(min(p.x for p in points), max(p.x for p in points)), \
+        nice_ticks(min(p.y for p in points), max(p.y for p in points))
+    x0, x1, y0, y1 = xs[0], xs[-1], ys[0], ys[-1]
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def sx(x: float) -> float:
+        return LEFT + (x - x0) / (x1 - x0) * plot_w
+
+    def sy(y: float) -> float:
+        return TOP + plot_h - (y - y0) / (y1 - y0) * plot_h
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{WIDTH}" height="{HEIGHT}" '
+             f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}">',
+             f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#999"/>']
+    for x in xs:
+        parts.append(f'<line x1="{sx(x):.1f}" y1="{TOP}" x2="{sx(x):.1f}" y2="{TOP + plot_h}" stroke="#e4e4e4"/>'
+                     f'<text x="{sx(x):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{_tick(x)}</text>')
+    for y in ys:
+        parts.append(f'<line x1="{LEFT}" y1="{sy(y):.1f}" x2="{LEFT + plot_w}" y2="{sy(y):.1f}" stroke="#e4e4e4"/>'
+                     f'<text x="{LEFT - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{_tick(y)}</text>')
+    parts.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 8}" text-anchor="middle">{escape(x_label)}</text>'
+                  f'<text transform="translate(14 {TOP + plot_h / 2}) rotate(-90)" text-anchor="middle">'
+                  f'{escape(y_label)}</text>')
+    if len(front) > 1:
+        path = " ".join(f"{sx(p.x):.1f},{sy(p.y):.1f}" for p in front)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="#d9480f" stroke-width="2" '
+                     'stroke-dasharray="6 3" class="frontier"/>')
+    on_front = {(p.label, p.x, p.y) for p in front}
+    for p in points:
+        best = (p.label, p.x, p.y) in on_front
+        parts.append(f'<circle cx="{sx(p.x):.1f}" cy="{sy(p.y):.1f}" r="5" class="point" '
+                     f'fill="{"#d9480f" if best else "#fff"}" stroke="{"#d9480f" if best else "#1c7ed6"}" '
+                     f'stroke-width="2"><title>{escape(p.label)}: {p.x:.4g}, {p.y:.4g}</title></circle>'
+                     f'<text x="{sx(p.x) + 8:.1f}" y="{sy(p.y) - 6:.1f}" class="label">{escape(p.label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _tick(value: float) -> str:
+    return f"{value:g}" if abs(value) < 1e5 else f"{value:.2g}"
