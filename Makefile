@@ -21,18 +21,21 @@ $(BIN)/.ready: pyproject.toml
 
 setup: $(BIN)/.ready
 
-# The main job on the embedded model and text: compress (RTN W4 g64 + 8-bit head: data-free, seconds; swap in
-# gptq-w4g64-head8 --calib-corpus pydoc for the calibrated method), with quality and size before and after in
-# one table, then decode with the float and the compressed model in slimlm's runner (tokens/s in each table).
-DEMO_OUT := .demo/smollm2-rtn-w4g64-head8
-DEMO_PROMPT := "def fibonacci(n):"
+# The main job: the embedded SmolLM2-135M compressed with three recipes (RTN and GPTQ 4-bit g64 with an 8-bit
+# head, SparseGPT 2:4), each against float32 on the same calibration and evaluation tokens, in one table with
+# quality (perplexity, KL), size, compression time and speed, plus an HTML report with Pareto plots.
+# Calibration and evaluation use WikiText-2 / C4 from $(DATA) when it is there, else the embedded Python docs.
+DEMO_OUT := .demo/compare
+DEMO_RECIPES := rtn-w4g64-head8,gptq-w4g64-head8,sparsegpt-2of4
+DEMO_CALIB := $(if $(DATA),c4,pydoc)
+DEMO_EVAL := $(if $(DATA),wikitext2,pydoc)
 
 demo: setup
 	$(BIN)/slimlm info --model smollm2-135m
-	$(BIN)/slimlm compress --model smollm2-135m --recipe rtn-w4g64-head8 \
-		--out $(DEMO_OUT) --overwrite --eval pydoc --seqlen 512 --max-windows 8 --kl
-	$(BIN)/slimlm generate --model smollm2-135m --prompt $(DEMO_PROMPT) --max-new-tokens 48 --no-stop
-	$(BIN)/slimlm generate --model $(DEMO_OUT) --prompt $(DEMO_PROMPT) --max-new-tokens 48 --no-stop
+	$(BIN)/slimlm compare --model smollm2-135m --recipes $(DEMO_RECIPES) --out $(DEMO_OUT) \
+		$(if $(DATA),--data-dir $(DATA)) --calib-corpus $(DEMO_CALIB) --calib-samples 32 --calib-seqlen 512 \
+		--eval $(DEMO_EVAL) --seqlen 512 --max-windows 8
+	@echo "report: $(abspath $(DEMO_OUT))/report.html (open it in a browser; rows are cached: rerun to add recipes)"
 
 test: setup
 	SLIMLM_DATA=$(DATA) $(BIN)/python -m pytest -q -ra
