@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--kv-group-size", type=int, default=32, help="quantized KV cache group size")
     evaluate.add_argument("--kv-residual", type=int, default=128, help="KIVI full-precision recent tokens")
     _add_kvquant_arguments(evaluate)
+    evaluate.add_argument("--harness", metavar="TASKS",
+                          help="run these tasks through lm-evaluation-harness instead (its own task YAMLs on the "
+                               "local data, slimlm's model class): piqa,arc_easy,arc_challenge,hellaswag")
     evaluate.add_argument("--kl-reference", metavar="MODEL",
                           help="also report KL divergence from this model on each perplexity corpus")
 
@@ -329,6 +332,8 @@ def _load(spec: str, args: argparse.Namespace) -> LoadedModel:
 
 
 def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
+    if args.harness:
+        return _run_harness(args)
     from slimlm.eval.runner import TABLE_COLUMNS, EvalSettings, evaluate, is_perplexity_task, parse_tasks
     from slimlm.results import make_record, markdown_table
 
@@ -356,6 +361,30 @@ def run_eval(args: argparse.Namespace) -> tuple[dict, str]:
     record = make_record(args.model, "none", protocol, {"rows": rows})
     table = markdown_table([{k: v for k, v in row.items() if k != "details"} for row in rows], TABLE_COLUMNS)
     return record, f"model: {args.model} ({loaded.source_kind}: {loaded.source}), dtype {args.dtype}\n\n{table}"
+
+
+def _run_harness(args: argparse.Namespace) -> tuple[dict, str]:
+    """`slimlm eval --harness TASKS`: lm-eval's simple_evaluate on its own task definitions over the local data."""
+    from slimlm.eval.runner import TABLE_COLUMNS
+    from slimlm.results import make_record, markdown_table
+
+    if args.kl_reference:
+        raise SlimlmError("--kl-reference applies to slimlm's own perplexity tasks: drop it or --harness")
+    from slimlm.harness import LOCAL_TASKS, evaluate_harness, harness_rows
+
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in LOCAL_TASKS]
+    if unknown or not tasks:
+        raise SlimlmError(f"--harness {args.harness}: choose from {', '.join(LOCAL_TASKS)} (comma-separated)")
+    loaded = _load(args.model, args)
+    results = evaluate_harness(loaded.model, loaded.tokenizer, tasks, args.data_dir, args.limit, args.batch_size,
+                               args.kv_cache)
+    rows = harness_rows(results)
+    protocol = {"harness_tasks": tasks, "limit": args.limit, "kv_cache": args.kv_cache, "dtype": args.dtype,
+                "data_dir": args.data_dir}
+    record = make_record(args.model, "none", protocol, {"rows": rows, "lm_eval_results": results["results"]})
+    table = markdown_table(rows, TABLE_COLUMNS)
+    return record, f"model: {args.model} ({loaded.source_kind}: {loaded.source}), lm-evaluation-harness\n\n{table}"
 
 
 def run_info(args: argparse.Namespace) -> tuple[dict, str]:
