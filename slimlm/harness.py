@@ -32,10 +32,11 @@ from typing import Any
 from slimlm.errors import SlimlmError
 
 try:
+    import lm_eval.models  # noqa: F401  # lm-eval's own models first: it fills an empty registry only
     from lm_eval.api.model import LM
     from lm_eval.api.registry import MODEL_REGISTRY, register_model
 except ImportError as error:  # the optional dependency: `pip install slimlm[harness]`
-    raise SlimlmError("lm-evaluation-harness is not installed: pip install 'lm_eval>=0.4.9,<0.5' "
+    raise SlimlmError("lm-evaluation-harness is not installed: pip install 'lm_eval>=0.4.13,<0.5' "
                       "(or slimlm[harness])") from error
 
 # slimlm task name -> (lm-eval task YAML under lm_eval/tasks, local file(s), split lm-eval evaluates)
