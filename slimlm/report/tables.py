@@ -74,12 +74,11 @@ def _metric_label(metric: str) -> str:
 def _quality_cell(q: dict | None) -> str:
     if q is None:
         return ""
-    if q["metric"] == "kl_mean":
-        return f"{q['value']:.4f} ({q.get('kl_median', float('nan')):.4f} / {q.get('kl_p99', float('nan')):.3f})"
-    if q["metric"].startswith("acc"):
-        stderr = q.get("stderr")
-        return f"{q['value']:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
-    return format_value(q["value"])
+    value = format_value(q["value"])
+    if q["metric"] == "kl_mean" and "kl_median" in q:
+        return f"{value} ({format_value(q['kl_median'])} / {format_value(q['kl_p99'])})"
+    stderr = q.get("stderr")
+    return value if stderr is None else f"{value} ± {format_value(stderr)}"
 
 
 def _size(count: int) -> str:
