@@ -271,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.json}")
-    return 0
+    return 1 if record.get("failed_rows") else 0
 
 
 def _check_common(args: argparse.Namespace) -> None:
@@ -523,8 +523,11 @@ def run_compare(args: argparse.Namespace) -> tuple[dict, str]:
         data_dir=args.data_dir, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     rows = run_sweep(sweep)
     written = write_report(sweep, rows, formats)
-    record = {"rows": rows, "written": {k: str(v) for k, v in written.items()}}
+    failed = [row["name"] for row in rows if row["status"] != "ok"]
+    record = {"rows": rows, "written": {k: str(v) for k, v in written.items()}, "failed_rows": failed}
     where = "".join(f"{kind}: {path}\n" for kind, path in written.items())
+    if failed:  # the exit code says so too (1), after the table and files
+        where += f"failed rows (tried again on the next run): {', '.join(failed)}\n"
     return record, f"model: {args.model}\n\n{markdown(rows)}\n{where}"
 
 

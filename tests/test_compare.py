@@ -105,3 +105,22 @@ def test_bad_input_fails_before_any_row(extra, message, tmp_path, capsys):
     assert main(["compare", "--out", str(tmp_path / "cmp"), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "cmp" / "rows").exists()
+
+
+def test_a_refused_recipe_is_a_failed_row_and_exit_code_1(tokenizer, tmp_path, capsys):
+    """AWQ refuses Phi (attention and MLP share one norm) inside the row's process: the sweep goes on, the
+    row shows the refusal, the exit code is 1, and the next run tries it again."""
+    from slimlm.models.tiny import tiny_model
+
+    model_dir = tmp_path / "tiny-phi"
+    tiny_model("phi", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(model_dir), "--recipes", "awq-w4g32,rtn-w4g32", "--out", str(out), *SMALL]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    rows = json.loads((out / "results.json").read_text())["metrics"]["rows"]
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "norm" in rows[1]["error"] and "failed rows (tried again on the next run): awq-w4g32" in captured.out
+    assert main(args) == 1
+    assert _events(capsys.readouterr().err) == {"float": "cached", "awq-w4g32": "running", "rtn-w4g32": "cached"}
