@@ -77,6 +77,20 @@ def test_awq_falls_back_to_float32_where_float16_overflows():
     assert torch.equal(results[0], results[1])
 
 
+def test_awq_auto_search_dtype_follows_the_hardware(monkeypatch):
+    """float16 where the device multiplies it natively, float32 where PyTorch emulates it; the report says which."""
+    from slimlm.quant import awq, cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "cpu_flags_line", lambda: "flags : fpu avx2 avx512f avx512_bf16")
+    assert awq.resolve_search_dtype("auto", torch.device("cpu")) == "float32"
+    assert awq.resolve_search_dtype("auto", torch.device("cuda")) == "float16"
+    assert awq.resolve_search_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
+    monkeypatch.setattr(cpu_kernels, "cpu_flags_line", lambda: "flags : fpu avx512f avx512_fp16 amx_bf16")
+    assert awq.resolve_search_dtype("auto", torch.device("cpu")) == "float16"
+    report = compress(tiny_model("llama"), recipe("awq", bits=4), calibration=CALIBRATION)
+    assert report.notes == {"awq_search_dtype": "float16"} and report.to_dict()["notes"] == report.notes
+
+
 def test_gptq_beats_rtn_on_a_tiny_model_output():
     reference = tiny_model("llama")
     errors = {}

@@ -185,6 +185,7 @@ class CompressionReport:
     block_sparsity: dict[int, list[float]] = field(default_factory=dict)  # stage index -> planned sparsity per block
     structure: list[dict] = field(default_factory=list)  # what structural stages (layer removal, ...) did
     float_storage: str = "float32"  # the dtype the uncompressed float parameters were rounded to
+    notes: dict[str, object] = field(default_factory=dict)  # choices made at run time (e.g. AWQ's search dtype)
 
     def to_dict(self) -> dict:
         return {
@@ -195,6 +196,7 @@ class CompressionReport:
             "block_sparsity": self.block_sparsity,
             "structure": self.structure,
             "float_storage": self.float_storage,
+            "notes": self.notes,
             "layers": [vars(layer) for layer in self.layers],
         }
 

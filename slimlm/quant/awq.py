@@ -25,8 +25,10 @@ As in the reference code, the next block is calibrated on the outputs of this bl
 (AWQ does not propagate quantization error), and the scale search's forward passes run in float16
 (`search_dtype`; the reference runs the whole model in float16 on a GPU): on a copy of the inspected
 module, with the candidate weights computed in float32 from the float32 weights and then rounded.
-Where a reference output overflows that precision, the group is searched in float32. On CPUs with
-AMX these passes are about 8 times faster than in float32. Deviations: the quantization grid is slimlm's
+Where a reference output overflows that precision, the group is searched in float32. The default `auto`
+takes float16 only where the device multiplies it natively (a GPU; CPUs with AVX512-FP16 or AMX-FP16, where
+these passes run about 8 times faster than in float32) and float32 elsewhere, where float16 matmuls are
+emulated 30-40 times slower; the report's `notes` say which ran. Deviations: the quantization grid is slimlm's
 shared grid, whose asymmetric range always includes zero (the GPTQ convention; the reference
 uses the plain min-max range, which differs only for groups whose weights all have one sign);
 with a GELU MLP (GPT-2), the [down] group is not scaled (the reference wraps the activation in a
@@ -99,8 +101,10 @@ def awq_block(context: BlockContext, stage: AWQStage, report: CompressionReport)
         weights = {name: linear_weight(m).detach().float().clone() for name, m in layers.items()}
         quantized = {name for name in layers if name in context.targets}
         scales = None
-        if stage.search_dtype != "float32":
-            dtype = getattr(torch, stage.search_dtype)
+        search_dtype = resolve_search_dtype(stage.search_dtype, context.device)
+        report.notes["awq_search_dtype"] = search_dtype
+        if search_dtype != "float32":
+            dtype = getattr(torch, search_dtype)
             inspected = copy.deepcopy(context.module(inspected_name)).to(dtype)
             writable = {name: inspected.get_submodule(name[len(inspected_name) + 1:]) for name in layers}
             inspect = _inspector(group.inspect, inspected, _cast_floats(attention_calls, dtype))
@@ -129,6 +133,20 @@ def awq_block(context: BlockContext, stage: AWQStage, report: CompressionReport)
         context.replace(name, QuantizedLinear.replacing(module, quantized))
     seconds = (time.perf_counter() - start) / max(1, len(context.targets))
     report.layers += [LayerReport(name, "awq", seconds) for name in context.targets]
+
+
+def resolve_search_dtype(setting: str, device: torch.device) -> str:
+    """`auto`: float16 (the reference code's precision) on a GPU or a CPU with float16 matrix instructions
+    (AVX512-FP16, AMX-FP16); float32 elsewhere, where PyTorch emulates float16 matmuls 30-40x slower than
+    float32 (measured on an AVX-512 EPYC without them: 4.7 s against 0.13 s for a 4096 x 576 x 1536 product)."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda":
+        return "float16"
+    from slimlm.quant.cpu_kernels import cpu_flags_line
+
+    flags = set(cpu_flags_line().split())
+    return "float16" if device.type == "cpu" and flags & {"avx512_fp16", "amx_fp16"} else "float32"
 
 
 def _parent(name: str) -> str:
@@ -303,8 +321,9 @@ class AWQStage(WeightQuantFields, Stage):
     clip_grid: int = Field(20, ge=2)
     max_shrink: float = Field(0.5, gt=0, lt=1)
     clip_tokens: int = Field(512, ge=16, description="input tokens sampled for the clipping search")
-    search_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float16", description="precision of the scale search's forward passes (the reference code runs float16)")
+    search_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="precision of the scale search's forward passes: auto = float16 (the reference "
+                            "code's) where the device multiplies float16 natively, else float32")
 
     @field_validator("group_size")
     @classmethod
