@@ -48,7 +48,7 @@ def measure_row(spec: dict) -> dict:
         _say(spec, "compressing")
         calibration = calibration_tokens(recipe, tokenizer, spec["data_dir"])
         report = compress(model, recipe, calibration, device=spec["device"])
-        row.update(compression_seconds=report.seconds, peak_rss_bytes=report.peak_rss_bytes,
+        row.update(compression_seconds=report.seconds, peak_rss_bytes=report.peak_rss_bytes, notes=report.notes,
                    structure=[{k: v for k, v in change.items() if not isinstance(v, (dict, list))}
                               for change in report.structure])
     row.update(parameters_before=parameters_before, parameters=count_parameters(model),
@@ -122,7 +122,7 @@ def _speed(model, reference, settings: dict) -> dict:
 
 
 def _kernels(model) -> str:
-    """The decode paths the quantized layers took (e.g. `native-int4`), or `float`."""
+    """The decode paths the quantized layers took in the last step (e.g. `int4`, `native4+native8`), or `float`."""
     from slimlm.core.registry import layer_kind
 
     paths = sorted({str(getattr(m, "last_path", "")) for m in model.modules() if layer_kind(m) == "quantized"})
