@@ -41,7 +41,7 @@ def run(recipes: str, data_dir: str, out: Path) -> dict:
 
 
 def screenshot(page: Path, png: Path) -> str:
-    """A 1500-pixel-wide screenshot of the whole page in headless Chromium, or why there is none."""
+    """A 1900-pixel-wide screenshot of the whole page in headless Chromium, or why there is none."""
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
@@ -55,10 +55,10 @@ def screenshot(page: Path, png: Path) -> str:
     options.binary_location = "/usr/bin/chromium"
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
-        driver.set_window_size(1500, 800)
+        driver.set_window_size(1900, 800)
         driver.get(page.as_uri())
         height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1500, height + 40)
+        driver.set_window_size(1900, height + 40)
         driver.save_screenshot(str(png))
     finally:
         driver.quit()
@@ -68,11 +68,17 @@ def screenshot(page: Path, png: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the report from the cached rows and retake the screenshot (no row runs)")
     args = parser.parse_args()
 
     from slimlm.results import markdown_table, utc_now, write_results
 
     out = RESULTS / "compare"
+    if args.report_only:
+        run(f"{FIRST},{ADDED}", args.data_dir, out)
+        print("screenshot:", screenshot(out / "report.html", ROOT / "docs" / "compare-report.png"))
+        return
     runs = [run(FIRST, args.data_dir, out), run(f"{FIRST},{ADDED}", args.data_dir, out)]
     shot = screenshot(out / "report.html", ROOT / "docs" / "compare-report.png")
     rows = [{"run": i + 1, "command": r["command"], "seconds": r["seconds"],

@@ -10,7 +10,7 @@ from slimlm.report.plots import Point, pareto_front, scatter_svg
 from slimlm.report.tables import display_rows, headline, quality_value
 
 STYLE = """
-body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1600px; color: #222; padding: 0 16px; }
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1880px; color: #222; padding: 0 16px; }
 table { border-collapse: collapse; margin: 12px 0; font-size: 12px; }
 th, td { border: 1px solid #ccc; padding: 4px 6px; text-align: right; white-space: nowrap; }
 th { white-space: normal; vertical-align: bottom; }

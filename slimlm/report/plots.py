@@ -74,12 +74,18 @@ def scatter_svg(points: list[Point], front: list[Point], x_label: str, y_label: 
         parts.append(f'<polyline points="{path}" fill="none" stroke="#d9480f" stroke-width="2" '
                      'stroke-dasharray="6 3" class="frontier"/>')
     on_front = {(p.label, p.x, p.y) for p in front}
-    for p in points:
+    placed: list[tuple[float, float]] = []
+    for p in sorted(points, key=lambda q: (sy(q.y), sx(q.x))):
         best = (p.label, p.x, p.y) in on_front
-        parts.append(f'<circle cx="{sx(p.x):.1f}" cy="{sy(p.y):.1f}" r="5" class="point" '
+        x, y = sx(p.x), sy(p.y)
+        label_y = y - 6
+        while any(abs(label_y - ly) < 12 and abs(x - lx) < 7 * max(len(p.label), 8) for lx, ly in placed):
+            label_y += 13  # a label would sit on another: move it below
+        placed.append((x, label_y))
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" class="point" '
                      f'fill="{"#d9480f" if best else "#fff"}" stroke="{"#d9480f" if best else "#1c7ed6"}" '
                      f'stroke-width="2"><title>{escape(p.label)}: {p.x:.4g}, {p.y:.4g}</title></circle>'
-                     f'<text x="{sx(p.x) + 8:.1f}" y="{sy(p.y) - 6:.1f}" class="label">{escape(p.label)}</text>')
+                     f'<text x="{x + 8:.1f}" y="{label_y:.1f}" class="label">{escape(p.label)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
