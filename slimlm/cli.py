@@ -310,7 +310,6 @@ def quiet_libraries(verbose: bool | None = None) -> None:
     """Library chatter that is not the user's business stays out of the output: transformers' logging and load
     bars, and deprecation notices (`FutureWarning`, `DeprecationWarning`, such as transformers'
     `past_key_values` notice); our own bars and warnings stay. `--verbose` (or SLIMLM_VERBOSE=1) shows it all."""
-    import os
     import warnings
 
     if verbose is None:
@@ -372,16 +371,21 @@ def _run_harness(args: argparse.Namespace) -> tuple[dict, str]:
         raise SlimlmError("--kl-reference applies to slimlm's own perplexity tasks: drop it or --harness")
     from slimlm.harness import LOCAL_TASKS, evaluate_harness, harness_rows
 
+    if args.kv_cache is not None:
+        from slimlm.harness import check_harness_kv_cache
+
+        check_harness_kv_cache(args.kv_cache, args.kv_chunk, args.kv_group_size, args.kv_residual)
     tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in LOCAL_TASKS]
     if unknown or not tasks:
         raise SlimlmError(f"--harness {args.harness}: choose from {', '.join(LOCAL_TASKS)} (comma-separated)")
     loaded = _load(args.model, args)
+    kv = {"kv_cache": args.kv_cache, "kv_chunk": args.kv_chunk, "kv_group_size": args.kv_group_size,
+          "kv_residual": args.kv_residual}
     results = evaluate_harness(loaded.model, loaded.tokenizer, tasks, args.data_dir, args.limit, args.batch_size,
-                               args.kv_cache)
+                               **kv)
     rows = harness_rows(results)
-    protocol = {"harness_tasks": tasks, "limit": args.limit, "kv_cache": args.kv_cache, "dtype": args.dtype,
-                "data_dir": args.data_dir}
+    protocol = {"harness_tasks": tasks, "limit": args.limit, **kv, "dtype": args.dtype, "data_dir": args.data_dir}
     record = make_record(args.model, "none", protocol, {"rows": rows, "lm_eval_results": results["results"]})
     table = markdown_table(rows, TABLE_COLUMNS)
     return record, f"model: {args.model} ({loaded.source_kind}: {loaded.source}), lm-evaluation-harness\n\n{table}"

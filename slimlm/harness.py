@@ -64,12 +64,9 @@ class SlimlmLM(LM):
             model, tokenizer = loaded.model, loaded.tokenizer
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> our default
-        self.kv_spec, self.kv_chunk = None, int(kv_chunk)
-        if kv_cache:
-            from slimlm.infer.quantized_cache import check_chunk, parse_kv_cache
-
-            check_chunk(self.kv_chunk)
-            self.kv_spec = parse_kv_cache(kv_cache, int(kv_group_size), int(kv_residual))
+        self.kv_chunk = int(kv_chunk)
+        self.kv_spec = check_harness_kv_cache(kv_cache, self.kv_chunk, int(kv_group_size), int(kv_residual)) \
+            if kv_cache else None
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> SlimlmLM:
@@ -152,6 +149,18 @@ class SlimlmLM(LM):
         targets = torch.tensor(continuation)
         picked = logits.gather(-1, targets[:, None]).squeeze(-1)
         return float(picked.sum()), bool((logits.argmax(-1) == targets).all())
+
+
+def check_harness_kv_cache(name: str, chunk: int, group_size: int, residual: int):
+    """The checked quantized-KV spec for scoring; KVQuant is refused (it needs an offline calibration run)."""
+    from slimlm.infer.quantized_cache import check_chunk, parse_kv_cache
+
+    check_chunk(chunk)
+    spec = parse_kv_cache(name, group_size, residual)
+    if spec.method == "kvquant":
+        raise SlimlmError(f"kv_cache={name}: KVQuant needs its offline calibration, which the harness model does not "
+                          "run; use kivi-<bits>bit or naive-<bits>bit, or slimlm eval --kv-cache for KVQuant")
+    return spec
 
 
 def _flag(value: bool | str) -> bool:
@@ -255,7 +264,8 @@ def local_tasks(data_dir: str | os.PathLike[str] | None = None, tasks=tuple(LOCA
 
 
 def evaluate_harness(model, tokenizer, tasks: list[str], data_dir=None, limit: int | None = None,
-                     batch_size: int = 16, kv_cache: str | None = None, log_samples: bool = False) -> dict:
+                     batch_size: int = 16, kv_cache: str | None = None, log_samples: bool = False,
+                     kv_chunk: int = 128, kv_group_size: int = 32, kv_residual: int = 128) -> dict:
     """lm-eval's `simple_evaluate` of an in-memory model on the local tasks; returns lm-eval's results dict
     (with every request and response under `samples` when `log_samples`)."""
     from lm_eval import simple_evaluate
@@ -263,7 +273,8 @@ def evaluate_harness(model, tokenizer, tasks: list[str], data_dir=None, limit: i
 
     folder = local_tasks(data_dir, tasks)
     manager = TaskManager(include_path=str(folder), include_defaults=False)
-    lm = SlimlmLM(model=model, tokenizer=tokenizer, batch_size=batch_size, kv_cache=kv_cache)
+    lm = SlimlmLM(model=model, tokenizer=tokenizer, batch_size=batch_size, kv_cache=kv_cache, kv_chunk=kv_chunk,
+                  kv_group_size=kv_group_size, kv_residual=kv_residual)
     return simple_evaluate(model=lm, tasks=[PREFIX + t for t in tasks], num_fewshot=0, limit=limit,
                            task_manager=manager, log_samples=log_samples, bootstrap_iters=1000)
 

@@ -98,3 +98,11 @@ def test_lm_eval_command_line_finds_the_slimlm_model(tiny_dir, data_dir):
                            "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "slimlm_piqa" in done.stdout and "acc_norm" in done.stdout
+
+
+def test_kvquant_is_refused_with_the_alternatives(tiny, tokenizer):
+    from slimlm.errors import SlimlmError
+
+    with pytest.raises(SlimlmError, match="kivi-<bits>bit or naive-<bits>bit"):
+        SlimlmLM(model=tiny, tokenizer=tokenizer, kv_cache="kvquant-3bit")
+    assert main(["eval", "--harness", "piqa", "--kv-cache", "kvquant-3bit"]) == 2
