@@ -250,7 +250,10 @@ def _from_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool):
 
 def _load_hub(repo_id: str, dtype: torch.dtype, trust_remote_code: bool, local_files_only: bool):
     kwargs = dict(local_files_only=local_files_only, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, **kwargs)
+    # With peft installed, transformers looks for an adapter_config.json on the hub without passing on
+    # local_files_only: offline that is 20 s of retries before the cache-only attempt can fail.
+    adapter = {"local_files_only": local_files_only}
+    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype, adapter_kwargs=adapter, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(repo_id, **kwargs)
     return model, tokenizer
 
