@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kvquant_arguments(evaluate)
     evaluate.add_argument("--harness", metavar="TASKS",
                           help="run these tasks through lm-evaluation-harness instead (its own task YAMLs on the "
-                               "local data, slimlm's model class): piqa,arc_easy,arc_challenge,hellaswag")
+                               "local data, slimlm's model class): piqa,arc_easy,arc_challenge,hellaswag,boolq,"
+                               "winogrande,openbookqa,lambada")
     evaluate.add_argument("--kl-reference", metavar="MODEL",
                           help="also report KL divergence from this model on each perplexity corpus")
 

@@ -39,12 +39,17 @@ except ImportError as error:  # the optional dependency: `pip install slimlm[har
     raise SlimlmError("lm-evaluation-harness is not installed: pip install 'lm_eval>=0.4.13,<0.5' "
                       "(or slimlm[harness])") from error
 
-# slimlm task name -> (lm-eval task YAML under lm_eval/tasks, local file(s), split lm-eval evaluates)
+# slimlm task name -> (lm-eval task YAML under lm_eval/tasks, the split lm-eval evaluates); the local files are
+# `slimlm.data.tasks.TASK_FILES`
 LOCAL_TASKS = {
     "piqa": ("piqa/piqa.yaml", "validation"),
     "arc_easy": ("arc/arc_easy.yaml", "test"),
     "arc_challenge": ("arc/arc_challenge.yaml", "test"),
     "hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
+    "boolq": ("super_glue/boolq/default.yaml", "validation"),
+    "winogrande": ("winogrande/default.yaml", "validation"),
+    "openbookqa": ("openbookqa/openbookqa.yaml", "test"),
+    "lambada": ("lambada/lambada_openai.yaml", "test"),
 }
 PREFIX = "slimlm_"
 
@@ -212,6 +217,19 @@ def _hf_hellaswag(path: Path) -> list[dict]:
     return docs
 
 
+def _hf_boolq(path: Path) -> list[dict]:
+    """SuperGLUE's label is 1 for yes; the local file stores "true"/"false"."""
+    return [{"passage": r["passage"], "question": r["question"],
+             "label": 1 if str(r["label"]).strip().lower() in ("true", "1") else 0} for r in _jsonl(path)]
+
+
+def _hf_openbookqa(path: Path) -> list[dict]:
+    from slimlm.data.tasks import openbookqa_rows
+
+    return [{"question_stem": stem, "choices": {"text": texts, "label": letters}, "answerKey": key}
+            for stem, letters, texts, key in openbookqa_rows(path)]
+
+
 def _jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise SlimlmError(f"{path} not found: pass the data directory that holds it (--data-dir or $SLIMLM_DATA)")
@@ -219,12 +237,23 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def _documents(task: str, data_dir: Path) -> list[dict]:
+    """The task's local file(s) in the Hugging Face dataset's field layout, in file order."""
+    from slimlm.data.tasks import TASK_FILES
+
+    path = data_dir / TASK_FILES[task][0]
     if task == "piqa":
         return _hf_piqa(data_dir)
     if task.startswith("arc_"):
-        name = "ARC-Easy" if task == "arc_easy" else "ARC-Challenge"
-        return _hf_arc(data_dir / "arc" / f"{name}-Test.parsed.jsonl")
-    return _hf_hellaswag(data_dir / "hellaswag" / "hellaswag_val_full.txt")
+        return _hf_arc(path)
+    if task == "hellaswag":
+        return _hf_hellaswag(path)
+    if task == "boolq":
+        return _hf_boolq(path)
+    if task == "openbookqa":
+        return _hf_openbookqa(path)
+    if task == "lambada":
+        return [{"text": row["text"]} for row in _jsonl(path)]
+    return _jsonl(path)  # winogrande: sentence, option1, option2, answer, as the dataset has them
 
 
 def local_tasks(data_dir: str | os.PathLike[str] | None = None, tasks=tuple(LOCAL_TASKS)) -> Path:

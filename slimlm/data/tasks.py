@@ -284,10 +284,11 @@ def _winogrande(path: Path) -> list[MultipleChoiceExample]:
 _OBQA_CHOICE = re.compile(r"\s*\(([A-D])\)\s*")
 
 
-def _openbookqa(path: Path) -> list[MultipleChoiceExample]:
+def openbookqa_rows(path: Path) -> list[tuple[str, list[str], list[str], str]]:
+    """(question stem, choice letters, choice texts, answer key) of each row of the local OpenBookQA TSV."""
     with path.open(encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    examples = []
+    out = []
     for i, row in enumerate(rows):
         parts = _OBQA_CHOICE.split(_field(path, i, row, "Choices"))
         letters, texts = parts[1::2], parts[2::2]
@@ -296,9 +297,13 @@ def _openbookqa(path: Path) -> list[MultipleChoiceExample]:
             raise SlimlmError(
                 f"{path}: row {i + 2}: cannot read choices {row['Choices']!r} / key {key!r}; restore the file"
             )
-        stem = _field(path, i, row, "Question Stem")
-        examples.append(_checked(path, i, (stem,), _choices(texts), letters.index(key)))
-    return examples
+        out.append((_field(path, i, row, "Question Stem"), letters, texts, key))
+    return out
+
+
+def _openbookqa(path: Path) -> list[MultipleChoiceExample]:
+    return [_checked(path, i, (stem,), _choices(texts), letters.index(key))
+            for i, (stem, letters, texts, key) in enumerate(openbookqa_rows(path))]
 
 
 _LOADERS = {
