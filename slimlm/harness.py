@@ -7,7 +7,8 @@
   HFLM's tokenization and truncation), `loglikelihood_rolling` with lm-eval's rolling windows, and
   `generate_until` with slimlm's generation engine (greedy).
 * `local_tasks(data_dir)`: task definitions for lm-eval that `include` lm-eval's own task YAMLs (prompts,
-  metrics, HellaSwag's `process_docs`) and point them at the local data: the local files are rewritten once
+  metrics, and their functions: HellaSwag's `process_docs`, WinoGrande's partial contexts) for the eight
+  zero-shot tasks of `slimlm.data.tasks`, and point them at the local data: the local files are rewritten once
   into the Hugging Face datasets' field layout (JSON lines) under the slimlm cache, so lm-eval reads its own
   fields and builds its own prompts. The tasks are named `slimlm_<task>` so that they never shadow lm-eval's
   hub tasks of the same name.
@@ -27,7 +28,6 @@ import os
 import string
 import sys
 from pathlib import Path
-from typing import Any
 
 from slimlm.errors import SlimlmError
 
@@ -60,7 +60,7 @@ class SlimlmLM(LM):
     def __init__(self, pretrained: str = "smollm2-135m", dtype: str = "float32", device: str = "cpu",
                  batch_size: int | str = 16, trust_remote_code: bool = False, kv_cache: str | None = None,
                  kv_chunk: int = 128, kv_group_size: int = 32, kv_residual: int = 128, model=None,
-                 tokenizer=None, **_ignored: Any) -> None:
+                 tokenizer=None) -> None:
         super().__init__()
         if model is None:
             from slimlm.models.loading import load_model
@@ -81,10 +81,18 @@ class SlimlmLM(LM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> SlimlmLM:
-        """`--model_args` win over lm-eval's own options (its --batch_size, --device defaults)."""
+        """`--model_args` win over lm-eval's own options (its --batch_size, --device defaults); an unknown
+        model argument is an error, not silently dropped."""
+        import inspect
+
         import torch
 
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "tokenizer"}
+        unknown = sorted(set(arg_dict) - known)
+        if unknown:
+            raise SlimlmError(f"unknown slimlm model_args {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
+        extra = {k: v for k, v in (additional_config or {}).items()
+                 if v is not None and k in known and k not in arg_dict}
         if str(extra.get("device", "")).startswith("cuda") and not torch.cuda.is_available():
             del extra["device"]  # lm-eval's default device where there is no GPU: slimlm's own default (cpu)
         return cls(**arg_dict, **extra)

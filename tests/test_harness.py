@@ -113,3 +113,12 @@ def test_kvquant_is_refused_with_the_alternatives(tiny, tokenizer):
     with pytest.raises(SlimlmError, match="kivi-<bits>bit or naive-<bits>bit"):
         SlimlmLM(model=tiny, tokenizer=tokenizer, kv_cache="kvquant-3bit")
     assert main(["eval", "--harness", "piqa", "--kv-cache", "kvquant-3bit"]) == 2
+
+
+def test_unknown_model_args_are_refused(tiny_dir):
+    from slimlm.errors import SlimlmError
+
+    with pytest.raises(SlimlmError, match="unknown slimlm model_args kv_cach"):
+        SlimlmLM.create_from_arg_string(f"pretrained={tiny_dir},kv_cach=kivi-2bit")
+    lm = SlimlmLM.create_from_arg_string(f"pretrained={tiny_dir}", {"batch_size": 4, "max_batch_size": 64})
+    assert lm.batch_size == 4  # lm-eval's own options are taken where slimlm has them, the others left out
