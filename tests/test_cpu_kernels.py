@@ -350,3 +350,14 @@ def test_float_weights_held_as_bfloat16_numbers_are_read_from_a_bfloat16_twin():
     assert bfloat16_twin(exact) is exact
     plain = torch.randn(8, 64, generator=generator)
     assert bfloat16_twin(plain) is plain
+
+
+@pytest.mark.parametrize("out_features", [1229, 1228, 3])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_small_gemm_equals_linear_for_odd_and_even_heights(out_features, rows):
+    """Pruned widths are often odd (FLAP keeps 1229 of 1536 MLP channels): one row still takes the split product."""
+    from slimlm.infer.runner import small_gemm
+
+    torch.manual_seed(0)
+    weight, bias, x = torch.randn(out_features, 64), torch.randn(out_features), torch.randn(1, rows, 64)
+    assert torch.allclose(small_gemm(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)

@@ -93,8 +93,11 @@ def small_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     rows = x.numel() // x.shape[-1]
     flat = x.reshape(rows, x.shape[-1])
     out_features = weight.shape[0]
-    if rows == 1 and out_features % 2 == 0 and weight.is_contiguous():
-        out = torch.bmm(weight.view(2, out_features // 2, -1), flat.t().unsqueeze(0).expand(2, -1, 1)).view(1, -1)
+    if rows == 1 and out_features >= 2 and weight.is_contiguous():
+        even = out_features - out_features % 2  # an odd height (a pruned width) leaves its last row to one dot
+        out = torch.bmm(weight[:even].view(2, even // 2, -1), flat.t().unsqueeze(0).expand(2, -1, 1)).view(1, -1)
+        if even < out_features:
+            out = torch.cat([out, (weight[even:] @ flat.t()).t()], dim=1)
     else:
         out = torch.mm(weight, flat.contiguous().t()).t().contiguous()  # contiguous: SDPA's fast path needs it
     if bias is not None:
