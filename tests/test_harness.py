@@ -82,8 +82,11 @@ def test_quantized_kv_cache_scores(tiny, tokenizer):
     pairs = [_Request("Question: what is the capital of France?\nAnswer:", " Paris"),
              _Request("The cat sat on the", " mat")]
     exact = SlimlmLM(model=tiny, tokenizer=tokenizer).loglikelihood(pairs)
-    fine = SlimlmLM(model=tiny, tokenizer=tokenizer, kv_cache="naive-8bit", kv_chunk=4, kv_group_size=16).loglikelihood(pairs)
-    coarse = SlimlmLM(model=tiny, tokenizer=tokenizer, kv_cache="naive-2bit", kv_chunk=4, kv_group_size=16).loglikelihood(pairs)
+    def through(cache: str):
+        lm = SlimlmLM(model=tiny, tokenizer=tokenizer, kv_cache=cache, kv_chunk=4, kv_group_size=16)
+        return lm.loglikelihood(pairs)
+
+    fine, coarse = through("naive-8bit"), through("naive-2bit")
     for (e, _), (f, _), (c, _) in zip(exact, fine, coarse):
         assert math.isclose(e, f, rel_tol=2e-2)
         assert not math.isclose(e, c, rel_tol=1e-4)
