@@ -370,16 +370,13 @@ def _run_harness(args: argparse.Namespace) -> tuple[dict, str]:
 
     if args.kl_reference:
         raise SlimlmError("--kl-reference applies to slimlm's own perplexity tasks: drop it or --harness")
-    from slimlm.harness import LOCAL_TASKS, evaluate_harness, harness_rows
+    from slimlm.harness import evaluate_harness, harness_rows, parse_harness_tasks
 
     if args.kv_cache is not None:
         from slimlm.harness import check_harness_kv_cache
 
         check_harness_kv_cache(args.kv_cache, args.kv_chunk, args.kv_group_size, args.kv_residual)
-    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in LOCAL_TASKS]
-    if unknown or not tasks:
-        raise SlimlmError(f"--harness {args.harness}: choose from {', '.join(LOCAL_TASKS)} (comma-separated)")
+    tasks = parse_harness_tasks(args.harness)
     loaded = _load(args.model, args)
     kv = {"kv_cache": args.kv_cache, "kv_chunk": args.kv_chunk, "kv_group_size": args.kv_group_size,
           "kv_residual": args.kv_residual}
@@ -620,6 +617,7 @@ def _generation_settings(args: argparse.Namespace):
 
 def run_generate(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.infer import generate, speculative_generate
+    from slimlm.quant.kernels import last_decode_paths
     from slimlm.results import make_record, markdown_table
 
     sampling, cache = _generation_settings(args)
@@ -655,7 +653,7 @@ def run_generate(args: argparse.Namespace) -> tuple[dict, str]:
                           stop_at_eos=not args.no_stop, on_text=show if stream else None)
         metrics = {}
     metrics.update(stats=result.stats.to_dict(), texts=result.texts, tokens=result.tokens,
-                   decode_kernels=_decode_kernels(loaded.model))
+                   decode_kernels=last_decode_paths(loaded.model))
     protocol = {"max_new_tokens": args.max_new_tokens, "sampling": vars(sampling),
                 "cache": _without_calibration(cache),
                 "draft": args.draft, "gamma": (args.gamma or "auto") if args.draft else None, "dtype": args.dtype}
@@ -688,14 +686,6 @@ def _generation_summary(stats, metrics: dict) -> dict:
     if metrics.get("decode_kernels"):
         summary["decode_kernels"] = metrics["decode_kernels"]
     return summary
-
-
-def _decode_kernels(model) -> str | None:
-    """Which path the quantized layers took in the last decode step (None for a model without any)."""
-    from slimlm.core.registry import layer_kind
-
-    paths = sorted({m.last_path for m in model.modules() if layer_kind(m) == "quantized"})
-    return "+".join(paths) if paths else None
 
 
 def run_export(args: argparse.Namespace) -> tuple[dict, str]:

@@ -27,6 +27,7 @@ import json
 import os
 import string
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from slimlm.errors import SlimlmError
@@ -186,17 +187,18 @@ if "slimlm" not in MODEL_REGISTRY:
 
 # -- the local tasks ------------------------------------------------------------------------------
 
-def _hf_piqa(data_dir: Path) -> list[dict]:
-    rows = _jsonl(data_dir / "piqa" / "valid.jsonl")
-    labels = [line.strip() for line in (data_dir / "piqa" / "valid-labels.lst").read_text().splitlines()
-              if line.strip()]
+def _hf_piqa(path: Path, labels_path: Path) -> list[dict]:
+    from slimlm.data.tasks import piqa_rows
+
     return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(label)}
-            for r, label in zip(rows, labels)]
+            for r, label in piqa_rows(path, labels_path)]
 
 
 def _hf_arc(path: Path) -> list[dict]:
+    from slimlm.data.tasks import read_jsonl
+
     out = []
-    for row in _jsonl(path):
+    for row in read_jsonl(path):
         letters = list(string.ascii_uppercase[: len(row["choices"])])
         out.append({"question": row["question"], "choices": {"text": row["choices"], "label": letters},
                     "answerKey": letters[int(row["label"])]})
@@ -207,28 +209,27 @@ def _hf_hellaswag(path: Path) -> list[dict]:
     """The dataset's fields back from the file's `activity_label: ctx` lines: lm-eval joins
     `activity_label + ": " + ctx_a + " " + ctx_b.capitalize()`, so ctx is split where ctx_b starts (the rule of
     `slimlm.data.tasks.hellaswag_query`: the trailing incomplete phrase, or nothing when there is none)."""
-    from slimlm.data.tasks import hellaswag_query
+    from slimlm.data.tasks import hellaswag_items, hellaswag_query
 
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
     docs = []
-    for i in range(0, len(lines), 6):
-        query, label, *endings = lines[i: i + 6]
+    for query, label, endings in hellaswag_items(path):
         activity, _, ctx = query.partition(": ")
         ctx_a, ctx_b = ctx, ""
-        if hellaswag_query(query) != query:  # a ctx_b to capitalise: it starts where the two differ
-            start = next(j for j, (a, b) in enumerate(zip(query, hellaswag_query(query))) if a != b)
+        capitalised = hellaswag_query(query)
+        if capitalised != query:  # a ctx_b to capitalise: it starts where the two differ
+            start = next(j for j, (a, b) in enumerate(zip(query, capitalised)) if a != b)
             ctx_a, ctx_b = query[len(activity) + 2: start].rstrip(" "), query[start:]
         docs.append({"activity_label": activity, "ctx_a": ctx_a, "ctx_b": ctx_b, "endings": endings,
-                     "label": label.strip()})
+                     "label": str(label)})
     return docs
 
 
 def _hf_boolq(path: Path) -> list[dict]:
     """SuperGLUE's label is 1 for yes; the local file stores "true"/"false"."""
-    return [{"passage": r["passage"], "question": r["question"],
-             "label": 1 if str(r["label"]).strip().lower() in ("true", "1") else 0} for r in _jsonl(path)]
+    from slimlm.data.tasks import boolq_label, read_jsonl
+
+    return [{"passage": r["passage"], "question": r["question"], "label": boolq_label(path, i, r["label"])}
+            for i, r in enumerate(read_jsonl(path))]
 
 
 def _hf_openbookqa(path: Path) -> list[dict]:
@@ -238,30 +239,28 @@ def _hf_openbookqa(path: Path) -> list[dict]:
             for stem, letters, texts, key in openbookqa_rows(path)]
 
 
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise SlimlmError(f"{path} not found: pass the data directory that holds it (--data-dir or $SLIMLM_DATA)")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _documents(task: str, data_dir: Path) -> list[dict]:
+def _documents(task: str, data_dir: str | os.PathLike[str] | None) -> list[dict]:
     """The task's local file(s) in the Hugging Face dataset's field layout, in file order."""
-    from slimlm.data.tasks import TASK_FILES
+    from slimlm.data.tasks import read_jsonl, task_paths
 
-    path = data_dir / TASK_FILES[task][0]
-    if task == "piqa":
-        return _hf_piqa(data_dir)
-    if task.startswith("arc_"):
-        return _hf_arc(path)
-    if task == "hellaswag":
-        return _hf_hellaswag(path)
-    if task == "boolq":
-        return _hf_boolq(path)
-    if task == "openbookqa":
-        return _hf_openbookqa(path)
+    paths = task_paths(task, data_dir)
+    readers = {"piqa": _hf_piqa, "arc_easy": _hf_arc, "arc_challenge": _hf_arc, "hellaswag": _hf_hellaswag,
+               "boolq": _hf_boolq, "openbookqa": _hf_openbookqa}
+    if task in readers:
+        return readers[task](*paths)
     if task == "lambada":
-        return [{"text": row["text"]} for row in _jsonl(path)]
-    return _jsonl(path)  # winogrande: sentence, option1, option2, answer, as the dataset has them
+        return [{"text": row["text"]} for row in read_jsonl(paths[0])]
+    return read_jsonl(paths[0])  # winogrande: sentence, option1, option2, answer, as the dataset has them
+
+
+def parse_harness_tasks(spec: str | Sequence[str]) -> list[str]:
+    """Task names (comma-separated or a list), each checked to have a local lm-eval task."""
+    tasks = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec) if t.strip()]
+    unknown = [t for t in tasks if t not in LOCAL_TASKS]
+    if unknown or not tasks:
+        raise SlimlmError(f"no local lm-eval task for {', '.join(unknown) or 'an empty list'}: choose from "
+                          f"{', '.join(LOCAL_TASKS)} (comma-separated)")
+    return tasks
 
 
 def local_tasks(data_dir: str | os.PathLike[str] | None = None, tasks=tuple(LOCAL_TASKS)) -> Path:
@@ -269,22 +268,16 @@ def local_tasks(data_dir: str | os.PathLike[str] | None = None, tasks=tuple(LOCA
     import lm_eval
     import yaml
 
-    from slimlm.data.corpora import resolve_data_dir
     from slimlm.models.loading import cache_root
     from slimlm.results import atomic_write_text
 
-    unknown = [t for t in tasks if t not in LOCAL_TASKS]
-    if unknown:
-        raise SlimlmError(f"no local lm-eval task for {', '.join(unknown)}: choose from {', '.join(LOCAL_TASKS)}")
-    data = resolve_data_dir(data_dir)
-    if data is None:
-        raise SlimlmError("the local lm-eval tasks read the data directory: pass --data-dir or set SLIMLM_DATA")
+    tasks = parse_harness_tasks(tasks)
     folder = cache_root() / "harness-tasks"
     lm_eval_tasks = Path(lm_eval.__file__).parent / "tasks"
     for task in tasks:
         yaml_name, split = LOCAL_TASKS[task]
         documents = folder / f"{task}.jsonl"
-        atomic_write_text(documents, "".join(json.dumps(d) + "\n" for d in _documents(task, data)))
+        atomic_write_text(documents, "".join(json.dumps(d) + "\n" for d in _documents(task, data_dir)))
         config = {
             "include": str(lm_eval_tasks / yaml_name),
             "task": PREFIX + task,

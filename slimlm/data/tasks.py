@@ -134,13 +134,18 @@ def load_task(
         raise SlimlmError(f"unknown task {name!r}: choose one of {', '.join(ZERO_SHOT_TASKS)}")
     if limit is not None and limit < 1:
         raise SlimlmError(f"limit must be at least 1, got {limit} (leave it out to use every example)")
-    directory = required_data_dir(data_dir, "zero-shot tasks")
-    paths = [data_file(directory, relative) for relative in TASK_FILES[name]]
-    examples = _LOADERS[name](*paths)
+    examples = _LOADERS[name](*task_paths(name, data_dir))
     return examples if limit is None else examples[:limit]
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
+def task_paths(name: str, data_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """The local file(s) of a zero-shot task (`TASK_FILES`), each checked to exist."""
+    directory = required_data_dir(data_dir, "zero-shot tasks")
+    return [data_file(directory, relative) for relative in TASK_FILES[name]]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (blank lines skipped); a broken line is a clear error."""
     rows = []
     for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
@@ -174,22 +179,27 @@ def _checked(
 
 def _lambada(path: Path) -> list[LambadaExample]:
     examples = []
-    for i, row in enumerate(_jsonl(path)):
+    for i, row in enumerate(read_jsonl(path)):
         # lm-eval splits on single spaces, not on any whitespace: a last "word" may hold newlines.
         words = _field(path, i, row, "text").split(" ")
         examples.append(LambadaExample(context=" ".join(words[:-1]), target=" " + words[-1]))
     return examples
 
 
-def _piqa(path: Path, labels_path: Path) -> list[MultipleChoiceExample]:
-    rows = _jsonl(path)
+def piqa_rows(path: Path, labels_path: Path) -> list[tuple[dict[str, Any], str]]:
+    """Each PIQA record with its label (the labels live in their own file, one a line)."""
+    rows = read_jsonl(path)
     labels = [line.strip() for line in read_utf8(labels_path).splitlines() if line.strip()]
     if len(labels) != len(rows):
         raise SlimlmError(
             f"{labels_path} has {len(labels)} labels for {len(rows)} questions in {path}; restore both files"
         )
+    return list(zip(rows, labels))
+
+
+def _piqa(path: Path, labels_path: Path) -> list[MultipleChoiceExample]:
     examples = []
-    for i, (row, label) in enumerate(zip(rows, labels)):
+    for i, (row, label) in enumerate(piqa_rows(path, labels_path)):
         context = f"Question: {_field(path, i, row, 'goal')}\nAnswer:"
         choices = _choices([_field(path, i, row, "sol1"), _field(path, i, row, "sol2")])
         examples.append(_checked(labels_path, i, (context,), choices, int(label)))
@@ -220,31 +230,37 @@ def hellaswag_query(line: str) -> str:
     return line
 
 
-def _hellaswag(path: Path) -> list[MultipleChoiceExample]:
+def hellaswag_items(path: Path) -> list[tuple[str, int, list[str]]]:
+    """(the `activity_label: ctx` line as stored, gold label, endings) of each item: six lines an item."""
     lines = read_utf8(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the file
     if len(lines) % 6:
         raise SlimlmError(f"{path} has {len(lines)} lines, not 6 per item; restore the file from the data set")
-    examples = []
+    items = []
     for i in range(0, len(lines), 6):
         query, label, *endings = lines[i : i + 6]
         if not label.strip().isdigit():
             raise SlimlmError(f"{path}:{i + 2}: expected the gold label 0-3, got {label!r}; restore the file")
-        examples.append(_checked(path, i // 6, (hellaswag_query(query),), _choices(endings), int(label)))
-    return examples
+        items.append((query, int(label), endings))
+    return items
+
+
+def _hellaswag(path: Path) -> list[MultipleChoiceExample]:
+    return [_checked(path, i, (hellaswag_query(query),), _choices(endings), label)
+            for i, (query, label, endings) in enumerate(hellaswag_items(path))]
 
 
 def _arc(path: Path) -> list[MultipleChoiceExample]:
     examples = []
-    for i, row in enumerate(_jsonl(path)):
+    for i, row in enumerate(read_jsonl(path)):
         context = f"Question: {_field(path, i, row, 'question')}\nAnswer:"
         choices = _choices(list(_field(path, i, row, "choices")))
         examples.append(_checked(path, i, (context,), choices, int(_field(path, i, row, "label"))))
     return examples
 
 
-def _boolq_label(path: Path, index: int, value: Any) -> int:
+def boolq_label(path: Path, index: int, value: Any) -> int:
     # lm-eval's SuperGLUE label: 1 = yes/true; the local file stores "true"/"false".
     text = str(value).strip().lower()
     if text in ("true", "1"):
@@ -256,16 +272,16 @@ def _boolq_label(path: Path, index: int, value: Any) -> int:
 
 def _boolq(path: Path) -> list[MultipleChoiceExample]:
     examples = []
-    for i, row in enumerate(_jsonl(path)):
+    for i, row in enumerate(read_jsonl(path)):
         context = f"{_field(path, i, row, 'passage')}\nQuestion: {_field(path, i, row, 'question')}?\nAnswer:"
-        gold = _boolq_label(path, i, _field(path, i, row, "label"))
+        gold = boolq_label(path, i, _field(path, i, row, "label"))
         examples.append(_checked(path, i, (context,), _choices(["no", "yes"]), gold))
     return examples
 
 
 def _winogrande(path: Path) -> list[MultipleChoiceExample]:
     examples = []
-    for i, row in enumerate(_jsonl(path)):
+    for i, row in enumerate(read_jsonl(path)):
         sentence = _field(path, i, row, "sentence")
         blank = sentence.find("_")
         if blank < 0:

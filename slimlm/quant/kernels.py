@@ -177,3 +177,12 @@ def decode_kernels(enabled: bool = True) -> Iterator[None]:
 def fp32_decode_path() -> str:
     """The path float32 inputs of quantized layers take now: "native", "bf16" or "reference"."""
     return _decoding.get()
+
+
+def last_decode_paths(model: torch.nn.Module) -> str | None:
+    """The paths the quantized layers took in the last forward (e.g. `int4`, `native4+native8`), joined; None for
+    a model without quantized layers."""
+    from slimlm.core.registry import layer_kind
+
+    paths = sorted({m.last_path for m in model.modules() if layer_kind(m) == "quantized"})
+    return "+".join(paths) if paths else None

@@ -95,6 +95,7 @@ def _speed(model, reference, settings: dict) -> dict:
     import torch
 
     from slimlm.infer.engine import generate_ids
+    from slimlm.quant.kernels import last_decode_paths
 
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(0)
@@ -108,7 +109,7 @@ def _speed(model, reference, settings: dict) -> dict:
             stats = generate_ids(m, prompt, settings["new_tokens"]).stats
             timings[name].append((settings["prompt_tokens"] / stats.time_to_first_token_s,
                                   stats.decode_steps / stats.decode_s))
-    out = {**settings, "kernels": _kernels(model), "threads": torch.get_num_threads()}
+    out = {**settings, "kernels": last_decode_paths(model) or "float", "threads": torch.get_num_threads()}
     for name, pairs in timings.items():
         prefix = "" if name == "compressed" else "float_"
         out[prefix + "prefill_tokens_per_s"] = statistics.median(p for p, _ in pairs)
@@ -119,14 +120,6 @@ def _speed(model, reference, settings: dict) -> dict:
     out["prefill_speedup"] = out["prefill_tokens_per_s"] / out["float_prefill_tokens_per_s"]
     out["decode_speedup"] = out["decode_tokens_per_s"] / out["float_decode_tokens_per_s"]
     return out
-
-
-def _kernels(model) -> str:
-    """The decode paths the quantized layers took in the last step (e.g. `int4`, `native4+native8`), or `float`."""
-    from slimlm.core.registry import layer_kind
-
-    paths = sorted({str(getattr(m, "last_path", "")) for m in model.modules() if layer_kind(m) == "quantized"})
-    return "+".join(p for p in paths if p) or "float"
 
 
 def main(argv: list[str]) -> int:
