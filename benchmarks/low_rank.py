@@ -10,8 +10,9 @@ file, so an interrupted run resumes (delete `benchmarks/results/.low_rank.partia
     python benchmarks/low_rank.py --data-dir ../shared/data --quick    # minutes: checks the script
 
 Compensation rows: each base alone, then with LoRC and EoRA at rank 32 with 4-bit factors (one scale per rank
-component); on GPTQ W3 g64 also with bfloat16 factors and EoRA at ranks 8, 16 and 64 (part
-`compensation-extra`). Factorization methods: `--methods` takes any of FACTORIZATION (the default leaves out
+component); on GPTQ W3 g64 also with 3-bit factors (part `compensation-gptq`), and with bfloat16 factors and
+EoRA at ranks 8, 16 and 64 (part `compensation-extra`). The results hold every finished row, whichever parts
+ran this time. Factorization methods: `--methods` takes any of FACTORIZATION (the default leaves out
 SVD-LLM's uniform ranks).
 
 Protocol (recorded): the round-1 protocol (`_shared.protocol`): 128 x 512 C4 calibration tokens, WikiText-2
@@ -54,7 +55,9 @@ BASES = {"GPTQ W3 g64": {"method": "gptq", "bits": 3, "group_size": 64},
          "SparseGPT 2:4": {"method": "sparsegpt", "pattern": "2:4"}}
 # (method, rank, factor bits): float (bfloat16) factors, and 4-bit factors with one scale per rank component
 CORRECTIONS = {"-": None, "EoRA r32 4-bit": ("eora", 32, 4), "LoRC r32 4-bit": ("lorc", 32, 4)}
-GPTQ_EXTRA = {"LoRC r32": ("lorc", 32, None), "EoRA r32": ("eora", 32, None),  # on GPTQ W3 g64 only
+# on GPTQ W3 g64 only: 3-bit factors (part compensation-gptq), float factors and other ranks (compensation-extra)
+GPTQ_3BIT = {"EoRA r32 3-bit": ("eora", 32, 3), "LoRC r32 3-bit": ("lorc", 32, 3)}
+GPTQ_EXTRA = {"LoRC r32": ("lorc", 32, None), "EoRA r32": ("eora", 32, None),
               **{f"EoRA r{r} 4-bit": ("eora", r, 4) for r in (8, 16, 64)}}
 LASER = {"method": "laser", "blocks": [-8, -7, -6, -5, -4, -3, -2, -1], "matrices": ["gate", "up", "down"],
          "samples": 4}
@@ -182,6 +185,15 @@ def main() -> None:
         if row is not None and all(row is not r for r in rows):  # None: --only-done and not done; a part may
             rows.append(row)                                      # repeat another's rows (compensation-gptq)
 
+    def every_done_row() -> None:
+        """Rows finished earlier (the progress file, or --reuse-committed) that the parts run now did not add:
+        a run of some parts must not drop the others' rows from the results."""
+        canonical = ([f"{level}/{method}" for level in LEVELS for method in FACTORIZATION] + ["LASER"]
+                     + [f"{base}/{label}" for base in BASES for label in {**CORRECTIONS, **GPTQ_3BIT, **GPTQ_EXTRA}])
+        for key in sorted(progress.done, key=lambda k: canonical.index(k) if k in canonical else len(canonical)):
+            if key != "dense":
+                add(progress.done[key])
+
     def write() -> None:
         command = shlex.join(["python", "benchmarks/low_rank.py", *sys.argv[1:]])
         result = {"model": "smollm2-135m", "protocol": {**proto, "asvd_sweep": ASVD_SWEEP, "laser": LASER},
@@ -191,10 +203,9 @@ def main() -> None:
         write_results(out, [result], _tables(rows, structured), preamble=_preamble(result))
         out.with_suffix(".svg").write_text(_plot(rows, structured))
 
-    def compensation(bases: tuple[str, ...] = tuple(BASES), extra: bool = False) -> None:
+    def compensation(bases: tuple[str, ...] = tuple(BASES), corrections: dict = CORRECTIONS) -> None:
         for base in bases:
             stage = BASES[base]
-            corrections = GPTQ_EXTRA if extra else CORRECTIONS
             for label, correction in corrections.items():
                 stages = [stage]
                 if correction:
@@ -218,11 +229,13 @@ def main() -> None:
         add(progress.record("LASER", lambda: child("LASER", "LASER (late MLP)", [LASER],
                                                            laser_validation=validation, latency=True)))
 
-    parts = {"factorization": factorization, "compensation-gptq": lambda: compensation(("GPTQ W3 g64",)),
+    parts = {"factorization": factorization,
+             "compensation-gptq": lambda: compensation(("GPTQ W3 g64",), {**CORRECTIONS, **GPTQ_3BIT}),
              "laser": laser, "compensation": compensation,
-             "compensation-extra": lambda: compensation(("GPTQ W3 g64",), extra=True)}
+             "compensation-extra": lambda: compensation(("GPTQ W3 g64",), GPTQ_EXTRA)}
     for part in (p.strip() for p in args.parts.split(",")):
         parts[part]()
+    every_done_row()
     write()
     print(out.with_suffix(".md").read_text())
 
