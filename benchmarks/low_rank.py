@@ -195,6 +195,7 @@ def main() -> None:
                 add(progress.done[key])
 
     def write() -> None:
+        every_done_row()
         command = shlex.join(["python", "benchmarks/low_rank.py", *sys.argv[1:]])
         result = {"model": "smollm2-135m", "protocol": {**proto, "asvd_sweep": ASVD_SWEEP, "laser": LASER},
                   "linear_share": share, "rows": rows, "machine": machine_info(), "versions": library_versions(),
@@ -235,7 +236,6 @@ def main() -> None:
              "compensation-extra": lambda: compensation(("GPTQ W3 g64",), GPTQ_EXTRA)}
     for part in (p.strip() for p in args.parts.split(",")):
         parts[part]()
-    every_done_row()
     write()
     print(out.with_suffix(".md").read_text())
 
