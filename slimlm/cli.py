@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     squeeze.add_argument("--force", action="store_true",
                          help="run even when the memory estimate exceeds the available RAM")
+    restart = squeeze.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true",
+                         help="continue the interrupted run of this command from its last finished block (rerunning "
+                              "the same command does so too; this makes a missing checkpoint an error)")
+    restart.add_argument("--restart", action="store_true",
+                         help="discard the checkpoint of an interrupted run and start from the first block")
     squeeze.add_argument("--export-ct", metavar="DIR",
                          help="also write a compressed-tensors (pack-quantized) checkpoint that transformers loads")
     squeeze.add_argument("--sparse-storage", action="store_true",
@@ -441,6 +448,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.compress import calibration_tokens, compress, with_calibration
     from slimlm.compress.engine import check_memory, validate_recipe_for_model
     from slimlm.compress.recipe import load_recipe
+    from slimlm.compress.resume import default_directory
     from slimlm.eval.efficiency import count_nonzero_parameters, count_parameters, disk_bytes, memory_bytes
     from slimlm.eval.runner import EvalSettings, evaluate, is_perplexity_task, parse_tasks
     from slimlm.export.native import model_bytes, refuse_non_empty, save
@@ -451,7 +459,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     tasks = parse_tasks(args.eval_tasks) if args.eval_tasks else []
     settings = EvalSettings(args.seqlen, args.max_windows, args.limit, args.batch_size, args.data_dir)
     _check_compress_options(args, recipe)
-    refuse_non_empty(args.out, args.overwrite)
+    _refuse_existing_out(args.out, args.overwrite)
     loaded = _load(args.model, args)
     model, tokenizer = loaded.model, loaded.tokenizer
     if recipe.needs_calibration:
@@ -474,12 +482,15 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     before = evaluate(model, tokenizer, tasks, settings) if tasks else []
     original_bytes = {"memory": memory_bytes(model), "disk": disk_bytes(model), "parameters": count_parameters(model)}
     reference = copy.deepcopy(model) if tasks and args.kl else None
-    report = compress(model, recipe, calibration, device=args.device)
+    checkpoint = default_directory(args.out)  # a checkpoint after every block: a killed run continues from it
+    report = compress(model, recipe, calibration, device=args.device, checkpoint_dir=checkpoint,
+                      resume=True if args.resume else False if args.restart else None)
     if args.sparse_storage:
         from slimlm.prune.sparse_linear import sparsify_model_
 
         sparsify_model_(model, sparse_pattern)
     save(model, args.out, tokenizer, recipe=recipe.model_dump(mode="json"), overwrite=args.overwrite)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the result is on disk: nothing left to resume
     if args.export_ct:
         from slimlm.export.compressed_tensors import export_compressed_tensors
 
@@ -547,12 +558,34 @@ def _check_compress_options(args: argparse.Namespace, recipe) -> None:
         raise SlimlmError(f"{', '.join(given)}: this recipe ({methods}) uses no calibration data; drop "
                           f"{'it' if len(given) == 1 else 'them'}")
     check_writable(args.out, "--out")
+    if args.resume:
+        from slimlm.compress.resume import STATE, default_directory
+
+        if not (default_directory(args.out) / STATE).is_file():
+            raise SlimlmError(f"--resume: no interrupted run of --out {args.out} to continue (its checkpoint would be "
+                              f"{default_directory(args.out)}); run without --resume to start")
     if args.export_ct:
         check_writable(args.export_ct, "--export-ct")
         out, ct = Path(args.out).expanduser().resolve(), Path(args.export_ct).expanduser().resolve()
         if out == ct or out in ct.parents or ct in out.parents:
             raise SlimlmError(f"--export-ct {args.export_ct} and --out {args.out} overlap: give the "
                               "compressed-tensors checkpoint its own folder")
+
+
+def _refuse_existing_out(out: str, overwrite: bool) -> None:
+    """`refuse_non_empty`, naming a checkpoint of an interrupted run beside an existing --out (a run killed just
+    after it saved, or a killed --overwrite run that --overwrite continues)."""
+    from slimlm.compress.resume import default_directory
+    from slimlm.export.native import refuse_non_empty
+
+    try:
+        refuse_non_empty(out, overwrite)
+    except SlimlmError as error:
+        checkpoint = default_directory(out)
+        if not checkpoint.is_dir():
+            raise
+        raise SlimlmError(f"{error}; {checkpoint} holds the checkpoint of an interrupted run: rerun with "
+                          f"--overwrite to continue it, or remove it if {out} is that run's result") from None
 
 
 def _sparse_storage_pattern(recipe) -> tuple[int, int] | None:

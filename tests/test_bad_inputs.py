@@ -19,8 +19,12 @@ from slimlm.models.tiny import tiny_model, tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    """A tiny Llama directory and damaged copies of it, and a slimlm checkpoint and damaged copies."""
-    root = tmp_path_factory.mktemp("bad-inputs")
+    return build_models(tmp_path_factory.mktemp("bad-inputs"))
+
+
+def build_models(root: Path) -> Path:
+    """A tiny Llama directory and damaged copies of it, a slimlm checkpoint and damaged copies, a Latin-1 text
+    file, and tiny Phi and GPT-2 directories, in `root` (also used by benchmarks/reliability.py)."""
     tiny = root / "tiny"
     tiny_model("llama", vocab_size=262).save_pretrained(tiny)
     tiny_tokenizer().save_pretrained(tiny)
@@ -44,6 +48,9 @@ def models(tmp_path_factory) -> Path:
     section = json.loads((root / "q-bad-dtype" / "slimlm.json").read_text())
     (root / "q-bad-dtype" / "slimlm.json").write_text(json.dumps({**section, "dtype": "float99"}))
     (root / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin1") * 200)
+    for family in ("phi", "gpt2"):
+        tiny_model(family, vocab_size=262).save_pretrained(root / family)
+        tiny_tokenizer().save_pretrained(root / family)
     return root
 
 
@@ -103,17 +110,8 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def phi(models) -> Path:
-    for family in ("phi", "gpt2"):
-        if not (models / family).exists():
-            tiny_model(family, vocab_size=262).save_pretrained(models / family)
-            tiny_tokenizer().save_pretrained(models / family)
-    return models / "phi"
-
-
 @pytest.mark.parametrize(("name", "arguments", "message"), CASES, ids=[case[0] for case in CASES])
-def test_bad_input_is_refused_before_any_work(models, phi, tmp_path, name, arguments, message):
+def test_bad_input_is_refused_before_any_work(models, tmp_path, name, arguments, message):
     out = tmp_path / "out"
     result = cli(*(a.format(root=models, out=out) for a in arguments))
     assert result.returncode == 2, result.stderr[-2000:]
@@ -167,3 +165,31 @@ def test_help_and_argument_errors_answer_without_importing_torch():
         assert result.returncode in (0, 2) and min(seconds) < 1.0, (arguments, seconds)
     probe = "import sys, slimlm, slimlm.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
+def test_staging_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    import fcntl
+
+    from slimlm.export.native import WRITER_LOCK, clean_leftovers, save
+
+    dead, live = tmp_path / ".out.tmp-dead", tmp_path / ".out.tmp-live"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / WRITER_LOCK).touch()
+    with open(live / WRITER_LOCK) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a writer that is still running
+        save(tiny_model("llama", vocab_size=262), tmp_path / "out")
+        assert not dead.exists() and live.exists()
+        old = tmp_path / ".out.old-999999999"  # a run killed between renaming the old output away and the new in
+        os.rename(tmp_path / "out", old)
+        assert clean_leftovers(tmp_path / "out") == [live]
+        assert (tmp_path / "out" / "slimlm.json").is_file() and not old.exists()
+    assert clean_leftovers(tmp_path / "out") == [] and not live.exists()  # its writer is gone now
+
+
+def test_existing_out_with_a_checkpoint_beside_it_says_so(models, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").touch()
+    (tmp_path / ".out.resume").mkdir()
+    result = cli("compress", "--model", str(models / "tiny"), "--recipe", "rtn-w4g64", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "checkpoint of an interrupted run" in result.stderr

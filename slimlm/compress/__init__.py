@@ -48,16 +48,21 @@ def compress(
     tokenizer: PreTrainedTokenizerBase | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     device: str | torch.device | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool | None = None,
 ) -> CompressionReport:
     """Compress `model` in place with `recipe` (a preset name, a YAML path, a dict or a Recipe).
 
     Calibration segments come from `calibration` (token ids, shape (samples, seqlen)), or are drawn
-    from the recipe's calibration corpus with `tokenizer`.
+    from the recipe's calibration corpus with `tokenizer`. With `checkpoint_dir`, a checkpoint is written
+    there after every block and a checkpoint of the same run found there is continued
+    (`slimlm.compress.resume`: the result is bitwise that of an uninterrupted run); `resume=True` requires
+    such a checkpoint, `resume=False` discards it. Remove the folder once the compressed model is saved.
     """
     recipe = load_recipe(recipe)
     if calibration is None:
         calibration = calibration_tokens(recipe, tokenizer, data_dir)
-    return run_recipe(model, recipe, calibration, device)
+    return run_recipe(model, recipe, calibration, device, checkpoint_dir, resume)
 
 
 __all__ = ["CompressionReport", "Recipe", "calibration_tokens", "compress", "load_recipe", "with_calibration"]

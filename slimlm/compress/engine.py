@@ -42,14 +42,17 @@ segments, or keep the cache in bfloat16.
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from slimlm.compress.recipe import Recipe, select_targets
+from slimlm.compress.resume import BlockCheckpoint, fingerprint
 from slimlm.core.blocks import (
     BlockContext,
     CompressionReport,
@@ -154,8 +157,14 @@ def compress(
     recipe: Recipe,
     calibration: torch.Tensor | None = None,
     device: str | torch.device | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool | None = None,
 ) -> CompressionReport:
-    """Apply `recipe` to `model` in place, block by block (see the module docstring)."""
+    """Apply `recipe` to `model` in place, block by block (see the module docstring).
+
+    With `checkpoint_dir`, a checkpoint is written there after every block, and a checkpoint of the same run
+    found there is continued (`slimlm.compress.resume`); `resume=True` requires one, `resume=False` discards
+    it. The caller removes the folder once the result is saved."""
     start = time.perf_counter()
     adapter, selections = validate_recipe_for_model(model, recipe)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -163,6 +172,16 @@ def compress(
         raise SlimlmError("this recipe needs calibration data: pass calibration=token ids of shape (samples, seqlen)")
     if calibration is not None and (calibration.dim() != 2 or calibration.dtype != torch.long):
         raise SlimlmError(f"calibration must be a 2-D tensor of token ids (got {tuple(calibration.shape)}, {calibration.dtype})")
+    checkpoint = None
+    if checkpoint_dir is not None:
+        checkpoint = BlockCheckpoint(checkpoint_dir, fingerprint(model, recipe.model_dump_json(), calibration, device))
+    if checkpoint is not None and resume is False:
+        checkpoint.remove()
+    saved_state = checkpoint.found() if checkpoint is not None else None
+    if resume and saved_state is None:
+        raise SlimlmError(f"--resume: {checkpoint_dir or 'no checkpoint folder given'} holds no checkpoint of this "
+                          "run (same model, recipe, calibration, machine and threads); run without --resume to "
+                          "start from the first block")
     report = CompressionReport()
     was_training = model.training
     model.eval()
@@ -175,14 +194,28 @@ def compress(
             return _finish(model, recipe, report, start, device, was_training)
         recipe = recipe.model_copy(update={"stages": block_stages})
         adapter, selections = validate_recipe_for_model(model, recipe)
+    resumed = checkpoint.load(model, adapter, saved_state) if saved_state is not None else None
+    if resumed is not None:
+        report = resumed.report
+        print(f"slimlm: resuming after block {resumed.next_block} of {len(adapter)} from {checkpoint.directory}",
+              file=sys.stderr)
     inputs = None
     if recipe.needs_calibration:
         inputs = capture_block_inputs(model, adapter, calibration, recipe.calibration.batch_size, device)
+        if resumed is not None:
+            inputs = resumed.inputs(inputs, device)
         report.calibration_tokens = inputs.tokens
-    plans = [stage.plan(model, adapter, selected, inputs, device) for stage, selected in zip(recipe.stages, selections)]
+    if resumed is not None:
+        plans = resumed.plans
+        torch.set_rng_state(resumed.rng_state)
+    else:
+        plans = [stage.plan(model, adapter, selected, inputs, device)
+                 for stage, selected in zip(recipe.stages, selections)]
     report.block_sparsity = {i: plan for i, plan in enumerate(plans) if plan is not None}
     keep_originals = any(stage.needs_original_weights for stage in recipe.stages)
-    for index in progress(range(len(adapter)), desc="compress blocks", total=len(adapter)):
+    first = resumed.next_block if resumed is not None else 0
+    elapsed_before = resumed.elapsed if resumed is not None else 0.0
+    for index in progress(range(first, len(adapter)), desc="compress blocks", total=len(adapter) - first):
         block = adapter.blocks[index]
         with on_device([block], device):
             next_hidden = None
@@ -198,7 +231,10 @@ def compress(
             if inputs is not None and index + 1 < len(adapter):
                 next_hidden = next_hidden if next_hidden is not None else run_block(block, inputs)
                 inputs = inputs.following(next_hidden)
-    return _finish(model, recipe, report, start, device, was_training)
+        if checkpoint is not None:
+            checkpoint.save(model, adapter, index, inputs, report, plans,
+                            elapsed_before + time.perf_counter() - start)
+    return _finish(model, recipe, report, start - elapsed_before, device, was_training)
 
 
 def _finish(model: PreTrainedModel, recipe: Recipe, report: CompressionReport, start: float, device: torch.device,

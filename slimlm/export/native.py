@@ -23,6 +23,7 @@ save never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shlex
@@ -127,33 +128,87 @@ def refuse_non_empty(directory: str | os.PathLike[str], overwrite: bool = False)
     return target
 
 
+WRITER_LOCK = ".slimlm-writer.lock"  # inside a staging folder while its run is alive (an flock dies with it)
+
+
 @contextmanager
 def atomic_directory(directory: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling to fill; on success it replaces `directory`, on failure it is removed,
-    so an interrupted write never leaves a half-written checkpoint."""
+    so an interrupted write never leaves a half-written checkpoint. Staging folders of killed runs found
+    beside it are removed first (`clean_leftovers`)."""
     target = refuse_non_empty(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    report_leftovers(target)
+    clean_leftovers(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    lock = os.open(staging / WRITER_LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         yield staging
+        os.unlink(staging / WRITER_LOCK)  # the lock holds on the open file until the folder is published
         finish_directory(staging)
         _swap_into_place(staging, target)
         _fsync(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
 
 
-def report_leftovers(target: Path) -> list[Path]:
-    """Staging folders of `target` that a killed run left behind (an interrupted run that exits removes its
-    own): named on stderr with how to remove them; they are not removed, since another run may be writing."""
-    leftovers = sorted(path for kind in ("tmp", "old") for path in target.parent.glob(f".{target.name}.{kind}-*"))
-    if leftovers:
-        names = " ".join(shlex.quote(str(path)) for path in leftovers)
-        print(f"slimlm: note: {len(leftovers)} staging folder(s) of {target} left by an interrupted run; if no other "
+def clean_leftovers(target: Path) -> list[Path]:
+    """Deal with what killed runs left beside `target`; returns the folders still there.
+
+    - `.NAME.tmp-*` staging folders whose writer is dead (its lock file can be locked) are removed;
+      one whose writer lives, or from a slimlm without the lock, is named on stderr with how to remove it.
+    - `.NAME.old-PID` (the previous output, renamed away just before the new one was renamed in): removed when
+      `target` exists; put back as `target` when the kill fell between the two renames, so nothing is lost.
+    """
+    left = []
+    for path in sorted(target.parent.glob(f".{target.name}.tmp-*")):
+        if _writer_is_dead(path):
+            shutil.rmtree(path, ignore_errors=True)
+            print(f"slimlm: note: removed {path}, a staging folder left by a killed run", file=sys.stderr)
+        else:
+            left.append(path)
+    for path in sorted(target.parent.glob(f".{target.name}.old-*")):
+        pid = path.name.rpartition("-")[2]
+        if pid.isdigit() and _alive(int(pid)):
+            left.append(path)
+        elif target.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.rename(path, target)
+            print(f"slimlm: note: {target} restored from {path.name}, left by a run killed while replacing it",
+                  file=sys.stderr)
+    if left:
+        names = " ".join(shlex.quote(str(path)) for path in left)
+        print(f"slimlm: note: {len(left)} staging folder(s) of {target} left by an interrupted run; if no other "
               f"run is writing it, remove them: rm -r {names}", file=sys.stderr)
-    return leftovers
+    return left
+
+
+def _writer_is_dead(staging: Path) -> bool:
+    try:
+        fd = os.open(staging / WRITER_LOCK, os.O_RDONLY)
+    except OSError:
+        return False  # no lock file: an older slimlm's folder, or one being published; leave it to the user
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def finish_directory(staging: Path) -> None:
