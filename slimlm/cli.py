@@ -269,12 +269,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries(args.verbose)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from slimlm.core import distributed
+
+    main_process = True
     try:
+        if distributed.requested():
+            if args.command != "compress":
+                raise SlimlmError(f"slimlm {args.command} runs in one process: only slimlm compress runs under "
+                                  "torchrun (distributed calibration)")
+            distributed.start(args.device)
+            main_process = distributed.is_main()
+            if not main_process:
+                os.environ["SLIMLM_PROGRESS"] = "0"  # one set of progress bars: the first process's
         _check_common(args)
         record, table = COMMANDS[args.command](args)
     except SlimlmError as error:
         print(f"slimlm: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        distributed.stop()
+    if not main_process:
+        return 0
     print(table, end="")
     if args.json:
         atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
@@ -449,6 +464,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.compress.engine import check_memory, validate_recipe_for_model
     from slimlm.compress.recipe import load_recipe
     from slimlm.compress.resume import default_directory
+    from slimlm.core import distributed
     from slimlm.eval.efficiency import count_nonzero_parameters, count_parameters, disk_bytes, memory_bytes
     from slimlm.eval.runner import EvalSettings, evaluate, is_perplexity_task, parse_tasks
     from slimlm.export.native import model_bytes, refuse_non_empty, save
@@ -477,20 +493,26 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
         check_recipe_exportable(recipe, widths, selections)
         refuse_transposed_layers(model, set().union(*selections))
         refuse_non_empty(args.export_ct)
-    print(f"slimlm: memory estimate: {memory.describe()}", file=sys.stderr)
+    main_process = distributed.is_main()  # under torchrun every process calibrates, the first one alone writes
+    if main_process:
+        print(f"slimlm: memory estimate: {memory.describe()}", file=sys.stderr)
     calibration = calibration_tokens(recipe, tokenizer, args.data_dir)
-    before = evaluate(model, tokenizer, tasks, settings) if tasks else []
+    before = evaluate(model, tokenizer, tasks, settings) if tasks and main_process else []
     original_bytes = {"memory": memory_bytes(model), "disk": disk_bytes(model), "parameters": count_parameters(model)}
-    reference = copy.deepcopy(model) if tasks and args.kl else None
-    checkpoint = default_directory(args.out)  # a checkpoint after every block: a killed run continues from it
+    reference = copy.deepcopy(model) if tasks and args.kl and main_process else None
+    # A checkpoint after every block, so that a killed run continues from it (one process only).
+    checkpoint = None if distributed.active() else default_directory(args.out)
     report = compress(model, recipe, calibration, device=args.device, checkpoint_dir=checkpoint,
                       resume=True if args.resume else False if args.restart else None)
+    if not main_process:
+        return {}, ""
     if args.sparse_storage:
         from slimlm.prune.sparse_linear import sparsify_model_
 
         sparsify_model_(model, sparse_pattern)
     save(model, args.out, tokenizer, recipe=recipe.model_dump(mode="json"), overwrite=args.overwrite)
-    shutil.rmtree(checkpoint, ignore_errors=True)  # the result is on disk: nothing left to resume
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the result is on disk: nothing left to resume
     if args.export_ct:
         from slimlm.export.compressed_tensors import export_compressed_tensors
 
@@ -558,6 +580,13 @@ def _check_compress_options(args: argparse.Namespace, recipe) -> None:
         raise SlimlmError(f"{', '.join(given)}: this recipe ({methods}) uses no calibration data; drop "
                           f"{'it' if len(given) == 1 else 'them'}")
     check_writable(args.out, "--out")
+    from slimlm.core import distributed
+
+    if distributed.active():
+        if args.resume or args.restart:
+            raise SlimlmError("--resume and --restart: distributed calibration keeps no checkpoint; drop them")
+        distributed.check_recipe([stage.method for stage in recipe.stages],
+                                 recipe.calibration.samples if recipe.needs_calibration else distributed.world_size())
     if args.resume:
         from slimlm.compress.resume import STATE, default_directory
 

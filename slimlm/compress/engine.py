@@ -53,6 +53,7 @@ from transformers import PreTrainedModel
 
 from slimlm.compress.recipe import Recipe, select_targets
 from slimlm.compress.resume import BlockCheckpoint, fingerprint
+from slimlm.core import distributed
 from slimlm.core.blocks import (
     BlockContext,
     CompressionReport,
@@ -172,6 +173,12 @@ def compress(
         raise SlimlmError("this recipe needs calibration data: pass calibration=token ids of shape (samples, seqlen)")
     if calibration is not None and (calibration.dim() != 2 or calibration.dtype != torch.long):
         raise SlimlmError(f"calibration must be a 2-D tensor of token ids (got {tuple(calibration.shape)}, {calibration.dtype})")
+    if distributed.active():  # this process calibrates on its share of the segments (slimlm.core.distributed)
+        if checkpoint_dir is not None:
+            raise SlimlmError("resumable checkpoints are not kept under torch.distributed: pass checkpoint_dir=None")
+        distributed.check_recipe([stage.method for stage in recipe.stages],
+                                 len(calibration) if calibration is not None else distributed.world_size())
+        calibration = distributed.shard(calibration) if calibration is not None else None
     checkpoint = None
     if checkpoint_dir is not None:
         checkpoint = BlockCheckpoint(checkpoint_dir, fingerprint(model, recipe.model_dump_json(), calibration, device))
@@ -204,7 +211,7 @@ def compress(
         inputs = capture_block_inputs(model, adapter, calibration, recipe.calibration.batch_size, device)
         if resumed is not None:
             inputs = resumed.inputs(inputs, device)
-        report.calibration_tokens = inputs.tokens
+        report.calibration_tokens = distributed.total(inputs.tokens)
     if resumed is not None:
         plans = resumed.plans
         torch.set_rng_state(resumed.rng_state)

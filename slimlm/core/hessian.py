@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from slimlm.core import distributed
 from slimlm.errors import SlimlmError
 
 
@@ -19,6 +20,7 @@ class HessianAccumulator:
     def __init__(self, in_features: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.hessian = torch.zeros(in_features, in_features, device=device, dtype=dtype)
         self.samples = 0
+        self._reduced = False  # summed over the processes already (torch.distributed)
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Add the inputs of one forward pass: (..., in_features); each token row is one sample of X."""
@@ -31,6 +33,11 @@ class HessianAccumulator:
         self.samples = total
 
     def result(self) -> torch.Tensor:
+        """H over every calibration token; under torch.distributed, over every process's tokens (the
+        token-weighted mean of the processes' running averages, `slimlm.core.distributed`)."""
+        if distributed.active() and not self._reduced:
+            self.samples = distributed.weighted_mean_(self.hessian, self.samples)
+            self._reduced = True
         if self.samples == 0:
             raise SlimlmError("no calibration inputs reached this layer: is it used in the forward pass?")
         if not torch.isfinite(self.hessian).all():

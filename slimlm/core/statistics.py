@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from slimlm.core import distributed
+
 
 class ChannelStatistics:
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
@@ -13,6 +15,16 @@ class ChannelStatistics:
         self.samples = 0  # sequences: DSnoT's sums are per sequence, averaged over sequences
         self.sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.sum_squares = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self._reduced = False
+
+    def _all(self) -> ChannelStatistics:
+        """Under torch.distributed, the sums over every process's tokens (once, at the first read)."""
+        if distributed.active() and not self._reduced:
+            counts = torch.tensor([self.tokens, self.samples], dtype=torch.float64, device=self.sum.device)
+            distributed.all_reduce_sum_(counts, self.sum, self.sum_squares)
+            self.tokens, self.samples = int(counts[0].item()), int(counts[1].item())
+            self._reduced = True
+        return self
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Inputs (batch, seq, in_features) or (tokens, in_features)."""
@@ -24,13 +36,16 @@ class ChannelStatistics:
 
     def squared_norm_per_sample(self) -> torch.Tensor:
         """||X_j||^2 over all tokens / number of sequences: Wanda's `scaler_row` (its score uses the square root)."""
+        self._all()
         return (self.sum_squares / self.samples).float()
 
     def sum_per_sample(self) -> torch.Tensor:
         """sum of x_j over all tokens / number of sequences: DSnoT's `sum_metric_row`."""
+        self._all()
         return (self.sum / self.samples).float()
 
     def variance(self) -> torch.Tensor:
         """Population variance of each input channel over all tokens."""
+        self._all()
         mean = self.sum / self.tokens
         return (self.sum_squares / self.tokens - mean.square()).clamp(min=0).float()
