@@ -11,10 +11,15 @@
    block the rerun resumed after, whether every output file has the uninterrupted run's sha256, and anything
    left beside or inside the output folder.
 
-Distributed calibration (the third part of the issue's benchmark) is not built yet, so it is not measured.
+3. Distributed calibration: GPTQ W4 g64 of SmolLM2-135M (`--samples` x 512 C4 calibration tokens, or the
+   embedded Python docs without a data directory) in one process with two threads and with
+   `torchrun --nproc-per-node 2` (one thread each), alternating, `--repeats` times each: the compression
+   seconds slimlm reports, the command's wall time, the bytes of the weights file that differ from those of one
+   process with one thread (run once: the kernels each of the two processes runs), and WikiText-2 perplexity
+   (8 windows of 512).
 
-    python benchmarks/reliability.py            # about 10 minutes on 2 cores
-    python benchmarks/reliability.py --kills 3  # a check of the script
+    python benchmarks/reliability.py --data-dir ../shared/data             # about 25 minutes on 2 cores
+    python benchmarks/reliability.py --kills 3 --parts bad-inputs,kills   # a check of the script
 """
 
 from __future__ import annotations
@@ -40,7 +45,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parts", default="bad-inputs,kills", help="comma-separated: bad-inputs, kills")
+    parser.add_argument("--parts", default="bad-inputs,kills,distributed",
+                        help="comma-separated: bad-inputs, kills, distributed")
+    parser.add_argument("--data-dir", help="data directory (C4 calibration, WikiText-2 evaluation)")
+    parser.add_argument("--samples", type=int, default=32, help="calibration segments of the distributed part")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each launcher in the distributed part")
     parser.add_argument("--out", default=str(RESULTS / "reliability"))
     args = parser.parse_args()
     from slimlm.results import library_versions, machine_info, utc_now, write_results
@@ -54,6 +63,9 @@ def main() -> None:
             record["bad_inputs"] = bad_inputs(root / "bad")
         if "kills" in parts:
             record["kills"] = kill_campaign(root / "kills", args.kills, args.seed)
+        if "distributed" in parts:
+            record["distributed"] = distributed_calibration(root / "distributed", args.data_dir, args.samples,
+                                                            args.repeats)
     write_results(args.out, [record], tables(record), preamble=preamble(record))
     print(Path(args.out).with_suffix(".md").read_text())
 
@@ -147,6 +159,50 @@ def kill_campaign(root: Path, kills: int, seed: int) -> dict:
             "without_leftovers": sum(not r["leftovers"] for r in rows)}
 
 
+def distributed_calibration(root: Path, data_dir: str | None, samples: int, repeats: int) -> dict:
+    import statistics
+
+    root.mkdir(parents=True)
+    data = ["--data-dir", data_dir, "--calib-corpus", "c4", "--eval", "wikitext2"] if data_dir else [
+        "--calib-corpus", "pydoc", "--eval", "pydoc"]
+    arguments = ["compress", "--model", "smollm2-135m", "--recipe", "gptq-w4g64", "--calib-samples", str(samples),
+                 "--calib-seqlen", "512", "--seqlen", "512", "--max-windows", "8", *data]
+    launchers = {"1 process x 2 threads": [sys.executable, "-m", "slimlm", *arguments, "--threads", "2"],
+                 "2 processes x 1 thread": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                            "--nproc-per-node", "2", "-m", "slimlm", *arguments, "--threads", "1"]}
+    # The same kernels as each of the two processes (one thread): differences from it come from the reduction
+    # alone; a different thread count changes float32 sums too, and GPTQ's rounding with them.
+    launchers["1 process x 1 thread"] = [sys.executable, "-m", "slimlm", *arguments, "--threads", "1"]
+    runs: dict[str, list[dict]] = {name: [] for name in launchers}
+    for repeat in range(repeats):
+        for name, command in launchers.items():
+            if name == "1 process x 1 thread" and repeat:
+                continue  # the equality reference, not timed against the others
+            out = root / f"{len(runs[name])}-{name.split()[0]}x{name.split()[3]}"
+            start = time.perf_counter()
+            result = subprocess.run([*command, "--out", str(out), "--json", f"{out}.json"], capture_output=True,
+                                    text=True, env={**os.environ, "SLIMLM_PROGRESS": "0"})
+            wall = time.perf_counter() - start
+            if result.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+            metrics = json.loads(Path(f"{out}.json").read_text())["metrics"]
+            runs[name].append({"out": out, "wall_s": wall, "compression_s": metrics["compression"]["seconds"],
+                               "ppl": metrics["after"][0]["value"]})
+            print(f"{name}: {wall:.1f} s", flush=True)
+    reference = next(runs["1 process x 1 thread"][0]["out"].glob("*.safetensors")).read_bytes()
+    rows = []
+    for name, done in runs.items():
+        weights = next(done[0]["out"].glob("*.safetensors")).read_bytes()
+        differing = sum(a != b for a, b in zip(weights, reference)) + abs(len(weights) - len(reference))
+        rows.append({"launcher": name, "compression_s": statistics.median(r["compression_s"] for r in done),
+                     "wall_s": statistics.median(r["wall_s"] for r in done), "runs": len(done),
+                     "wikitext2_ppl": done[0]["ppl"], "weight_bytes_differing": differing,
+                     "weight_bytes": len(weights)})
+    one, two, _ = rows
+    return {"rows": rows, "compression_speedup": one["compression_s"] / two["compression_s"],
+            "wall_speedup": one["wall_s"] / two["wall_s"], "samples": samples, "cores": os.cpu_count()}
+
+
 def _checkpoint_block(state: Path) -> int | None:
     """The next block the checkpoint names, None when no block had finished."""
     try:
@@ -163,8 +219,7 @@ def preamble(record: dict) -> str:
             "(seconds include Python start-up and imports). Kills: GPTQ W4 g64 of a tiny random Llama of 24 blocks "
             "(32 x 128 calibration tokens, one thread), SIGKILL at a random moment of the block pass or the save (once "
             "the checkpoint names block b, b uniform in 1..24, plus a delay uniform in 0-0.25 s), then the same "
-            "command again. Distributed calibration: not built, "
-            "not measured.")
+            "command again. Distributed calibration: see its section.")
 
 
 def tables(record: dict) -> str:
@@ -186,6 +241,14 @@ def tables(record: dict) -> str:
                  "the output was already published when the kill came), "
                  f"{kills['identical']} identical sha256, {kills['without_leftovers']} without leftovers.\n\n")
         text += markdown_table(kills["rows"]) + "\n"
+    if "distributed" in record:
+        spread = record["distributed"]
+        text += (f"\n## Distributed calibration\n\nGPTQ W4 g64, SmolLM2-135M, {spread['samples']} x 512 calibration "
+                 f"tokens, on {spread['cores']} cores: two processes against one, compression "
+                 f"{spread['compression_speedup']:.3f}x, whole command {spread['wall_speedup']:.3f}x "
+                 "(medians, alternating runs). weight_bytes_differing: bytes of the saved weights file that "
+                 "differ from the one-process, one-thread file (the kernels each of the two processes runs).\n\n")
+        text += markdown_table(spread["rows"]) + "\n"
     return text
 
 
