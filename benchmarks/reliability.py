@@ -11,7 +11,9 @@
    block the rerun resumed after, whether every output file has the uninterrupted run's sha256, and anything
    left beside or inside the output folder.
 
-3. Distributed calibration: GPTQ W4 g64 of SmolLM2-135M (`--samples` x 512 C4 calibration tokens, or the
+3. Cost of the checkpoint: GPTQ W4 g64 of SmolLM2-135M (`--samples` x 512 tokens, two threads) with the
+   checkpoint after every block and with `--no-checkpoint`, alternating, `--repeats` times each.
+4. Distributed calibration: GPTQ W4 g64 of SmolLM2-135M (`--samples` x 512 C4 calibration tokens, or the
    embedded Python docs without a data directory) in one process with two threads and with
    `torchrun --nproc-per-node 2` (one thread each), alternating, `--repeats` times each: the compression
    seconds slimlm reports, the command's wall time, the bytes of the weights file that differ from those of one
@@ -45,8 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parts", default="bad-inputs,kills,distributed",
-                        help="comma-separated: bad-inputs, kills, distributed")
+    parser.add_argument("--parts", default="bad-inputs,kills,checkpoint-cost,distributed",
+                        help="comma-separated: bad-inputs, kills, checkpoint-cost, distributed")
     parser.add_argument("--data-dir", help="data directory (C4 calibration, WikiText-2 evaluation)")
     parser.add_argument("--samples", type=int, default=32, help="calibration segments of the distributed part")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each launcher in the distributed part")
@@ -63,6 +65,8 @@ def main() -> None:
             record["bad_inputs"] = bad_inputs(root / "bad")
         if "kills" in parts:
             record["kills"] = kill_campaign(root / "kills", args.kills, args.seed)
+        if "checkpoint-cost" in parts:
+            record["checkpoint_cost"] = checkpoint_cost(root / "cost", args.data_dir, args.samples, args.repeats)
         if "distributed" in parts:
             record["distributed"] = distributed_calibration(root / "distributed", args.data_dir, args.samples,
                                                             args.repeats)
@@ -159,14 +163,42 @@ def kill_campaign(root: Path, kills: int, seed: int) -> dict:
             "without_leftovers": sum(not r["leftovers"] for r in rows)}
 
 
+def _gptq_arguments(data_dir: str | None, samples: int, evaluate: bool = True) -> list[str]:
+    data = ["--data-dir", data_dir, "--calib-corpus", "c4"] if data_dir else ["--calib-corpus", "pydoc"]
+    if evaluate:
+        data += ["--eval", "wikitext2" if data_dir else "pydoc", "--seqlen", "512", "--max-windows", "8"]
+    return ["compress", "--model", "smollm2-135m", "--recipe", "gptq-w4g64", "--calib-samples", str(samples),
+            "--calib-seqlen", "512", *data]
+
+
+def checkpoint_cost(root: Path, data_dir: str | None, samples: int, repeats: int) -> dict:
+    """GPTQ's compression seconds with the checkpoint after every block and with --no-checkpoint, alternating."""
+    import statistics
+
+    root.mkdir(parents=True)
+    base = [sys.executable, "-m", "slimlm", *_gptq_arguments(data_dir, samples, evaluate=False), "--threads", "2"]
+    seconds: dict[str, list[float]] = {"checkpoint": [], "no checkpoint": []}
+    for repeat in range(repeats):
+        for name in seconds:
+            out = root / f"{repeat}-{name.replace(' ', '-')}"
+            extra = ["--no-checkpoint"] if name == "no checkpoint" else []
+            result = subprocess.run([*base, *extra, "--out", str(out), "--json", f"{out}.json"], capture_output=True,
+                                    text=True, env={**os.environ, "SLIMLM_PROGRESS": "0"})
+            if result.returncode != 0:
+                raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
+            seconds[name].append(json.loads(Path(f"{out}.json").read_text())["metrics"]["compression"]["seconds"])
+            print(f"{name}: {seconds[name][-1]:.1f} s", flush=True)
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    return {"samples": samples, "seconds": seconds, "median_seconds": medians,
+            "ratio": medians["checkpoint"] / medians["no checkpoint"],
+            "activation_bytes_per_block": samples * 512 * 576 * 4}
+
+
 def distributed_calibration(root: Path, data_dir: str | None, samples: int, repeats: int) -> dict:
     import statistics
 
     root.mkdir(parents=True)
-    data = ["--data-dir", data_dir, "--calib-corpus", "c4", "--eval", "wikitext2"] if data_dir else [
-        "--calib-corpus", "pydoc", "--eval", "pydoc"]
-    arguments = ["compress", "--model", "smollm2-135m", "--recipe", "gptq-w4g64", "--calib-samples", str(samples),
-                 "--calib-seqlen", "512", "--seqlen", "512", "--max-windows", "8", *data]
+    arguments = _gptq_arguments(data_dir, samples)
     launchers = {"1 process x 2 threads": [sys.executable, "-m", "slimlm", *arguments, "--threads", "2"],
                  "2 processes x 1 thread": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                             "--nproc-per-node", "2", "-m", "slimlm", *arguments, "--threads", "1"]}
@@ -241,6 +273,15 @@ def tables(record: dict) -> str:
                  "the output was already published when the kill came), "
                  f"{kills['identical']} identical sha256, {kills['without_leftovers']} without leftovers.\n\n")
         text += markdown_table(kills["rows"]) + "\n"
+    if "checkpoint_cost" in record:
+        cost = record["checkpoint_cost"]
+        text += (f"\n## Cost of the checkpoint\n\nGPTQ W4 g64, SmolLM2-135M, {cost['samples']} x 512 calibration "
+                 f"tokens ({cost['activation_bytes_per_block'] / 1e6:.0f} MB of activations written after each of 30 "
+                 f"blocks): compression seconds with the checkpoint / without = {cost['ratio']:.3f} (medians of "
+                 "alternating runs).\n\n")
+        text += markdown_table([{"run": name, "median_seconds": cost["median_seconds"][name],
+                                 "seconds": ", ".join(f"{v:.1f}" for v in values)}
+                                for name, values in cost["seconds"].items()]) + "\n"
     if "distributed" in record:
         spread = record["distributed"]
         text += (f"\n## Distributed calibration\n\nGPTQ W4 g64, SmolLM2-135M, {spread['samples']} x 512 calibration "

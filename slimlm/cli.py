@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "the same command does so too; this makes a missing checkpoint an error)")
     restart.add_argument("--restart", action="store_true",
                          help="discard the checkpoint of an interrupted run and start from the first block")
+    restart.add_argument("--no-checkpoint", action="store_true",
+                         help="keep no checkpoint, so a killed run starts over (saves writing the cached activations, "
+                              "calib samples x seqlen x hidden x 4 bytes, after every block)")
     squeeze.add_argument("--export-ct", metavar="DIR",
                          help="also write a compressed-tensors (pack-quantized) checkpoint that transformers loads")
     squeeze.add_argument("--sparse-storage", action="store_true",
@@ -501,7 +504,7 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     original_bytes = {"memory": memory_bytes(model), "disk": disk_bytes(model), "parameters": count_parameters(model)}
     reference = copy.deepcopy(model) if tasks and args.kl and main_process else None
     # A checkpoint after every block, so that a killed run continues from it (one process only).
-    checkpoint = None if distributed.active() else default_directory(args.out)
+    checkpoint = None if distributed.active() or args.no_checkpoint else default_directory(args.out)
     report = compress(model, recipe, calibration, device=args.device, checkpoint_dir=checkpoint,
                       resume=True if args.resume else False if args.restart else None)
     if not main_process:
