@@ -104,12 +104,10 @@ def _digest(directory: Path) -> dict[str, str]:
 
 
 def kill_campaign(root: Path, kills: int, seed: int) -> dict:
-    from slimlm.models.tiny import tiny_model, tiny_tokenizer
+    from slimlm.models.tiny import save_tiny
 
     root.mkdir(parents=True)
-    model = root / "tiny-llama-24"
-    tiny_model("llama", blocks=24, vocab_size=262).save_pretrained(model)
-    tiny_tokenizer().save_pretrained(model)
+    model = save_tiny(root / "tiny-llama-24", "llama", blocks=24)
 
     def command(out: Path) -> list[str]:
         return [sys.executable, "-m", "slimlm", "compress", "--model", str(model), "--recipe", "gptq-w4g64",

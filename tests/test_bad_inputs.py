@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimlm.models.tiny import tiny_model, tiny_tokenizer
+from slimlm.models.tiny import save_tiny, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,7 @@ def models(tmp_path_factory) -> Path:
 def build_models(root: Path) -> Path:
     """A tiny Llama directory and damaged copies of it, a slimlm checkpoint and damaged copies, a Latin-1 text
     file, and tiny Phi and GPT-2 directories, in `root` (also used by benchmarks/reliability.py)."""
-    tiny = root / "tiny"
-    tiny_model("llama", vocab_size=262).save_pretrained(tiny)
-    tiny_tokenizer().save_pretrained(tiny)
+    tiny = save_tiny(root / "tiny", "llama")
     for name in ("truncated", "no-tokenizer", "unknown-type", "pickle"):
         shutil.copytree(tiny, root / name)
     weights = root / "truncated" / "model.safetensors"
@@ -49,8 +47,7 @@ def build_models(root: Path) -> Path:
     (root / "q-bad-dtype" / "slimlm.json").write_text(json.dumps({**section, "dtype": "float99"}))
     (root / "latin1.txt").write_bytes("caf\xe9 au lait ".encode("latin1") * 200)
     for family in ("phi", "gpt2"):
-        tiny_model(family, vocab_size=262).save_pretrained(root / family)
-        tiny_tokenizer().save_pretrained(root / family)
+        save_tiny(root / family, family)
     return root
 
 

@@ -13,17 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slimlm.models.tiny import tiny_model, tiny_tokenizer
+from slimlm.models.tiny import save_tiny
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="PyTorch without torch.distributed")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", blocks=3, vocab_size=262).save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama", blocks=3)
 
 
 def _compress(model_dir: Path, out: Path, recipe: str, processes: int, *extra: str) -> subprocess.CompletedProcess:

@@ -129,12 +129,9 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def deep_dir(tmp_path_factory) -> Path:
     """A saved tiny Llama of 24 blocks with a byte-level tokenizer, for the command-line runs."""
-    from slimlm.models.tiny import tiny_tokenizer
+    from slimlm.models.tiny import save_tiny
 
-    directory = tmp_path_factory.mktemp("tiny-llama-24")
-    tiny_model("llama", blocks=24, vocab_size=262).save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama-24"), "llama", blocks=24)
 
 
 def _command(model: Path, out: Path, *extra: str) -> list[str]:

@@ -6,6 +6,9 @@ hidden size 64 and grouped-query attention where the family has it.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
@@ -72,3 +75,12 @@ def tiny_tokenizer(adds_bos: bool = False) -> PreTrainedTokenizerFast:
                                                            special_tokens=[("<|im_start|>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def save_tiny(directory: str | os.PathLike[str], family: str = "llama", blocks: int = 2, seed: int = 0) -> Path:
+    """Save a tiny random model of `family` with the 262-token byte-level tokenizer, as a model folder the
+    command line loads (tests and benchmarks of the command line)."""
+    directory = Path(directory)
+    tiny_model(family, seed=seed, vocab_size=262, blocks=blocks).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
