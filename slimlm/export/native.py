@@ -139,6 +139,7 @@ def atomic_directory(directory: str | os.PathLike[str], overwrite: bool = False)
     target = refuse_non_empty(directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target)
+    refuse_non_empty(directory, overwrite)  # again: cleaning may have put a killed swap's old output back
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     lock = os.open(staging / WRITER_LOCK, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
