@@ -39,8 +39,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from slimlm.core.blocks import BlockInputs, CompressionReport, LayerReport, replace_module
-from slimlm.core.registry import layer_class, layer_kind
 from slimlm.errors import SlimlmError
+from slimlm.export.native import compressed_modules, install_compressed_modules
 from slimlm.models.adapter import ModelAdapter
 from slimlm.results import atomic_write_bytes, atomic_write_text
 
@@ -128,12 +128,11 @@ class BlockCheckpoint:
         self.directory.mkdir(parents=True, exist_ok=True)
         prefix = f"{adapter.blocks_name}.{index}."
         block = adapter.blocks[index]
-        modules = {prefix + name: module for name, module in block.named_modules() if name}
-        meta = {"compressed_modules": {name: {"kind": layer_kind(m), **m.meta()}
-                                       for name, m in modules.items() if layer_kind(m) is not None},
-                "linears": {name: [m.in_features, m.out_features, m.bias is not None]
-                            for name, m in modules.items() if type(m) is nn.Linear}}
-        atomic_write_bytes(self.directory / f"block-{index:04d}.safetensors", safetensors_bytes(_tensors(block)))
+        meta = {"compressed_modules": {prefix + name: m for name, m in compressed_modules(block).items()},
+                "linears": {prefix + name: [m.in_features, m.out_features, m.bias is not None]
+                            for name, m in block.named_modules() if type(m) is nn.Linear}}
+        atomic_write_bytes(self.directory / f"block-{index:04d}.safetensors",
+                           safetensors_bytes(_tensors_of(block.state_dict())))
         atomic_write_text(self.directory / f"block-{index:04d}.json", json.dumps(meta, indent=1))
         saved = {"rng_state": torch.get_rng_state()}
         if inputs is not None:
@@ -163,8 +162,7 @@ class BlockCheckpoint:
             if type(current) is not nn.Linear or (current.in_features, current.out_features,
                                                   current.bias is not None) != shape:
                 replace_module(model, name, nn.Linear(in_features, out_features, bias=bias, dtype=dtype))
-        for name, layer_meta in meta.get("compressed_modules", {}).items():
-            replace_module(model, name, layer_class(layer_meta["kind"]).from_meta(layer_meta, dtype))
+        install_compressed_modules(model, meta.get("compressed_modules", {}), dtype)
         block = adapter.blocks[index]
         tensors = self._read(self.directory / f"block-{index:04d}.safetensors")
         missing, unexpected = block.load_state_dict(tensors, strict=False)
@@ -183,12 +181,8 @@ class BlockCheckpoint:
                            "to compress from the first block")
 
 
-def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict as safetensors can write it: on the CPU, contiguous, aliases copied."""
-    return _tensors_of(module.state_dict())
-
-
 def _tensors_of(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as safetensors can write them: on the CPU, contiguous, aliases copied."""
     out, seen = {}, set()
     for key, tensor in tensors.items():
         tensor = tensor.detach().cpu()

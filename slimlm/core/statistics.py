@@ -17,14 +17,13 @@ class ChannelStatistics:
         self.sum_squares = torch.zeros(in_features, dtype=torch.float64, device=device)
         self._reduced = False
 
-    def _all(self) -> ChannelStatistics:
+    def _all(self) -> None:
         """Under torch.distributed, the sums over every process's tokens (once, at the first read)."""
         if distributed.active() and not self._reduced:
             counts = torch.tensor([self.tokens, self.samples], dtype=torch.float64, device=self.sum.device)
             distributed.all_reduce_sum_(counts, self.sum, self.sum_squares)
             self.tokens, self.samples = int(counts[0].item()), int(counts[1].item())
             self._reduced = True
-        return self
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Inputs (batch, seq, in_features) or (tokens, in_features)."""

@@ -101,6 +101,13 @@ def compressed_modules(model: nn.Module) -> dict[str, dict]:
     return found
 
 
+def install_compressed_modules(model: nn.Module, modules: dict[str, dict], dtype: torch.dtype) -> None:
+    """Put an empty layer of each kind `compressed_modules` described where it was (load_state_dict fills it)."""
+    for name, meta in modules.items():
+        module = layer_class(meta.get("kind", "quantized")).from_meta(meta, dtype)  # kind-less: format 1's first files
+        replace_module(model, name, module)
+
+
 def resized_linears(model: PreTrainedModel) -> dict[str, list[int | bool]]:
     """Plain linears whose shape differs from what the config builds ([in, out, has bias] by name):
     structured pruning with a different width per block (FLAP), or a bias it added, which a
@@ -316,9 +323,7 @@ def load(
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     dtype = torch_dtype(section.get("dtype", "float32"), f"{directory / SLIMLM_CONFIG} dtype")
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    for name, meta in section["compressed_modules"].items():
-        module = layer_class(meta.get("kind", "quantized")).from_meta(meta, dtype)  # kind-less: format 1's first files
-        replace_module(model, name, module)
+    install_compressed_modules(model, section["compressed_modules"], dtype)
     for module in model.modules():
         if hasattr(module, "bind_shared_tensors"):  # layers sharing another's tensors (a tied quantized embedding)
             module.bind_shared_tensors(model)
