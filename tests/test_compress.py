@@ -1,5 +1,6 @@
 import json
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ import yaml
 from slimlm.cli import main
 from slimlm.compress import compress, load_recipe
 from slimlm.compress.presets import PRESETS
-from slimlm.core.blocks import ResidualMlp
+from slimlm.core.blocks import capture_block_inputs
 from slimlm.core.hessian import HessianAccumulator, SharedHessians
+from slimlm.core.sequential import BlockBranches, ResidualMlp
 from slimlm.errors import SlimlmError
 from slimlm.export.native import load, save
 from slimlm.models.adapter import ModelAdapter
@@ -132,45 +134,72 @@ def test_linears_fed_one_tensor_share_one_hessian():
 PARALLEL_BLOCKS = ("gpt_neox", "falcon")  # attention and MLP both read the block's input: no MLP half to run alone
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_the_mlp_half_shortcut_is_used_only_where_it_reproduces_the_block(family):
-    model = tiny_model(family)
+def first_block_inputs(model):
     adapter = ModelAdapter(model)
-    half = ResidualMlp.of(adapter[0])
-    if half is None:  # OPT's fc1/fc2 sit in the block itself; Phi's MLP reads the attention's norm
-        assert family in ("opt", "phi")
-        return
-    kept, outputs = {}, {}
+    return adapter, capture_block_inputs(model, adapter, CALIBRATION, 4, torch.device("cpu"))
 
-    def keep(_module, args):
-        kept.setdefault("h", args[0])
 
-    def keep_output(_module, _args, out):
-        outputs.setdefault("out", out[0] if isinstance(out, tuple) else out)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_branch_shortcuts_are_used_only_where_they_reproduce_the_block(family):
+    model = tiny_model(family)
+    adapter, inputs = first_block_inputs(model)
+    branches = BlockBranches.of(adapter[0])
+    checks = branches.check(adapter[0].module, inputs)
+    if family in ("opt", "phi"):  # OPT's fc1/fc2 sit in the block itself; Phi's MLP reads the attention's norm
+        assert branches.mlp is None and checks == (False, False, False)
+    elif family in PARALLEL_BLOCKS:
+        assert checks == (False, False, False)
+    else:
+        assert checks == (True, True, True)
+    # A check that cannot fail is no check: the same parts wired wrongly (the attention's norm in front of the
+    # MLP, a norm after o that the block does not have) fail it.
+    if checks[0]:
+        norm = adapter[0].norms["attn_norm"]
+        wrong = BlockBranches(branches.o, norm, ResidualMlp(branches.mlp.mlp, norm, branches.mlp.out_norm),
+                              branches.down, branches.mlp_out_norm)
+        assert wrong.check(adapter[0].module, inputs) == (False, False, False)
 
-    handles = [half.norm.register_forward_pre_hook(keep), adapter[0].module.register_forward_hook(keep_output)]
-    with torch.no_grad():
-        model(PROBE)
-    for handle in handles:
+
+@contextmanager
+def linear_calls(model):
+    """Count the finished forward calls of the model's linears by name, the compressed replacements included."""
+    counts, names = {}, {}
+    linear_names = set(ModelAdapter(model).linear_layers())
+
+    def hook(module, _args, _output):
+        if module not in names:  # a replacement module: look the names up again
+            names.clear()
+            names.update({m: n for n, m in model.named_modules()})
+        name = names.get(module)
+        if name in linear_names:
+            counts[name] = counts.get(name, 0) + 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield counts
+    finally:
         handle.remove()
-    assert torch.allclose(half(kept["h"]), outputs["out"], atol=1e-6) == (family not in PARALLEL_BLOCKS)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
-def test_gptq_with_the_mlp_half_shortcut_equals_full_block_passes(family, monkeypatch):
-    engine = sys.modules["slimlm.core.blocks"]
-    checks, reproduces = [], engine.ResidualMlp.reproduces
-    monkeypatch.setattr(engine.ResidualMlp, "reproduces", lambda *a: checks.append(reproduces(*a)) or checks[-1])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "qwen2"])
+def test_gptq_with_the_branch_shortcuts_equals_full_block_passes_and_runs_each_linear_once(family, monkeypatch):
     shortcut = tiny_model(family)
-    compress(shortcut, load_recipe(recipe("gptq")), calibration=CALIBRATION)
-    assert checks and all(checks)  # the shortcut was taken in every block
-    monkeypatch.setattr(engine.ResidualMlp, "of", classmethod(lambda cls, block: None))
+    with linear_calls(shortcut) as counts:
+        compress(shortcut, load_recipe(recipe("gptq")), calibration=CALIBRATION)
+    batches = len(CALIBRATION) // 4
+    # Each linear of block 1 runs once per batch (block 0 also runs for the capture and the branch check); on
+    # the first batch, q and k (gate) run before v (up) takes the input they share, as the collection learns so.
+    last = [n for name, n in counts.items() if name.startswith(f"{ModelAdapter(shortcut).blocks_name}.1.")]
+    assert len(last) == LINEARS_PER_BLOCK.get(family, 7) and set(last) <= {batches, batches + 1}
+    monkeypatch.setattr(BlockBranches, "check", lambda *a: (False, False, False))
     full = tiny_model(family)
-    compress(full, load_recipe(recipe("gptq")), calibration=CALIBRATION)
+    with linear_calls(full) as counts:
+        compress(full, load_recipe(recipe("gptq")), calibration=CALIBRATION)
+    assert max(counts.values()) >= 2 * batches  # without the shortcuts some linears run twice
     for (name, a), b in zip(shortcut.named_buffers(), full.buffers()):
-        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+        assert torch.equal(a, b), name
     with torch.no_grad():
-        assert torch.allclose(shortcut(PROBE).logits, full(PROBE).logits, atol=1e-4)
+        assert torch.equal(shortcut(PROBE).logits, full(PROBE).logits)
 
 
 @pytest.mark.parametrize(

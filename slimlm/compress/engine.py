@@ -10,7 +10,7 @@
    statistics and inputs for AWQ), runs the block on the cached inputs, and replaces or rewrites
    the linears.
 3. The compressed block then runs once more on the cached inputs, and its outputs become the next
-   block's inputs. Each block is therefore calibrated on the activations of the already-compressed
+   block's inputs (true-sequential methods take them from their own pass instead, `slimlm.core.sequential`). Each block is therefore calibrated on the activations of the already-compressed
    model, so the error of earlier blocks is accounted for, as in the GPTQ reference code.
 
 Stages that change the architecture (`whole_model = True`: layer removal, SliceGPT, ...) run first, on
@@ -28,8 +28,10 @@ the model stays where it is (CPU RAM). Working memory is about
   + one block's weights
   + sum over the block's linears of in_features^2 * 4 bytes   (Hessians; GPTQ, one sequential group at a time)
   + the activations of one forward pass of `calibration.batch_size` segments through one block
-  + N * L * d * 4 bytes              (GPTQ's true-sequential order: the residual stream entering the MLP,
-                                      so the MLP-only passes skip the attention half)
+  + N * L * d * 4 bytes              (true-sequential methods, GPTQ: o's inputs, then the residual stream
+                                      entering the MLP, so that every linear runs once: `slimlm.core.sequential`)
+  + N * L * d_mlp * 4 bytes          (the same: down's inputs, kept only while they take at most half of the
+                                      free memory; otherwise the MLP half runs once more for the block's output)
   + one block's weights               (a copy of the block's weights as they were, when a stage corrects the
                                       error of earlier stages: `Stage.needs_original_weights`, LoRC, EoRA).
 
@@ -63,6 +65,7 @@ from slimlm.core.blocks import (
     original_block_weights,
     run_block,
 )
+from slimlm.core.memory import available_memory
 from slimlm.core.stage import ModelContext
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import ModelAdapter, linear_shape
@@ -127,18 +130,6 @@ def estimate_memory(model: PreTrainedModel, recipe: Recipe) -> MemoryEstimate:
         block=max(blocks, default=0) * (2 if keeps_original else 1),
         hessians=3 * widest_in**2 * 4,
         forward=4 * c.batch_size * c.seqlen * max(widest_in, widest_out) * 4)
-
-
-def available_memory() -> int | None:
-    """Bytes of RAM the kernel says a new allocation can get (MemAvailable), or None where that is unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def check_memory(model: PreTrainedModel, recipe: Recipe, force: bool = False) -> MemoryEstimate:

@@ -73,10 +73,6 @@ class BlockContext:
     # A method may set the next block's inputs itself (AWQ propagates float outputs); by default the
     # engine runs the compressed block to get them.
     next_inputs: list[torch.Tensor] | None = None
-    # The residual stream entering the MLP half and the half itself, kept by collect(..., keep_residual=True)
-    # so that later MLP-only passes skip the attention half (valid while the attention half is unchanged).
-    residual: list[torch.Tensor] | None = None
-    residual_mlp: ResidualMlp | None = None
     # This block's entry of the stage's whole-model plan (`Stage.plan`; OWL: the block's sparsity), or None.
     plan: Any = None
     # The block's (out, in) linear weights before any stage of the recipe changed the block, by full module
@@ -95,76 +91,16 @@ class BlockContext:
             raise SlimlmError("this method needs calibration data, but the run has none")
         return run_block(self.block, self.inputs)
 
-    def collect(
-        self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None], keep_residual: bool = False
-    ) -> None:
+    def collect(self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> None:
         """Pass (name, input) of each module to `sink` on every cached batch, running the block only as
         far as the last of these modules needs (the MLP is skipped when only attention inputs are wanted).
-
-        With `keep_residual`, also keep the residual stream entering the MLP half (see `collect_mlp`)."""
+        True-sequential methods collect group by group through `slimlm.core.sequential.SequentialPass`."""
         if self.inputs is None:
             raise SlimlmError("this method needs calibration data, but the run has none")
-        self.residual = self.residual_mlp = None
-        half = ResidualMlp.of(self.adapter[self.index]) if keep_residual else None
-        if half is None:
-            collect_block_inputs(self.block, self.inputs, modules, sink)
-            return
-        residual: list[torch.Tensor] = []
-        key = "<residual stream>"  # a name no module has
-
-        def split_sink(name, x):
-            residual.append(x) if name is key else sink(name, x)
-
-        collect_block_inputs(self.block, self.inputs, {**modules, key: half.norm}, split_sink)
-        if half.reproduces(self.block, self.inputs, residual[0]):
-            self.residual, self.residual_mlp = residual, half
-
-    def collect_mlp(self, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> None:
-        """`collect` for MLP linears: runs only the MLP half on the kept residual stream when there is one."""
-        if self.residual is None:
-            return self.collect(modules, sink)
-        collect_block_inputs(self.residual_mlp, _plain_inputs(self.residual), modules, sink)
-
-    def run_mlp(self) -> list[torch.Tensor]:
-        """`run` when only the MLP changed since the residual stream was kept: runs the MLP half alone."""
-        if self.residual is None:
-            return self.run()
-        return run_block(self.residual_mlp, _plain_inputs(self.residual))
+        collect_block_inputs(self.block, self.inputs, modules, sink)
 
     def names_with_roles(self, roles: tuple[str, ...]) -> list[str]:
         return [name for name, role in self.targets.items() if role in roles]
-
-
-class ResidualMlp(nn.Module):
-    """The MLP half of a pre-norm decoder block: h -> h + mlp_out_norm(mlp(mlp_norm(h))).
-
-    Llama, Qwen2, Mistral, Gemma 1-3 and GPT-2 blocks end this way (Gemma 2/3 with the output norm).
-    The engine never assumes it: `reproduces` checks it against the real block before it is used,
-    and a block built otherwise (parallel attention and MLP, post-norm OPT) just runs whole.
-    """
-
-    def __init__(self, mlp: nn.Module, norm: nn.Module, out_norm: nn.Module | None):
-        super().__init__()
-        self.mlp, self.norm, self.out_norm = mlp, norm, out_norm
-
-    @classmethod
-    def of(cls, block: BlockAdapter) -> ResidualMlp | None:
-        mlp, norm = block.mlp_module(), block.norms.get("mlp_norm")
-        return None if mlp is None or norm is None else cls(mlp, norm, block.norms.get("mlp_out_norm"))
-
-    def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        out = self.mlp(self.norm(residual))
-        return residual + (self.out_norm(out) if self.out_norm is not None else out)
-
-    @torch.no_grad()
-    def reproduces(self, block: nn.Module, inputs: BlockInputs, residual: torch.Tensor) -> bool:
-        """Whether the block's output on the first cached batch equals this half applied to its residual."""
-        expected = block_output(block(inputs.hidden[0], *inputs.args[0], **inputs.kwargs[0]))
-        return torch.allclose(self(residual), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-
-
-def _plain_inputs(hidden: list[torch.Tensor]) -> BlockInputs:
-    return BlockInputs(hidden, [()] * len(hidden), [{}] * len(hidden))
 
 
 @dataclass
@@ -333,12 +269,23 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 def collect_block_inputs(
     block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]
 ) -> None:
-    """Run `block` on each input batch until every module has received its input (see BlockContext.collect)."""
+    """Run `block` on each input batch until every module has received its input (see BlockContext.collect).
+
+    Where the modules all read one tensor on the first batch (q, k and v; gate and up), later batches stop at
+    the first of them: the others would get the same tensor, and computing the first ones' outputs is waste."""
     pending: set[str] = set()
+    first_inputs: dict[str, torch.Tensor] = {}
+    shared = False
 
     def hook_for(name: str):
         def hook(_module, args):
+            if shared:
+                for each in modules:
+                    sink(each, args[0])
+                raise _InputsCollected
             sink(name, args[0])
+            if len(first_inputs) < len(modules):
+                first_inputs[name] = args[0]
             pending.discard(name)
             if not pending:
                 raise _InputsCollected
@@ -352,6 +299,9 @@ def collect_block_inputs(
                 block(hidden, *args, **kwargs)
             except _InputsCollected:
                 pass
+            if not shared and len(modules) > 1 and len(first_inputs) == len(modules):
+                first = next(iter(first_inputs.values()))
+                shared = all(x is first for x in first_inputs.values())
     finally:
         for handle in handles:
             handle.remove()

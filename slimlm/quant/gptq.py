@@ -41,9 +41,9 @@ from pydantic import Field
 from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, linear_weight
 from slimlm.core.hessian import SharedHessians, inverse_cholesky_upper, prepare_hessian
 from slimlm.core.obs import lazy_batches
+from slimlm.core.sequential import SequentialPass
 from slimlm.core.sparsity import pruned_mask
 from slimlm.core.stage import Stage, register
-from slimlm.models.adapter import MLP_ROLES
 from slimlm.quant.fields import ClipField, WeightQuantFields
 from slimlm.quant.grid import QuantizedWeight, SweepGrid
 from slimlm.quant.qlinear import QuantizedLinear
@@ -113,23 +113,20 @@ def gptq_quantize(
 
 
 def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionReport) -> None:
-    """Quantize a block's target linears, one true-sequential group at a time.
-
-    The passes for the MLP groups run the MLP half alone on the residual stream kept by the first
-    of them (the attention half no longer changes by then), and so does the final pass that gives
-    the next block its inputs."""
-    groups = SEQUENTIAL_GROUPS if stage.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
-    for roles in groups:
+    """Quantize a block's target linears, one true-sequential group at a time, each group's inputs computed
+    once with the groups before it already quantized (`slimlm.core.sequential`); the block's output for the
+    next block comes from the same pass where the block allows it."""
+    sequence = SequentialPass(context) if stage.true_sequential else None
+    for roles in SEQUENTIAL_GROUPS if stage.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),):
         names = context.names_with_roles(roles)
         if not names:
             continue
         modules = {name: context.module(name) for name in names}
         hessians = SharedHessians(device=context.device)
-        mlp_only = set(roles) <= set(MLP_ROLES)
-        if mlp_only and context.residual is not None:
-            context.collect_mlp(modules, hessians.add)
+        if sequence is not None:
+            sequence.collect(roles, modules, hessians.add)
         else:
-            context.collect(modules, hessians.add, keep_residual=mlp_only)
+            context.collect(modules, hessians.add)
         for name, module in modules.items():
             start = time.perf_counter()
             weight = linear_weight(module).detach().float()
@@ -141,8 +138,8 @@ def gptq_block(context: BlockContext, stage: GPTQStage, report: CompressionRepor
             )
             context.replace(name, QuantizedLinear.replacing(module, quantized))
             report.layers.append(LayerReport(name, "gptq", time.perf_counter() - start, loss))
-    if context.residual is not None:
-        context.next_inputs = context.run_mlp()
+    if sequence is not None:
+        context.next_inputs = sequence.outputs()
 
 
 @register
