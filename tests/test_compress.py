@@ -349,3 +349,17 @@ def test_top_level_python_api():
     report = slimlm.compress(model, "rtn-w4g32")
     assert callable(slimlm.compress) and len(report.layers) == 14
     assert callable(slimlm.save) and callable(slimlm.load)
+
+
+def test_gptq_without_room_for_the_down_inputs_runs_the_mlp_half_instead(monkeypatch):
+    from slimlm.core import sequential
+
+    kept = tiny_model("llama")
+    compress(kept, load_recipe(recipe("gptq")), calibration=CALIBRATION)
+    monkeypatch.setattr(sequential, "available_memory", lambda device: 1024)  # no room: d is not kept
+    tight = tiny_model("llama")
+    with linear_calls(tight) as counts:
+        compress(tight, load_recipe(recipe("gptq")), calibration=CALIBRATION)
+    assert counts["model.layers.1.mlp.gate_proj"] == 2 * (len(CALIBRATION) // 4) + 1  # the half runs once more
+    for a, b in zip(kept.buffers(), tight.buffers()):
+        assert torch.equal(a, b)

@@ -19,6 +19,8 @@ slimlm writes the token files, so both tools see identical tokens:
   Weight-only integer quantization of every Linear except lm_head; symmetric unless --asymmetric.
 - `--algo gptq`: GPTQModifier (block_size 128, dampening_frac from --dampening); `--algo rtn`:
   QuantizationModifier with the same scheme (round to nearest, min-max scales).
+- `--algo awq`: AWQModifier (duo_scaling=False: scales from activations alone, as the paper; n_grid 20;
+  llm-compressor has no clipping search), then QuantizationModifier with the scheme.
 - `--algo sparsegpt` / `--algo wanda`: SparseGPTModifier (block_size, dampening_frac) or
   WandaPruningModifier with `--sparsity S` and `--mask-structure N:M` (0:0 = unstructured) on
   every Linear except lm_head; `--scheme` is not used.
@@ -89,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib", required=True, help="safetensors file with int64 input_ids (N, L)")
     p.add_argument("--eval", required=True, dest="eval_file", help="safetensors file with int64 input_ids (W, S)")
     p.add_argument("--scheme", default=None, help="W<bits>G<group> or W<bits>CH, e.g. W4G64 (quantization only)")
-    p.add_argument("--algo", required=True, choices=["gptq", "rtn", "sparsegpt", "wanda", "smoothquant", "w8a8"])
+    p.add_argument("--algo", required=True, choices=["gptq", "rtn", "awq", "sparsegpt", "wanda", "smoothquant", "w8a8"])
     p.add_argument("--smoothing-strength", type=float, default=0.5,
                    help="smoothquant: SmoothQuantModifier smoothing_strength (alpha, default 0.5)")
     p.add_argument("--sparsity", type=float, default=0.5, help="pruning: fraction of weights removed")
@@ -149,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.actorder = "static"
     if args.actorder == "dynamic":
         args.actorder = "group"
-    if args.algo == "rtn" and args.actorder is not None:
+    if args.algo in ("rtn", "awq") and args.actorder is not None:
         p.error("--actorder applies to --algo gptq only")
     if not 0 < args.dampening < 1:
         p.error("--dampening must lie in (0, 1)")
@@ -346,7 +348,13 @@ def build_recipe(args):
         )
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    return QuantizationModifier(config_groups=config_groups, ignore=["lm_head"])
+    quantize = QuantizationModifier(config_groups=config_groups, ignore=["lm_head"])
+    if args.algo == "awq":
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+
+        # duo_scaling=False: the paper's s = s_X^alpha from activations alone; llm-compressor has no clipping search.
+        return [AWQModifier(duo_scaling=False, n_grid=20), quantize]
+    return quantize
 
 
 def w8a8_scheme_summary() -> dict:
@@ -385,7 +393,8 @@ def recipe_summary(args) -> dict:
                 "ignore": ["lm_head"],
                 **({"block_size": args.block_size, "dampening_frac": args.dampening} if args.algo == "sparsegpt" else {})}
     return {
-        "modifier": "GPTQModifier" if args.algo == "gptq" else "QuantizationModifier",
+        "modifier": {"gptq": "GPTQModifier", "awq": "AWQModifier(duo_scaling=False, n_grid=20) + QuantizationModifier"}.get(
+            args.algo, "QuantizationModifier"),
         "targets": ["Linear"],
         "ignore": ["lm_head"],
         "weights": {

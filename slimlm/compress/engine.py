@@ -90,20 +90,24 @@ class MemoryEstimate:
     """The working memory of a compression run by the formula of the module docstring, in bytes."""
 
     model: int  # every parameter and buffer as loaded
-    activations: int  # block inputs and outputs of every calibration segment, float32
+    activations: int  # block inputs and outputs of every calibration segment, float32 (and what methods keep)
     block: int  # the largest block's weights (a copy where a stage keeps the original weights)
     hessians: int  # the largest (in_features^2) float32 matrix, once per linear of the widest sequential group
     forward: int  # one batch of segments through one block (MLP activations dominate)
+    optional: int = 0  # kept only where it fits in half the free memory (GPTQ's down inputs): not in the refusal
 
     runtime: int = 512 * 1024**2  # Python, PyTorch and the tokenizer (measured: about 0.4 GiB on CPU)
 
     @property
     def total(self) -> int:
-        return self.model + self.activations + self.block + self.hessians + self.forward + self.runtime
+        return (self.model + self.activations + self.block + self.hessians + self.forward + self.optional
+                + self.runtime)
 
     def describe(self) -> str:
         parts = {"model": self.model, "cached activations": self.activations, "Hessians": self.hessians,
                  "block copies and one batch's forward": self.block + self.forward, "runtime": self.runtime}
+        if self.optional:
+            parts["kept where memory allows"] = self.optional
         return f"about {_size(self.total)} (" + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()) + ")"
 
 
@@ -121,15 +125,21 @@ def estimate_memory(model: PreTrainedModel, recipe: Recipe) -> MemoryEstimate:
         return MemoryEstimate(model_bytes, 0, max(blocks, default=0), 0, 0)
     c = recipe.calibration
     tokens = c.samples * c.seqlen
+    width = adapter.embedding.weight.shape[1]
     widest_in = max((w[0] for w in widths), default=0)
     widest_out = max((w[1] for w in widths), default=0)
     keeps_original = any(stage.needs_original_weights for stage in recipe.stages)
+    # inputs, outputs and one more stream; true-sequential GPTQ keeps o's inputs and then the residual stream
+    # (`slimlm.core.sequential`), and down's inputs where they fit
+    sequential = any(getattr(stage, "true_sequential", False) for stage in recipe.stages)
+    streams = 4 if sequential else 3
     return MemoryEstimate(
         model=model_bytes,
-        activations=3 * tokens * adapter.embedding.weight.shape[1] * 4,  # inputs, outputs, residual stream
+        activations=streams * tokens * width * 4,
         block=max(blocks, default=0) * (2 if keeps_original else 1),
         hessians=3 * widest_in**2 * 4,
-        forward=4 * c.batch_size * c.seqlen * max(widest_in, widest_out) * 4)
+        forward=4 * c.batch_size * c.seqlen * max(widest_in, widest_out) * 4,
+        optional=tokens * widest_in * 4 if sequential else 0)
 
 
 def check_memory(model: PreTrainedModel, recipe: Recipe, force: bool = False) -> MemoryEstimate:
@@ -137,7 +147,7 @@ def check_memory(model: PreTrainedModel, recipe: Recipe, force: bool = False) ->
     share counts as available) unless `force`."""
     estimate = estimate_memory(model, recipe)
     free = available_memory()
-    if free is not None and not force and estimate.total - estimate.model - estimate.runtime > free:
+    if free is not None and not force and estimate.total - estimate.model - estimate.runtime - estimate.optional > free:
         raise SlimlmError(f"this compression needs {estimate.describe()}, but only {_size(free)} of RAM is "
                           "available: calibrate on fewer or shorter segments (--calib-samples, --calib-seqlen), "
                           "or pass --force to try anyway")

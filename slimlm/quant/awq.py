@@ -4,8 +4,10 @@ Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han, "AWQ: Activation-aware 
 for On-Device LLM Compression and Acceleration", MLSys 2024 (arXiv:2306.00978). Implemented as in
 the authors' code (mit-han-lab/llm-awq, `auto_scale.py`, `auto_clip.py`), block by block:
 
-1. One float forward pass of the block caches the inputs of its linears, of its attention module
-   (with the keyword arguments the block passes it) and of its MLP.
+1. One float forward pass of the block gathers, for each linear's input: the mean |x| of every channel
+   over all tokens (s_X), every stride-th token for the clipping search, and, for the groups searched on a
+   linear's own output, the Gram matrix X^T X of the search segments; it keeps the attention and MLP calls
+   of the search segments, and the block's outputs.
 2. Scaling search (Sec. 3.2, Eq. 4-5) for each group of linears that share an input:
    s = s_X^alpha with s_X the mean |x| of each input channel, normalised by sqrt(max(s) min(s)),
    for alpha on a grid of `grid` points in [0, 1); the loss is the mean squared error of the
@@ -13,13 +15,20 @@ the authors' code (mit-han-lab/llm-awq, `auto_scale.py`, `auto_clip.py`), block 
    Groups: [q, k, v] after the attention norm (inspecting the attention module); [o] after [v]
    when their shapes match (multi-head attention only, as the reference skips it for GQA);
    [gate, up] (or [up]) after the MLP norm (inspecting the MLP); [down] after [up] when a gate
-   or a ReLU makes the scaling exact.
-3. The best s is folded into the preceding operation (norm weight and bias, or the previous
-   linear's output rows) and multiplied into the group's weights: the float model is unchanged.
+   or a ReLU makes the scaling exact. Where the inspected module is one linear ([o], [down]), its
+   squared output error is tr(D X^T X D^T) with D the weight change, computed from the Gram matrix instead
+   of the tokens (the same number up to rounding, at a fraction of the cost).
 4. Clipping search (Sec. 3.3 of the code's `auto_clip`): for every linear except q and k, per
    output channel and group, the clipping range max|w| * (1 - i / clip_grid), i < max_shrink *
    clip_grid, that minimises the output error on `clip_tokens` sampled inputs.
 5. Group-wise round-to-nearest quantization with the shared grid.
+
+The error is measured on the first `search_samples` calibration segments (default 2, 1024 tokens at the
+default seqlen): the reference code measures it on every segment, which costs about 20 forward passes of the
+calibration set per run; `search_samples: null` does that (benchmarks/results/compression_speed.md compares
+the two). s_X and the clipping samples always come from every segment. `objective="layer"` measures every group on its linears' own outputs (the
+paper's Eq. 4, summed over the group) from Gram matrices instead of on the attention or MLP output (the
+reference code's choice for groups that feed one module): no module re-runs at all; a slimlm option.
 
 As in the reference code, the next block is calibrated on the outputs of this block in float
 (AWQ does not propagate quantization error), and the scale search's forward passes run in float16
@@ -49,12 +58,13 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from slimlm.core.blocks import BlockContext, CompressionReport, LayerReport, block_output, linear_weight
+from slimlm.core.hessian import HessianAccumulator, SharedInputs
 from slimlm.core.stage import Stage, register
 from slimlm.core.transforms import divide_norm_, divide_output_channels_, multiply_input_channels_
 from slimlm.errors import SlimlmError
 from slimlm.models.adapter import ModelAdapter, require_norm_per_half
 from slimlm.quant.fields import GroupSize, WeightQuantFields
-from slimlm.quant.grid import fake_quantize, fake_quantize_groups, find_params, group_bounds, quantize_weight
+from slimlm.quant.grid import fake_quantize_groups, fake_quantize_rows, group_bounds, quantize_weight
 from slimlm.quant.qlinear import QuantizedLinear
 
 NO_CLIP_ROLES = ("q", "k", "qkv")  # q and k meet in a bilinear product: clipping them is unreliable
@@ -83,56 +93,81 @@ def awq_block(context: BlockContext, stage: AWQStage, report: CompressionReport)
     block = context.adapter[context.index]
     prefix = f"{context.adapter.blocks_name}.{context.index}."
     names = {role: prefix + path for role, path in block.linear_names.items()}
-    attention = context.module(_parent(names.get("q", names.get("qkv"))))
+    attention_name = _parent(names.get("q", names.get("qkv")))
     mlp_name = _parent(names[block.up_role])
-    mlp = context.module(mlp_name) if mlp_name != prefix.rstrip(".") else None
-
-    linear_inputs, attention_calls, mlp_inputs, outputs = _float_pass(context, names, attention, mlp)
-    context.next_inputs = outputs  # AWQ calibrates the next block on float outputs
+    mlp_name = mlp_name if mlp_name != prefix.rstrip(".") else None
+    groups = _scaling_groups(context, block, names, mlp_name is not None)
+    # Groups that inspect one linear (o after v, down after up) are searched exactly over every token from
+    # the Gram matrix of their input; so are all groups with the per-layer objective.
+    gram = {name for g in groups if g.inspect not in ("attention", "mlp") or stage.objective == "layer"
+            for name in g.layers}
+    calls, statistics = _float_pass(context, names, attention_name, mlp_name, gram,
+                                    _search_segments(context, stage), stage.clip_tokens)
+    context.next_inputs = calls.outputs  # AWQ calibrates the next block on float outputs
+    search_dtype = resolve_search_dtype(stage.search_dtype, context.device)
 
     def pseudo_quantize(weight: torch.Tensor) -> torch.Tensor:
         return fake_quantize_groups(weight, stage.bits, stage.group_columns, stage.symmetric)
 
-    for group in _scaling_groups(context, block, names, mlp is not None):
-        inspected_name = {"attention": _parent(names.get("q", names.get("qkv"))), "mlp": mlp_name}.get(group.inspect, group.inspect)
-        inputs = [call.x for call in attention_calls] if group.inspect == "attention" else (
-            mlp_inputs if group.inspect == "mlp" else linear_inputs[group.inspect])
+    for group in groups:
         layers = {name: context.module(name) for name in group.layers}
         weights = {name: linear_weight(m).detach().float().clone() for name, m in layers.items()}
         quantized = {name for name in layers if name in context.targets}
-        scales = None
-        search_dtype = resolve_search_dtype(stage.search_dtype, context.device)
-        report.notes["awq_search_dtype"] = search_dtype
-        if search_dtype != "float32":
-            dtype = getattr(torch, search_dtype)
-            inspected = copy.deepcopy(context.module(inspected_name)).to(dtype)
-            writable = {name: inspected.get_submodule(name[len(inspected_name) + 1:]) for name in layers}
-            inspect = _inspector(group.inspect, inspected, _cast_floats(attention_calls, dtype))
-            scales = search_scales(inspect, [x.to(dtype) for x in inputs], weights, writable, quantized,
-                                   pseudo_quantize, stage.grid, activations=inputs)
-            del inspected
-        if scales is None:  # float32 asked for, or the low precision overflowed
-            inspect = _inspector(group.inspect, context.module(inspected_name), attention_calls)
-            scales = search_scales(inspect, inputs, weights, layers, quantized, pseudo_quantize, stage.grid)
-            if scales is None:
-                raise SlimlmError(f"block {context.index}: the float outputs of {inspected_name} are not finite; "
-                                  "check the model in float32 before quantizing it")
-            for name, module in layers.items():  # the search left its last candidate in the live modules
-                linear_weight(module).copy_(weights[name].to(linear_weight(module).dtype))
+        inputs = statistics[group.layers[0]]
+        if group.layers[0] in gram:
+            scales = search_scales_gram(inputs.mean_abs(), inputs.gram(), weights, quantized, pseudo_quantize,
+                                        stage.grid)
+        else:
+            report.notes["awq_search_dtype"] = search_dtype
+            inspected_name = attention_name if group.inspect == "attention" else mlp_name
+            scales = _search_module(context, group, inspected_name, calls, inputs.mean_abs(), layers, weights,
+                                    quantized, pseudo_quantize, stage, search_dtype)
         apply_scales(group, layers, scales, context.adapter.norm_weight_offset)
-        for name in group.layers:  # the clipping search sees the inputs the scaled layers now get
-            linear_inputs[name] = [x / scales.to(x.dtype) for x in linear_inputs[name]]
+        inputs.scale_samples_(scales)  # the clipping search sees the inputs the scaled layers now get
 
     for name, role in context.targets.items():
         module = context.module(name)
         weight = linear_weight(module)
         if stage.clip_search and role not in NO_CLIP_ROLES:
-            max_val = search_clip(weight.detach().float(), linear_inputs[name], stage)
+            max_val = search_clip(weight.detach().float(), statistics[name].samples, stage)
             weight.copy_(_clamp_groups(weight.float(), max_val, stage.group_columns).to(weight.dtype))
         quantized = quantize_weight(weight.detach().float(), stage.bits, stage.group_columns, stage.symmetric)
         context.replace(name, QuantizedLinear.replacing(module, quantized))
     seconds = (time.perf_counter() - start) / max(1, len(context.targets))
     report.layers += [LayerReport(name, "awq", seconds) for name in context.targets]
+
+
+def _search_segments(context: BlockContext, stage: AWQStage) -> int:
+    """How many calibration segments (the first ones) the scale search measures its error on."""
+    total = sum(batch.shape[0] for batch in context.inputs.hidden)
+    return total if stage.search_samples is None else min(stage.search_samples, total)
+
+
+def _search_module(context: BlockContext, group: ScalingGroup, inspected_name: str, calls: _FloatCalls,
+                   mean_abs: torch.Tensor, layers: dict[str, nn.Module], weights: dict[str, torch.Tensor],
+                   quantized: set[str], pseudo_quantize: Callable[[torch.Tensor], torch.Tensor], stage: AWQStage,
+                   search_dtype: str) -> torch.Tensor:
+    """The reference code's search: the inspected module's (attention's, MLP's) output error, on the
+    search batches, in `search_dtype` where it does not overflow."""
+    inputs = [call.x for call in calls.attention] if group.inspect == "attention" else calls.mlp
+    scales = None
+    if search_dtype != "float32":
+        dtype = getattr(torch, search_dtype)
+        inspected = copy.deepcopy(context.module(inspected_name)).to(dtype)
+        writable = {name: inspected.get_submodule(name[len(inspected_name) + 1:]) for name in layers}
+        inspect = _inspector(group.inspect, inspected, _cast_floats(calls.attention, dtype))
+        scales = search_scales(inspect, [x.to(dtype) for x in inputs], weights, writable, quantized,
+                               pseudo_quantize, stage.grid, mean_abs)
+        del inspected
+    if scales is None:  # float32 asked for, or the low precision overflowed
+        inspect = _inspector(group.inspect, context.module(inspected_name), calls.attention)
+        scales = search_scales(inspect, inputs, weights, layers, quantized, pseudo_quantize, stage.grid, mean_abs)
+        if scales is None:
+            raise SlimlmError(f"block {context.index}: the float outputs of {inspected_name} are not finite; "
+                              "check the model in float32 before quantizing it")
+        for name, module in layers.items():  # the search left its last candidate in the live modules
+            linear_weight(module).copy_(weights[name].to(linear_weight(module).dtype))
+    return scales
 
 
 def resolve_search_dtype(setting: str, device: torch.device) -> str:
@@ -153,32 +188,121 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
+class _InputStatistics:
+    """What AWQ keeps of one input tensor (shared by the linears that read it) over the float pass: the mean
+    |x| of each channel over every token (s_X), the Gram matrix X^T X / n of the search segments for the groups
+    searched on it, and every `stride`-th token (of all the batches in order) for the clipping search."""
+
+    def __init__(self, columns: int, device: torch.device, gram: bool, stride: int, batch: list[int]):
+        self.batch = batch  # [search segments in the batch being run, its segments], kept up to date by the pass
+        self.abs_sum = torch.zeros(columns, dtype=torch.float64, device=device)
+        self.tokens = 0
+        self._gram = HessianAccumulator(columns, device) if gram else None
+        self.stride = stride
+        self.samples: torch.Tensor | list[torch.Tensor] = []
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """One batch (segments, tokens, columns); its search segments (the first ones) enter the Gram matrix."""
+        rows = x.reshape(-1, x.shape[-1])
+        self.abs_sum += rows.abs().sum(0)  # float32 within a batch, float64 across batches
+        if self._gram is not None and self.batch[0]:
+            per_segment = rows.shape[0] // self.batch[1]
+            self._gram.add_batch(rows[: self.batch[0] * per_segment])
+        first = (-self.tokens) % self.stride  # the global positions 0, stride, 2 stride, ...
+        self.samples.append(rows[first :: self.stride].float().clone())
+        self.tokens += rows.shape[0]
+
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / self.tokens).float()
+
+    def gram(self) -> torch.Tensor:
+        return self._gram.result()  # 2 X^T X / n: the factor 2 does not move the minimum
+
+    def scale_samples_(self, scales: torch.Tensor) -> None:
+        self.samples = self._samples() / scales
+
+    def _samples(self) -> torch.Tensor:
+        return self.samples if isinstance(self.samples, torch.Tensor) else torch.cat(self.samples)
+
+
+class _StatisticsByName(dict):
+    """Linear name -> its input's `_InputStatistics` (with samples concatenated on first read)."""
+
+    def __getitem__(self, name: str) -> _InputStatistics:
+        statistics = super().__getitem__(name)
+        statistics.samples = statistics._samples()
+        return statistics
+
+
+@dataclass
+class _FloatCalls:
+    """What the float pass keeps whole: the attention and MLP calls of the search segments, every output."""
+
+    attention: list[CachedCall]
+    mlp: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+def _first_segments(value, count: int, segments: int):
+    """`value` (a call's arguments) cut to its first `count` segments: every tensor of two or more dimensions
+    whose first dimension is the batch's `segments` (hidden states, a per-segment mask); others are shared."""
+    if count == segments:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value[:count] if value.dim() >= 2 and value.shape[0] == segments else value
+    if isinstance(value, CachedCall):
+        return CachedCall(*(_first_segments(v, count, segments) for v in (value.x, value.args, value.kwargs)))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_first_segments(v, count, segments) for v in value)
+    if isinstance(value, dict):
+        return {k: _first_segments(v, count, segments) for k, v in value.items()}
+    return value
+
+
 @torch.no_grad()
-def _float_pass(context: BlockContext, names: dict[str, str], attention: nn.Module, mlp: nn.Module | None):
-    """Run the float block once, recording every linear's input and the attention and MLP calls."""
-    linear_inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names.values()}
-    attention_calls: list[CachedCall] = []
-    mlp_inputs: list[torch.Tensor] = []
+def _float_pass(context: BlockContext, names: dict[str, str], attention_name: str, mlp_name: str | None,
+                gram: set[str], search_segments: int, clip_tokens: int) -> tuple[_FloatCalls, _StatisticsByName]:
+    """Run the float block once: accumulate each linear input's statistics, keep the attention and MLP calls
+    of the first `search_segments` segments, and return the block's outputs."""
+    calls = _FloatCalls([], [], [])
+    stride = max(1, context.inputs.tokens // clip_tokens)  # as the reference: every stride-th token
+    shared = SharedInputs(lambda columns: None)
+    left = [0, 0]  # search segments in this batch, segments in this batch
 
     def record_attention(_module, args, kwargs):
+        if not left[0]:
+            return
         if args:
-            attention_calls.append(CachedCall(args[0], args[1:], dict(kwargs)))
+            call = CachedCall(args[0], args[1:], dict(kwargs))
         else:
-            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            attention_calls.append(CachedCall(kwargs["hidden_states"], (), rest))
+            call = CachedCall(kwargs["hidden_states"], (), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+        calls.attention.append(_first_segments(call, *left))
 
-    handles = [attention.register_forward_pre_hook(record_attention, with_kwargs=True)]
-    if mlp is not None:
-        handles.append(mlp.register_forward_pre_hook(lambda _m, args: mlp_inputs.append(args[0])))
+    def record_mlp(_module, args):
+        if left[0]:
+            calls.mlp.append(args[0][: left[0]])
+
+    def record_linear(name: str):
+        def hook(_module, args):
+            shared.factory = lambda columns: _InputStatistics(columns, context.device, name in gram, stride, left)
+            shared.add(name, args[0])
+        return hook
+
+    handles = [context.module(attention_name).register_forward_pre_hook(record_attention, with_kwargs=True)]
+    if mlp_name is not None:
+        handles.append(context.module(mlp_name).register_forward_pre_hook(record_mlp))
     for name in names.values():
-        handles.append(context.module(name).register_forward_pre_hook(
-            lambda _m, args, name=name: linear_inputs[name].append(args[0])))
+        handles.append(context.module(name).register_forward_pre_hook(record_linear(name)))
+    done = 0
     try:
-        outputs = context.run()
+        for hidden, args, kwargs in zip(context.inputs.hidden, context.inputs.args, context.inputs.kwargs):
+            left[:] = [min(max(0, search_segments - done), hidden.shape[0]), hidden.shape[0]]
+            calls.outputs.append(block_output(context.block(hidden, *args, **kwargs)))
+            done += hidden.shape[0]
     finally:
         for handle in handles:
             handle.remove()
-    return linear_inputs, attention_calls, mlp_inputs, outputs
+    return calls, _StatisticsByName({name: shared.pop(name) for name in names.values()})
 
 
 def _scaling_groups(context: BlockContext, block, names: dict[str, str], has_mlp_module: bool) -> list[ScalingGroup]:
@@ -226,6 +350,19 @@ def _cast_floats(value, dtype: torch.dtype):
     return value
 
 
+def candidate_scales(mean_abs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = s_X^alpha, normalised by sqrt(max(s) min(s)) (the reference code's `auto_scale`)."""
+    scales = mean_abs.pow(alpha).clamp(min=1e-4)
+    return scales / (scales.max() * scales.min()).sqrt()
+
+
+def _candidate_weight(weight: torch.Tensor, scales: torch.Tensor, quantize: bool,
+                      pseudo_quantize: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Q(W diag(s)) diag(s)^-1 (W diag(s) diag(s)^-1 for a linear the stage does not quantize)."""
+    scaled = weight * scales[None, :]
+    return (pseudo_quantize(scaled) if quantize else scaled) / scales[None, :]
+
+
 @torch.no_grad()
 def search_scales(
     inspect: Callable[[int, torch.Tensor], torch.Tensor],
@@ -235,34 +372,46 @@ def search_scales(
     quantized: set[str],
     pseudo_quantize: Callable[[torch.Tensor], torch.Tensor],
     grid: int,
-    activations: list[torch.Tensor] | None = None,
+    mean_abs: torch.Tensor,
 ) -> torch.Tensor | None:
-    """The per-input-channel scales s = s_X^alpha with the lowest output error (Eq. 5).
+    """The per-input-channel scales s = s_X^alpha with the lowest output error of the inspected module (Eq. 5).
 
     `weights` are the float32 weights of `layers`, the modules `inspect` runs (which may be a
     lower-precision copy); each candidate Q(W diag(s)) diag(s)^-1 is computed from `weights` in
-    float32 and written into `layers`. `activations` (default `inputs`) give s_X. Returns None when
-    the reference outputs are not finite (the precision of `inspect` overflowed).
+    float32 and written into `layers`. `mean_abs` is s_X. Returns None when the reference outputs are
+    not finite (the precision of `inspect` overflowed).
     """
-    activations = inputs if activations is None else activations
-    channel_sum = sum(x.abs().reshape(-1, x.shape[-1]).float().sum(0) for x in activations)
-    activation_scale = channel_sum / sum(x.numel() // x.shape[-1] for x in activations)
     reference = [inspect(i, x) for i, x in enumerate(inputs)]
     if not all(torch.isfinite(ref).all() for ref in reference):
         return None
     best = (math.inf, None)
     for step in range(grid):
-        alpha = step / grid
-        scales = activation_scale.pow(alpha).clamp(min=1e-4)
-        scales = scales / (scales.max() * scales.min()).sqrt()
+        scales = candidate_scales(mean_abs, step / grid)
         for name, module in layers.items():
-            scaled = weights[name] * scales[None, :]
-            if name in quantized:
-                scaled = pseudo_quantize(scaled)
-            linear_weight(module).copy_((scaled / scales[None, :]).to(linear_weight(module).dtype))
+            candidate = _candidate_weight(weights[name], scales, name in quantized, pseudo_quantize)
+            linear_weight(module).copy_(candidate.to(linear_weight(module).dtype))
         error = sum((ref.float() - inspect(i, x).float()).pow(2).sum().item()
                     for i, (ref, x) in enumerate(zip(reference, inputs)))
         error /= sum(ref.numel() for ref in reference)
+        if error < best[0]:
+            best = (error, scales.clone())
+    return best[1]
+
+
+@torch.no_grad()
+def search_scales_gram(mean_abs: torch.Tensor, gram: torch.Tensor, weights: dict[str, torch.Tensor],
+                       quantized: set[str], pseudo_quantize: Callable[[torch.Tensor], torch.Tensor],
+                       grid: int) -> torch.Tensor:
+    """`search_scales` for the outputs of the group's linears themselves, over every calibration token at once:
+    with D = Q(W diag(s)) diag(s)^-1 - W, the squared output error on inputs X is tr(D X^T X D^T), so the Gram
+    matrix G = X^T X replaces the tokens (a single-linear group's error is the reference's up to rounding)."""
+    best = (math.inf, None)
+    for step in range(grid):
+        scales = candidate_scales(mean_abs, step / grid)
+        error = 0.0
+        for name, weight in weights.items():
+            delta = _candidate_weight(weight, scales, name in quantized, pseudo_quantize) - weight
+            error += float(((delta @ gram) * delta).sum())
         if error < best[0]:
             best = (error, scales.clone())
     return best[1]
@@ -280,26 +429,42 @@ def apply_scales(group: ScalingGroup, layers: dict[str, nn.Module], scales: torc
 
 
 @torch.no_grad()
-def search_clip(weight: torch.Tensor, inputs: list[torch.Tensor], stage: AWQStage) -> torch.Tensor:
-    """Per (output channel, group) clipping threshold with the lowest output error on sampled tokens."""
-    tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs]).float()
-    tokens = tokens[:: max(1, tokens.shape[0] // stage.clip_tokens)]
+def search_clip(weight: torch.Tensor, tokens: torch.Tensor, stage: AWQStage) -> torch.Tensor:
+    """Per (output channel, group) clipping threshold with the lowest output error on the sampled tokens
+    (every stride-th calibration token, about `clip_tokens` of them). The groups of one width are searched
+    together (one batched product per shrink step), the shorter last group on its own."""
     bounds = group_bounds(weight.shape[1], stage.group_columns)
     best_max = torch.empty(weight.shape[0], len(bounds))
-    for g, (start, end) in enumerate(bounds):
-        w, x = weight[:, start:end], tokens[:, start:end]
-        reference = x @ w.T  # (tokens, out)
-        original_max = w.abs().amax(dim=1)
-        best_error = torch.full_like(original_max, math.inf)
-        best_max[:, g] = original_max
-        for i in range(int(stage.max_shrink * stage.clip_grid)):
-            max_val = original_max * (1 - i / stage.clip_grid)
-            clipped = torch.maximum(torch.minimum(w, max_val[:, None]), -max_val[:, None])
-            scale, zero = find_params(clipped, stage.bits, stage.symmetric)
-            error = (x @ fake_quantize(clipped, scale, zero, stage.bits).T - reference).pow(2).mean(dim=0)
-            better = error < best_error
-            best_error[better] = error[better]
-            best_max[better, g] = max_val[better]
+    first = 0
+    while first < len(bounds):
+        width = bounds[first][1] - bounds[first][0]
+        last = first
+        while last + 1 < len(bounds) and bounds[last + 1][1] - bounds[last + 1][0] == width:
+            last += 1
+        start, end = bounds[first][0], bounds[last][1]
+        best_max[:, first : last + 1] = _search_clip_groups(weight[:, start:end], tokens[:, start:end].float(),
+                                                            width, stage).T
+        first = last + 1
+    return best_max
+
+
+def _search_clip_groups(weight: torch.Tensor, tokens: torch.Tensor, width: int, stage: AWQStage) -> torch.Tensor:
+    """`search_clip` for consecutive groups of one `width`: the best thresholds, (groups, out)."""
+    groups = weight.shape[1] // width
+    w = weight.reshape(weight.shape[0], groups, width).transpose(0, 1)  # (groups, out, width)
+    x = tokens.reshape(tokens.shape[0], groups, width).transpose(0, 1)  # (groups, tokens, width)
+    reference = torch.bmm(x, w.transpose(1, 2))  # (groups, tokens, out)
+    original_max = w.abs().amax(dim=2)
+    best_error = torch.full_like(original_max, math.inf)
+    best_max = original_max.clone()
+    for i in range(int(stage.max_shrink * stage.clip_grid)):
+        max_val = (original_max * (1 - i / stage.clip_grid))[..., None]
+        clipped = torch.maximum(torch.minimum(w, max_val), -max_val)
+        candidate = fake_quantize_rows(clipped.reshape(-1, width), stage.bits, stage.symmetric).reshape(w.shape)
+        error = (torch.bmm(x, candidate.transpose(1, 2)) - reference).pow_(2).mean(dim=1)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_max = torch.where(better, max_val[..., 0], best_max)
     return best_max
 
 
@@ -321,6 +486,13 @@ class AWQStage(WeightQuantFields, Stage):
     clip_grid: int = Field(20, ge=2)
     max_shrink: float = Field(0.5, gt=0, lt=1)
     clip_tokens: int = Field(512, ge=16, description="input tokens sampled for the clipping search")
+    objective: Literal["module", "layer"] = Field(
+        "module", description="the scale search's error: module = the output of the attention or MLP the group "
+                              "feeds (the reference code), layer = the outputs of the group's linears (the paper's "
+                              "Eq. 4, summed over the group), exact over every token from their input's Gram matrix")
+    search_samples: int | None = Field(
+        2, ge=1, description="calibration segments (the first ones) the scale search measures its error on; None = "
+                             "all of them (the reference code; about 20 forward passes of the calibration set)")
     search_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="precision of the scale search's forward passes: auto = float16 (the reference "
                             "code's) where the device multiplies float16 natively, else float32")
