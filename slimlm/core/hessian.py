@@ -17,31 +17,22 @@ from slimlm.errors import SlimlmError
 
 
 class HessianAccumulator:
-    """H = 2 X^T X / n as a running average. Only the upper triangle is accumulated, in 2 x 2 column blocks
-    (three matmuls instead of one: 3/4 of the multiply-adds, since H is symmetric); `result` mirrors it once."""
-
+    # One product per batch. Accumulating only the upper triangle in 2 x 2 column blocks does 3/4 of the
+    # multiply-adds (GPTQ W4 g64 on SmolLM2, 128 x 512 tokens: 217 s instead of 242 s) but changes the rounding
+    # of H: perplexity moved by 0.27% (benchmarks/results/compression_speed.md), so H stays one product.
     def __init__(self, in_features: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.hessian = torch.zeros(in_features, in_features, device=device, dtype=dtype)
         self.samples = 0
         self._reduced = False  # summed over the processes already (torch.distributed)
-        self._mirrored = False  # the lower triangle filled in from the upper one
-        half = in_features // 2
-        # (rows, columns) of the upper blocks; a narrow input is one block (splitting it would gain nothing)
-        self._blocks = ([(slice(0, half), slice(0, half)), (slice(0, half), slice(half, None)),
-                         (slice(half, None), slice(half, None))] if in_features >= 256 else
-                        [(slice(None), slice(None))])
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Add the inputs of one forward pass: (..., in_features); each token row is one sample of X."""
-        if self._mirrored:
-            raise SlimlmError("this Hessian was already read: accumulate every batch before result()")
         x = inputs.reshape(-1, inputs.shape[-1]).to(self.hessian.dtype)
         count = x.shape[0]
         # Running average of 2 x x^T: rescale what is there, then add the new rows with weight 2/n
-        # (one fused addmm per block, no scaled copy of the activations).
+        # (one fused addmm, no scaled copy of the activations).
         total = self.samples + count
-        for rows, columns in self._blocks:
-            self.hessian[rows, columns].addmm_(x[:, rows].T, x[:, columns], beta=self.samples / total, alpha=2 / total)
+        self.hessian.addmm_(x.T, x, beta=self.samples / total, alpha=2 / total)
         self.samples = total
 
     def result(self) -> torch.Tensor:
@@ -52,11 +43,6 @@ class HessianAccumulator:
             self._reduced = True
         if self.samples == 0:
             raise SlimlmError("no calibration inputs reached this layer: is it used in the forward pass?")
-        if not self._mirrored:
-            if len(self._blocks) > 1:
-                half = self._blocks[0][0].stop
-                self.hessian[half:, :half] = self.hessian[:half, half:].T
-            self._mirrored = True
         if not torch.isfinite(self.hessian).all():
             raise SlimlmError(
                 "the Hessian has NaN or Inf entries: the calibration activations overflowed; "

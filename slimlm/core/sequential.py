@@ -159,7 +159,7 @@ class SequentialPass:
         inputs = [] if keep else None
 
         def split(name: str, x: torch.Tensor) -> None:
-            inputs.append(x) if name is _BRANCH else sink(name, x)
+            inputs.append(x) if name == _BRANCH else sink(name, x)
 
         self.residual = self.mlp_inner = None  # from now on only a group's own, later collection is valid
         collect_block_inputs(self.context.block, self.context.inputs, {**modules, **extra}, split)

@@ -148,7 +148,7 @@ def _search_module(context: BlockContext, group: ScalingGroup, inspected_name: s
                    quantized: set[str], pseudo_quantize: Callable[[torch.Tensor], torch.Tensor], stage: AWQStage,
                    search_dtype: str) -> torch.Tensor:
     """The reference code's search: the inspected module's (attention's, MLP's) output error, on the
-    search batches, in `search_dtype` where it does not overflow."""
+    search segments, in `search_dtype` where it does not overflow."""
     inputs = [call.x for call in calls.attention] if group.inspect == "attention" else calls.mlp
     scales = None
     if search_dtype != "float32":
