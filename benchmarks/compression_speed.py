@@ -223,7 +223,8 @@ def main() -> None:
 
 def _peer(tokens: dict, method: str) -> dict:
     peer = llmcompressor(tokens, PEERS[method])
-    return {"method": method, "tool": "llm-compressor", "status": peer["status"], "seconds": peer.get("compression_seconds"),
+    return {"method": method, "tool": "llm-compressor", "status": peer["status"],
+            "seconds": peer.get("compression_seconds"),
             "peak_rss_bytes": peer.get("peak_rss_bytes"), "wikitext2_ppl": peer.get("ppl"),
             "error": (peer.get("error") or "")[:200] or None, "versions": peer.get("versions")}
 
@@ -273,8 +274,8 @@ def _tables(rows: list[dict]) -> str:
             profiles.append(f"### {row['method']}\n\n| function | calls | own s | cumulative s |\n|---|---|---|---|\n"
                             f"{lines}\n")
     kernels = sorted({row["kernel"] for row in rows if row.get("kernel")})
-    return (table + "\n\nKernels: " + "; ".join(kernels) + "\n\n## Where the time goes (cProfile, top 10 by own time)\n\n"
-            + "\n".join(profiles))
+    return (table + "\n\nKernels: " + "; ".join(kernels)
+            + "\n\n## Where the time goes (cProfile, top 10 by own time)\n\n" + "\n".join(profiles))
 
 
 if __name__ == "__main__":
