@@ -1,5 +1,4 @@
 import json
-import sys
 from contextlib import contextmanager
 
 import pytest
