@@ -54,4 +54,4 @@ def test_the_clipping_samples_are_every_stride_th_token_of_all_batches():
     for x in batches:
         statistics.add_batch(x)
     expected = torch.cat([x.reshape(-1, 8) for x in batches])[::7]
-    assert torch.equal(statistics._samples(), expected)
+    assert torch.equal(statistics.samples(), expected)

@@ -10,8 +10,9 @@
    statistics and inputs for AWQ), runs the block on the cached inputs, and replaces or rewrites
    the linears.
 3. The compressed block then runs once more on the cached inputs, and its outputs become the next
-   block's inputs (true-sequential methods take them from their own pass instead, `slimlm.core.sequential`). Each block is therefore calibrated on the activations of the already-compressed
-   model, so the error of earlier blocks is accounted for, as in the GPTQ reference code.
+   block's inputs (true-sequential methods take them from their own pass instead, `slimlm.core.sequential`).
+   Each block is therefore calibrated on the activations of the already-compressed model, so the error of
+   earlier blocks is accounted for, as in the GPTQ reference code.
 
 Stages that change the architecture (`whole_model = True`: layer removal, SliceGPT, ...) run first, on
 the whole model, each on what the previous one left; the pass above then runs on the smaller model.
@@ -28,7 +29,7 @@ the model stays where it is (CPU RAM). Working memory is about
   + one block's weights
   + sum over the block's linears of in_features^2 * 4 bytes   (Hessians; GPTQ, one sequential group at a time)
   + the activations of one forward pass of `calibration.batch_size` segments through one block
-  + N * L * d * 4 bytes              (true-sequential methods, GPTQ: o's inputs, then the residual stream
+  + 2 * N * L * d * 4 bytes          (true-sequential methods, GPTQ: o's inputs, then the residual stream
                                       entering the MLP, so that every linear runs once: `slimlm.core.sequential`)
   + N * L * d_mlp * 4 bytes          (the same: down's inputs, kept only while they take at most half of the
                                       free memory; otherwise the MLP half runs once more for the block's output)

@@ -274,7 +274,7 @@ def collect_block_inputs(
     Where the modules all read one tensor on the first batch (q, k and v; gate and up), later batches stop at
     the first of them: the others would get the same tensor, and computing the first ones' outputs is waste."""
     pending: set[str] = set()
-    first_inputs: dict[str, torch.Tensor] = {}
+    first_inputs: dict[str, torch.Tensor] | None = {}  # what each module got on the first batch, then None
     shared = False
 
     def hook_for(name: str):
@@ -284,7 +284,7 @@ def collect_block_inputs(
                     sink(each, args[0])
                 raise _InputsCollected
             sink(name, args[0])
-            if len(first_inputs) < len(modules):
+            if first_inputs is not None:
                 first_inputs[name] = args[0]
             pending.discard(name)
             if not pending:
@@ -299,9 +299,10 @@ def collect_block_inputs(
                 block(hidden, *args, **kwargs)
             except _InputsCollected:
                 pass
-            if not shared and len(modules) > 1 and len(first_inputs) == len(modules):
-                first = next(iter(first_inputs.values()))
-                shared = all(x is first for x in first_inputs.values())
+            if first_inputs is not None:
+                seen = list(first_inputs.values())
+                shared = len(modules) > 1 and len(seen) == len(modules) and all(x is seen[0] for x in seen)
+                first_inputs = None
     finally:
         for handle in handles:
             handle.remove()

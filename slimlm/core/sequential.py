@@ -38,10 +38,8 @@ from slimlm.core.blocks import (
     run_block,
 )
 from slimlm.core.memory import available_memory
-from slimlm.models.adapter import BlockAdapter, linear_shape
+from slimlm.models.adapter import NORM_READERS, BlockAdapter, linear_shape
 
-ATTENTION_INPUT_ROLES = ("q", "k", "v", "qkv")
-MLP_INPUT_ROLES = ("gate", "up", "gate_up")
 _RESIDUAL = "<residual stream>"  # sink names no module has
 _BRANCH = "<attention output>"
 
@@ -147,7 +145,7 @@ class SequentialPass:
                 sink: Callable[[str, torch.Tensor], None]) -> None:
         """Pass (name, input) of each of `modules` (the linears of `roles`) to `sink` on every batch."""
         attention_ok, half_ok, down_ok = self.valid
-        if set(roles) <= set(MLP_INPUT_ROLES) and half_ok:
+        if set(roles) <= set(NORM_READERS["mlp_norm"]) and half_ok:
             self._ensure_residual()
             self._collect_half(modules, sink)
             return

@@ -25,10 +25,11 @@ the authors' code (mit-han-lab/llm-awq, `auto_scale.py`, `auto_clip.py`), block 
 
 The error is measured on the first `search_samples` calibration segments (default 2, 1024 tokens at the
 default seqlen): the reference code measures it on every segment, which costs about 20 forward passes of the
-calibration set per run; `search_samples: null` does that (benchmarks/results/compression_speed.md compares
-the two). s_X and the clipping samples always come from every segment. `objective="layer"` measures every group on its linears' own outputs (the
-paper's Eq. 4, summed over the group) from Gram matrices instead of on the attention or MLP output (the
-reference code's choice for groups that feed one module): no module re-runs at all; a slimlm option.
+calibration set per run; `search_samples: null` does that (`benchmarks/compression_speed.py` has a row for
+each; the every-segment row has not been run yet). s_X and the clipping samples always come from every
+segment. `objective="layer"` measures every group on its linears' own outputs (the paper's Eq. 4, summed over
+the group) from Gram matrices instead of on the attention or MLP output (the reference code's choice for
+groups that feed one module): no module re-runs at all; a slimlm option.
 
 As in the reference code, the next block is calibrated on the outputs of this block in float
 (AWQ does not propagate quantization error), and the scale search's forward passes run in float16
@@ -129,7 +130,7 @@ def awq_block(context: BlockContext, stage: AWQStage, report: CompressionReport)
         module = context.module(name)
         weight = linear_weight(module)
         if stage.clip_search and role not in NO_CLIP_ROLES:
-            max_val = search_clip(weight.detach().float(), statistics[name].samples, stage)
+            max_val = search_clip(weight.detach().float(), statistics[name].samples(), stage)
             weight.copy_(_clamp_groups(weight.float(), max_val, stage.group_columns).to(weight.dtype))
         quantized = quantize_weight(weight.detach().float(), stage.bits, stage.group_columns, stage.symmetric)
         context.replace(name, QuantizedLinear.replacing(module, quantized))
@@ -199,7 +200,8 @@ class _InputStatistics:
         self.tokens = 0
         self._gram = HessianAccumulator(columns, device) if gram else None
         self.stride = stride
-        self.samples: torch.Tensor | list[torch.Tensor] = []
+        self._parts: list[torch.Tensor] = []  # the sampled rows of each batch
+        self._samples: torch.Tensor | None = None  # joined at the first read, scaled with the layers after
 
     def add_batch(self, x: torch.Tensor) -> None:
         """One batch (segments, tokens, columns); its search segments (the first ones) enter the Gram matrix."""
@@ -209,7 +211,7 @@ class _InputStatistics:
             per_segment = rows.shape[0] // self.batch[1]
             self._gram.add_batch(rows[: self.batch[0] * per_segment])
         first = (-self.tokens) % self.stride  # the global positions 0, stride, 2 stride, ...
-        self.samples.append(rows[first :: self.stride].float().clone())
+        self._parts.append(rows[first :: self.stride].float().clone())
         self.tokens += rows.shape[0]
 
     def mean_abs(self) -> torch.Tensor:
@@ -218,20 +220,14 @@ class _InputStatistics:
     def gram(self) -> torch.Tensor:
         return self._gram.result()  # 2 X^T X / n: the factor 2 does not move the minimum
 
+    def samples(self) -> torch.Tensor:
+        """The sampled tokens for the clipping search, (about clip_tokens, columns)."""
+        if self._samples is None:
+            self._samples = torch.cat(self._parts)
+        return self._samples
+
     def scale_samples_(self, scales: torch.Tensor) -> None:
-        self.samples = self._samples() / scales
-
-    def _samples(self) -> torch.Tensor:
-        return self.samples if isinstance(self.samples, torch.Tensor) else torch.cat(self.samples)
-
-
-class _StatisticsByName(dict):
-    """Linear name -> its input's `_InputStatistics` (with samples concatenated on first read)."""
-
-    def __getitem__(self, name: str) -> _InputStatistics:
-        statistics = super().__getitem__(name)
-        statistics.samples = statistics._samples()
-        return statistics
+        self._samples = self.samples() / scales
 
 
 @dataclass
@@ -261,7 +257,8 @@ def _first_segments(value, count: int, segments: int):
 
 @torch.no_grad()
 def _float_pass(context: BlockContext, names: dict[str, str], attention_name: str, mlp_name: str | None,
-                gram: set[str], search_segments: int, clip_tokens: int) -> tuple[_FloatCalls, _StatisticsByName]:
+                gram: set[str], search_segments: int, clip_tokens: int
+                ) -> tuple[_FloatCalls, dict[str, _InputStatistics]]:
     """Run the float block once: accumulate each linear input's statistics, keep the attention and MLP calls
     of the first `search_segments` segments, and return the block's outputs."""
     calls = _FloatCalls([], [], [])
@@ -302,7 +299,7 @@ def _float_pass(context: BlockContext, names: dict[str, str], attention_name: st
     finally:
         for handle in handles:
             handle.remove()
-    return calls, _StatisticsByName({name: shared.pop(name) for name in names.values()})
+    return calls, {name: shared.pop(name) for name in names.values()}
 
 
 def _scaling_groups(context: BlockContext, block, names: dict[str, str], has_mlp_module: bool) -> list[ScalingGroup]:
