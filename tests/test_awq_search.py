@@ -55,3 +55,15 @@ def test_the_clipping_samples_are_every_stride_th_token_of_all_batches():
         statistics.add_batch(x)
     expected = torch.cat([x.reshape(-1, 8) for x in batches])[::7]
     assert torch.equal(statistics.samples(), expected)
+
+
+def test_the_layer_objective_searches_every_group_from_gram_matrices(monkeypatch):
+    module_searches = []
+    search = awq.search_scales
+    monkeypatch.setattr(awq, "search_scales", lambda *a: module_searches.append(1) or search(*a))
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    compress(model, awq_recipe(objective="layer"), calibration=CALIBRATION)
+    assert not module_searches  # no attention or MLP re-runs
+    with torch.no_grad():
+        error = (model(CALIBRATION).logits - reference(CALIBRATION).logits).abs().mean()
+    assert 0 < error < 0.5 * reference(CALIBRATION).logits.abs().mean()
