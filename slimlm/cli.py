@@ -120,9 +120,52 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--limit", type=_positive_int, help="first N examples of zero-shot tasks for --eval")
     squeeze.add_argument("--batch-size", type=_positive_int, default=16, help="zero-shot batch size for --eval")
     _add_generate_parser(commands, common)
+    _add_distill_parser(commands, common)
     _add_export_parser(commands, common)
     _add_compare_parser(commands, common)
     return parser
+
+
+DISTILL_METHODS = ("kd", "reverse-kl", "gkd", "hidden", "finetune")
+
+
+def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
+    distill = commands.add_parser("distill", parents=[common],
+                                  help="train a (compressed) student on a teacher's distributions, and save it")
+    distill.add_argument("--teacher", help="the teacher (any model slimlm loads; not needed for --method finetune)")
+    distill.add_argument("--student", required=True, help="the student: a model or a slimlm compressed checkpoint")
+    distill.add_argument("--method", default="kd", choices=DISTILL_METHODS,
+                         help="kd: forward KL (Hinton); reverse-kl: token-level KL(student || teacher); gkd: on-policy "
+                              "GKD with JSD(beta); hidden: hidden-state matching plus KD; finetune: cross-entropy only")
+    distill.add_argument("--data", default="c4",
+                         help="training data: a corpus (c4, wikitext2, ptb, pydoc: their calibration split; a .txt or "
+                              '{"text"} .jsonl file) or an instruction JSONL with prompt/response pairs')
+    distill.add_argument("--data-dir", help="data directory (default: $SLIMLM_DATA)")
+    distill.add_argument("--out", required=True, help="directory to save the trained student to")
+    distill.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    restart = distill.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true",
+                         help="continue the interrupted run of this command from its last checkpoint (rerunning the "
+                              "same command does so too; this makes a missing checkpoint an error)")
+    restart.add_argument("--restart", action="store_true", help="discard an interrupted run's checkpoint")
+    distill.add_argument("--steps", type=_positive_int, default=100)
+    distill.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward pass")
+    distill.add_argument("--grad-accumulation", type=_positive_int, default=1)
+    distill.add_argument("--lr", type=float, default=1e-4)
+    distill.add_argument("--warmup-steps", type=int, default=0)
+    distill.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per training sequence")
+    distill.add_argument("--trainable", default="all",
+                         help="all, norms, lora, or comma-separated parameter-name patterns (e.g. '*.mlp.*')")
+    distill.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"])
+    distill.add_argument("--gradient-checkpointing", action="store_true")
+    distill.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: a tenth of --steps)")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--temperature", type=float, help="kd, reverse-kl, gkd, hidden: softening temperature")
+    distill.add_argument("--alpha", type=float, help="kd, reverse-kl: weight of the KL term (1 - alpha: CE)")
+    distill.add_argument("--lambda", dest="lam", type=float, help="gkd: share of student-sampled batches")
+    distill.add_argument("--beta", type=float, help="gkd: JSD interpolation (0 forward KL, 1 reverse KL)")
+    distill.add_argument("--prompt-tokens", type=_positive_int, help="gkd: prompt tokens kept from text segments")
+    distill.add_argument("--max-new-tokens", type=_positive_int, help="gkd: tokens the student samples")
 
 
 def _add_compare_parser(commands, common: argparse.ArgumentParser) -> None:
@@ -536,6 +579,106 @@ def run_compress(args: argparse.Namespace) -> tuple[dict, str]:
     return record, _compress_table(args, before, after, sizes, report)
 
 
+def _distill_stage(args: argparse.Namespace):
+    """The distillation stage of the command's settings, validated as a recipe stage (same errors)."""
+    from slimlm.compress.recipe import load_recipe
+
+    trainable = args.trainable if args.trainable in ("all", "norms", "lora") else args.trainable.split(",")
+    training = {"steps": args.steps, "batch_size": args.batch_size, "grad_accumulation": args.grad_accumulation,
+                "lr": args.lr, "warmup_steps": args.warmup_steps, "precision": args.precision,
+                "gradient_checkpointing": args.gradient_checkpointing, "trainable": trainable, "seed": args.seed,
+                "checkpoint_every": args.checkpoint_every if args.checkpoint_every is not None
+                else max(1, args.steps // 10)}
+    method = "kd" if args.method == "reverse-kl" else args.method
+    stage = {"method": method, "training": training, "seqlen": args.seqlen}
+    if args.method == "reverse-kl":
+        stage["divergence"] = "reverse"
+    options = {"temperature": args.temperature, "alpha": args.alpha, "lambda": args.lam, "beta": args.beta,
+               "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens}
+    allowed = {"kd": {"temperature", "alpha"}, "gkd": {"temperature", "lambda", "beta", "prompt_tokens",
+                                                       "max_new_tokens"},
+               "hidden": {"temperature"}, "finetune": set()}[method]
+    for key, value in options.items():
+        if value is not None:
+            if key not in allowed:
+                raise SlimlmError(f"--{key.replace('_', '-')} does not apply to --method {args.method}")
+            stage[key] = value
+    return load_recipe({"stages": [stage]}).stages[0]
+
+
+def _distill_data(args: argparse.Namespace, tokenizer, stage):
+    """Token segments of a corpus, or the prompt/response pairs of an instruction JSONL file."""
+    from pathlib import Path
+
+    from slimlm.data.calibration import tokenize_corpus
+    from slimlm.data.corpora import load_corpus
+    from slimlm.distill.data import (
+        PROMPT_KEYS,
+        instruction_examples,
+        read_instruction_pairs,
+        token_segments,
+    )
+
+    path = Path(args.data)
+    if path.suffix == ".jsonl" and path.is_file():
+        first = next((line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()), "{}")
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError as error:
+            raise SlimlmError(f"--data {path}: line 1 is not JSON ({error.msg})") from error
+        if isinstance(row, dict) and any(a in row and b in row for a, b in PROMPT_KEYS):
+            return instruction_examples(tokenizer, read_instruction_pairs(path), args.seqlen, str(path), args.seed)
+    ids = tokenize_corpus(tokenizer, load_corpus(args.data, split="calibration", data_dir=args.data_dir))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return token_segments(ids, args.seqlen, f"{args.data} (calibration split)", pad, args.seed,
+                          prompt_tokens=getattr(stage, "prompt_tokens", 0))
+
+
+def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
+    from slimlm.compress.resume import default_directory
+    from slimlm.core.blocks import CompressionReport
+    from slimlm.distill.objective import check_same_vocabulary
+    from slimlm.distill.trainer import train, write_loss_curve
+    from slimlm.export.native import save
+    from slimlm.results import make_record
+
+    stage = _distill_stage(args)  # bad settings fail before any model is loaded
+    if stage.uses_teacher and not args.teacher:
+        raise SlimlmError(f"--method {args.method} distills from a teacher: pass --teacher MODEL "
+                          "(or --method finetune to train on the data alone)")
+    _refuse_existing_out(args.out, args.overwrite)
+    training_dir = default_directory(args.out)
+    if args.resume and not (training_dir / "checkpoint.pt").is_file():
+        raise SlimlmError(f"--resume: no interrupted run of --out {args.out} to continue ({training_dir} holds no "
+                          "checkpoint); run without --resume")
+    student = _load(args.student, args)
+    teacher = _load(args.teacher, args) if stage.uses_teacher else None
+    if teacher is not None:
+        check_same_vocabulary(teacher.model, student.model, teacher.tokenizer, student.tokenizer)
+    check_context(student.model, args.seqlen, "--seqlen")
+    data = _distill_data(args, student.tokenizer, stage)
+    objective = stage.objective(teacher.model if teacher is not None else None, student.model, CompressionReport())
+    if args.method == "gkd" and student.tokenizer.pad_token_id is not None:
+        objective.pad_id = student.tokenizer.pad_token_id
+    result = train(student.model, objective, data, stage.training, out_dir=training_dir,
+                   resume=True if args.resume else False if args.restart else None,
+                   description=f"distill {args.method}")
+    save(student.model, args.out, student.tokenizer, recipe={"stages": [stage.model_dump(mode="json")]},
+         overwrite=args.overwrite)
+    from pathlib import Path
+
+    write_loss_curve(Path(args.out), result.history, f"{args.method}: {args.student}")
+    shutil.rmtree(training_dir, ignore_errors=True)  # the student is on disk: nothing left to resume
+    metrics = {"training": result.to_dict(), "out": args.out, "data": data.description, "examples": len(data)}
+    record = make_record(args.student, f"distill {args.method}", {"stage": stage.model_dump(mode="json"),
+                                                                   "teacher": args.teacher}, metrics)
+    table = (f"distill {args.method}: {result.steps} steps, {result.tokens:,} tokens, {result.seconds:.0f} s "
+             f"({result.precision}), loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
+             + (f" (resumed after step {result.resumed_from})" if result.resumed_from else "")
+             + f"\nsaved {args.out} (loss curve: {args.out}/loss.svg)\n")
+    return record, table
+
+
 def run_compare(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.report import FORMATS, EvalPlan, SpeedPlan, Sweep, run_sweep, write_report
     from slimlm.report.tables import markdown
@@ -802,7 +945,7 @@ def _check_export_options(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"eval": run_eval, "info": run_info, "bench": run_bench, "compress": run_compress,
-            "generate": run_generate, "export": run_export, "compare": run_compare}
+            "generate": run_generate, "distill": run_distill, "export": run_export, "compare": run_compare}
 
 if __name__ == "__main__":
     sys.exit(main())

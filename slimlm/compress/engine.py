@@ -16,6 +16,8 @@
 
 Stages that change the architecture (`whole_model = True`: layer removal, SliceGPT, ...) run first, on
 the whole model, each on what the previous one left; the pass above then runs on the smaller model.
+Training stages (`after_blocks = True`: distillation, fine-tuning) run last, on the compressed model, with
+a copy of the model as it was before the recipe as their teacher.
 A stage may plan per block from a look at the whole model first (`Stage.plan`: OWL's sparsities).
 
 The engine knows methods only through the interface in `slimlm.core.stage` and finds them through
@@ -44,6 +46,7 @@ segments, or keep the cache in bfloat16.
 """
 from __future__ import annotations
 
+import copy
 import resource
 import sys
 import time
@@ -96,19 +99,22 @@ class MemoryEstimate:
     hessians: int  # the largest (in_features^2) float32 matrix, once per linear of the widest sequential group
     forward: int  # one batch of segments through one block (MLP activations dominate)
     optional: int = 0  # kept only where it fits in half the free memory (GPTQ's down inputs): not in the refusal
+    training: int = 0  # training stages: the teacher's copy, gradients and AdamW's two moments, one batch's logits
 
     runtime: int = 512 * 1024**2  # Python, PyTorch and the tokenizer (measured: about 0.4 GiB on CPU)
 
     @property
     def total(self) -> int:
         return (self.model + self.activations + self.block + self.hessians + self.forward + self.optional
-                + self.runtime)
+                + self.training + self.runtime)
 
     def describe(self) -> str:
         parts = {"model": self.model, "cached activations": self.activations, "Hessians": self.hessians,
                  "block copies and one batch's forward": self.block + self.forward, "runtime": self.runtime}
         if self.optional:
             parts["kept where memory allows"] = self.optional
+        if self.training:
+            parts["training"] = self.training
         return f"about {_size(self.total)} (" + ", ".join(f"{k} {_size(v)}" for k, v in parts.items()) + ")"
 
 
@@ -122,8 +128,9 @@ def estimate_memory(model: PreTrainedModel, recipe: Recipe) -> MemoryEstimate:
     model_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     blocks = [sum(p.numel() * p.element_size() for p in block.parameters()) for block in adapter.blocks]
     widths = [linear_shape(m) for m in adapter.linear_layers().values()]  # (in, out)
+    training = sum(_training_bytes(model, model_bytes, stage) for stage in recipe.stages if stage.after_blocks)
     if not recipe.needs_calibration:
-        return MemoryEstimate(model_bytes, 0, max(blocks, default=0), 0, 0)
+        return MemoryEstimate(model_bytes, 0, max(blocks, default=0), 0, 0, training=training)
     c = recipe.calibration
     tokens = c.samples * c.seqlen
     width = adapter.embedding.weight.shape[1]
@@ -140,7 +147,18 @@ def estimate_memory(model: PreTrainedModel, recipe: Recipe) -> MemoryEstimate:
         block=max(blocks, default=0) * (2 if keeps_original else 1),
         hessians=3 * widest_in**2 * 4,
         forward=4 * c.batch_size * c.seqlen * max(widest_in, widest_out) * 4,
-        optional=tokens * widest_in * 4 if sequential else 0)
+        optional=tokens * widest_in * 4 if sequential else 0,
+        training=training)
+
+
+def _training_bytes(model: PreTrainedModel, model_bytes: int, stage) -> int:
+    """A training stage's memory: the teacher's copy, three float32 copies of the parameters (gradient, AdamW's
+    moments; an upper bound when fewer train) and a batch's float32 logits for both models with their softmaxes."""
+    teacher = model_bytes if stage.uses_teacher else 0
+    parameters = sum(p.numel() for p in model.parameters() if p.is_floating_point())
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
+    logits = 6 * stage.training.batch_size * stage.seqlen * vocab * 4
+    return teacher + 3 * parameters * 4 + logits
 
 
 def check_memory(model: PreTrainedModel, recipe: Recipe, force: bool = False) -> MemoryEstimate:
@@ -194,13 +212,18 @@ def compress(
     report = CompressionReport()
     was_training = model.training
     model.eval()
+    after_blocks = [stage for stage in recipe.stages if stage.after_blocks]
+    # distillation's teacher: the model before any stage (a resumed run reloads it, so this is the same model)
+    teacher = copy.deepcopy(model) if any(stage.uses_teacher for stage in after_blocks) else None
     whole_model = [stage for stage in recipe.stages if stage.whole_model]
     for stage in whole_model:  # architecture changes first, each on the model the previous one left
         stage.apply(ModelContext(model, calibration, recipe.calibration.batch_size, device), report)
-    if whole_model:
-        block_stages = [stage for stage in recipe.stages if not stage.whole_model]
+    full_recipe = recipe
+    if whole_model or after_blocks:
+        block_stages = [stage for stage in recipe.stages if not (stage.whole_model or stage.after_blocks)]
         if not block_stages:
-            return _finish(model, recipe, report, start, device, was_training)
+            _train(model, full_recipe, after_blocks, calibration, device, teacher, checkpoint, report)
+            return _finish(model, full_recipe, report, start, device, was_training)
         recipe = recipe.model_copy(update={"stages": block_stages})
         adapter, selections = validate_recipe_for_model(model, recipe)
     resumed = checkpoint.load(model, adapter, saved_state) if saved_state is not None else None
@@ -243,7 +266,18 @@ def compress(
         if checkpoint is not None:
             checkpoint.save(model, adapter, index, inputs, report, plans,
                             elapsed_before + time.perf_counter() - start)
-    return _finish(model, recipe, report, start - elapsed_before, device, was_training)
+    del inputs
+    _train(model, full_recipe, after_blocks, calibration, device, teacher, checkpoint, report)
+    return _finish(model, full_recipe, report, start - elapsed_before, device, was_training)
+
+
+def _train(model: PreTrainedModel, recipe: Recipe, stages: list, calibration: torch.Tensor | None,
+           device: torch.device, teacher: nn.Module | None, checkpoint: BlockCheckpoint | None,
+           report: CompressionReport) -> None:
+    """The `after_blocks` stages (distillation, fine-tuning), in order, on the compressed model."""
+    for stage in stages:
+        stage.apply(ModelContext(model, calibration, recipe.calibration.batch_size, device, teacher=teacher,
+                                 checkpoint_dir=checkpoint.directory if checkpoint is not None else None), report)
 
 
 def _finish(model: PreTrainedModel, recipe: Recipe, report: CompressionReport, start: float, device: torch.device,

@@ -101,6 +101,10 @@ class Recipe(StrictModel):
                 raise ValueError(f"stage {stage.method!r} changes the architecture: put it before the "
                                  "pruning and quantization stages")
             seen_block_stage |= not stage.whole_model
+        after = [stage.after_blocks for stage in self.stages]
+        if any(after) and not all(after[after.index(True):]):
+            raise ValueError("training stages (distillation, fine-tuning) run on the finished model: put them "
+                             "after every pruning and quantization stage")
         return self
 
     def to_yaml(self) -> str:

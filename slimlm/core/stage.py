@@ -23,15 +23,20 @@ What the engine (`slimlm.compress.engine`) asks of a stage, in this order:
    block its entry as `BlockContext.plan`.
 5. The other stages run inside the sequential block-by-block pass: `apply(BlockContext, report)`
    once per block that holds one of the stage's targets.
+6. `after_blocks = True` stages (distillation and fine-tuning, `slimlm.distill`) run last, on the whole
+   compressed model: `apply(ModelContext, report)`, with `ModelContext.teacher` the model as it was before
+   the recipe when the stage `uses_teacher`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from transformers import PreTrainedModel
 
 from slimlm.core.registry import register_stage
@@ -56,6 +61,8 @@ class ModelContext:
     calibration: torch.Tensor | None  # token ids (samples, seqlen); None when no stage calibrates
     batch_size: int  # calibration segments per forward pass
     device: torch.device
+    teacher: nn.Module | None = None  # the model before the recipe (for stages that `uses_teacher`)
+    checkpoint_dir: Path | None = None  # where a long stage may keep its own resumable state
 
 
 class Stage(StrictModel):
@@ -63,6 +70,8 @@ class Stage(StrictModel):
 
     method: str  # each method narrows it to Literal["its name"] with that default
     whole_model: ClassVar[bool] = False  # True: changes the architecture, runs on the whole model first
+    after_blocks: ClassVar[bool] = False  # True: runs last, on the whole compressed model (distillation)
+    uses_teacher: ClassVar[bool] = False  # True: needs the model as it was before the recipe (`ModelContext.teacher`)
     # True: needs each block's linear weights as they were before any stage of the recipe touched the block
     # (error compensation fits W - W_compressed); the engine then keeps them in `BlockContext.original_weights`.
     needs_original_weights: ClassVar[bool] = False

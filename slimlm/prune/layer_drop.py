@@ -11,6 +11,9 @@ one shot and the result is a plain, shallower transformers model (`save_pretrain
 - `perplexity` (Shortened LLaMA: Kim et al., "Shortened LLaMA: Depth Pruning for LLMs", 2024,
   Sec. 3, the PPL criterion): the calibration perplexity of the model with block i alone removed;
   the blocks whose removal raises it least go. One full forward pass per block.
+- `uniform` (no data): keep evenly spaced blocks, every k-th one when k divides the depth: the truncation
+  that initialises a student from its teacher before distillation (Jha, Groeneveld, Strubell, Beltagy,
+  "How To Train Your (Compressed) Large Language Model", 2023: truncate the teacher, then distil).
 
 Removal renumbers each remaining attention's `layer_idx` (the KV cache is indexed by it) and
 shortens `config.num_hidden_layers` and, where the config has one, `config.layer_types`.
@@ -62,6 +65,13 @@ def perplexity_importance(model: PreTrainedModel, adapter: ModelAdapter, calibra
     return scores
 
 
+def uniform_importance(blocks: int, keep: int) -> list[float]:
+    """1 for `keep` evenly spaced blocks (the first one included: every k-th block when k divides the depth),
+    0 for the others: the truncation that initialises a student from its teacher without data."""
+    kept = {int(i * blocks / keep) for i in range(keep)}
+    return [1.0 if i in kept else 0.0 for i in range(blocks)]
+
+
 def remove_blocks_(model: PreTrainedModel, adapter: ModelAdapter, indices: list[int]) -> None:
     """Delete the given blocks in place and make the config and the layers' indices agree."""
     drop = set(indices)
@@ -81,9 +91,12 @@ def remove_blocks_(model: PreTrainedModel, adapter: ModelAdapter, indices: list[
 def drop_layers(model: PreTrainedModel, stage: DropLayersStage, calibration: torch.Tensor, batch_size: int,
                 device: torch.device, report: CompressionReport) -> None:
     adapter = ModelAdapter(model)
-    criterion = angular_importance if stage.criterion == "angular" else perplexity_importance
-    importance = criterion(model, adapter, calibration, batch_size, device)
     count = stage.blocks_to_remove(len(adapter))
+    if stage.criterion == "uniform":
+        importance = uniform_importance(len(adapter), len(adapter) - count)
+    else:
+        criterion = angular_importance if stage.criterion == "angular" else perplexity_importance
+        importance = criterion(model, adapter, calibration, batch_size, device)
     removed = sorted(sorted(range(len(importance)), key=lambda i: importance[i])[:count])
     remove_blocks_(model, adapter, removed)
     report.structure.append({"method": "drop_layers", "criterion": stage.criterion, "importance": importance,
@@ -98,7 +111,11 @@ class DropLayersStage(Stage):
     whole_model: ClassVar[bool] = True  # changes the architecture: runs before the block-by-block pass
     count: int | None = Field(None, ge=1, description="blocks to remove")
     ratio: float | None = Field(None, gt=0, lt=1, description="or: the fraction of blocks to remove")
-    criterion: Literal["angular", "perplexity"] = "angular"
+    criterion: Literal["angular", "perplexity", "uniform"] = "angular"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.criterion != "uniform"
 
     @model_validator(mode="after")
     def _count_or_ratio(self):

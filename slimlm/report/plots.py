@@ -92,3 +92,47 @@ def scatter_svg(points: list[Point], front: list[Point], x_label: str, y_label: 
 
 def _tick(value: float) -> str:
     return f"{value:g}" if abs(value) < 1e5 else f"{value:.2g}"
+
+
+COLOURS = ("#1c7ed6", "#d9480f", "#2b8a3e", "#ae3ec9", "#f59f00", "#0b7285", "#c2255c", "#5c940d", "#495057")
+
+
+def line_svg(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str, title: str) -> str:
+    """An SVG line chart: one polyline per named series of (x, y) points, with a legend on the right."""
+    points = [p for values in series.values() for p in values]
+    if not points:
+        return ""
+    xs = nice_ticks(min(x for x, _ in points), max(x for x, _ in points))
+    ys = nice_ticks(min(y for _, y in points), max(y for _, y in points))
+    x0, x1, y0, y1 = xs[0], xs[-1], ys[0], ys[-1]
+    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def sx(x: float) -> float:
+        return LEFT + (x - x0) / (x1 - x0) * plot_w
+
+    def sy(y: float) -> float:
+        return TOP + plot_h - (y - y0) / (y1 - y0) * plot_h
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{WIDTH}" height="{HEIGHT}" '
+             f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}">',
+             f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#999"/>']
+    for x in xs:
+        parts.append(f'<line x1="{sx(x):.1f}" y1="{TOP}" x2="{sx(x):.1f}" y2="{TOP + plot_h}" stroke="#e4e4e4"/>'
+                     f'<text x="{sx(x):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{_tick(x)}</text>')
+    for y in ys:
+        parts.append(f'<line x1="{LEFT}" y1="{sy(y):.1f}" x2="{LEFT + plot_w}" y2="{sy(y):.1f}" stroke="#e4e4e4"/>'
+                     f'<text x="{LEFT - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{_tick(y)}</text>')
+    parts.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 8}" text-anchor="middle">{escape(x_label)}</text>'
+                 f'<text transform="translate(14 {TOP + plot_h / 2}) rotate(-90)" text-anchor="middle">'
+                 f'{escape(y_label)}</text>')
+    for index, (name, values) in enumerate(series.items()):
+        colour = COLOURS[index % len(COLOURS)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in values)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2" class="series">'
+                     f'<title>{escape(name)}</title></polyline>')
+        legend_y = TOP + 14 + 16 * index
+        parts.append(f'<line x1="{WIDTH - RIGHT + 10}" y1="{legend_y - 4}" x2="{WIDTH - RIGHT + 28}" '
+                     f'y2="{legend_y - 4}" stroke="{colour}" stroke-width="2"/>'
+                     f'<text x="{WIDTH - RIGHT + 32}" y="{legend_y}" class="label">{escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)

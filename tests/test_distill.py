@@ -1,0 +1,279 @@
+"""Distillation: the divergences' math, the trainer (what trains, masks kept, resume after kill -9), the objectives
+as recipe stages and from the command line, and bad input refused before training."""
+
+import copy
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimlm.compress import compress
+from slimlm.compress.recipe import load_recipe
+from slimlm.distill.ce import CrossEntropy
+from slimlm.distill.data import instruction_examples, token_segments
+from slimlm.distill.gkd import GeneralizedKD, sample_continuations
+from slimlm.distill.hidden import HiddenStateDistillation, layer_map_after_removal, uniform_layer_map
+from slimlm.distill.kd import KnowledgeDistillation
+from slimlm.distill.losses import forward_kl, generalized_jsd, reverse_kl
+from slimlm.distill.objective import check_same_vocabulary
+from slimlm.distill.trainer import TrainingConfig, learning_rate_factor, train
+from slimlm.errors import SlimlmError
+from slimlm.eval.kl import token_kl
+from slimlm.models.tiny import tiny_model, tiny_tokenizer
+from slimlm.prune.layer_drop import uniform_importance
+
+TOKENS = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+PEAKED = {"initializer_range": 0.1}  # random weights this large give peaked distributions, so truncation costs KL
+
+
+def _logits(seed: int, shape=(3, 5, 11)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2
+
+
+def _kl(student, teacher) -> float:
+    with torch.no_grad():
+        ids = TOKENS[:512].view(8, 64)
+        return float(token_kl(teacher(ids).logits.flatten(0, 1), student(ids).logits.flatten(0, 1)).mean())
+
+
+def test_divergences_match_their_definitions():
+    s, t = _logits(0), _logits(1)
+    expected_forward = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none").sum(-1)
+    assert torch.allclose(forward_kl(s, t), expected_forward, atol=1e-6)
+    assert torch.allclose(reverse_kl(s, t), forward_kl(t, s), atol=1e-6)
+    assert torch.allclose(forward_kl(s, t, temperature=2.0), forward_kl(s / 2, t / 2), atol=1e-6)
+    p, q = F.softmax(t, -1), F.softmax(s, -1)
+    m = (p + q) / 2
+    jsd = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
+    assert torch.allclose(generalized_jsd(s, t, 0.5), jsd, atol=1e-6)
+    # JSD(beta) / beta -> KL(P || Q) as beta -> 0; JSD(beta) / (1 - beta) -> KL(Q || P) as beta -> 1
+    assert torch.allclose(generalized_jsd(s, t, 1e-7) / 1e-7, forward_kl(s, t), rtol=1e-3)
+    assert torch.allclose(generalized_jsd(s, t, 1 - 1e-7) / 1e-7, reverse_kl(s, t), rtol=1e-3)
+    assert torch.equal(generalized_jsd(s, t, 0.0), forward_kl(s, t))
+    assert torch.equal(generalized_jsd(s, t, 1.0), reverse_kl(s, t))
+    for value in (forward_kl(s, s), reverse_kl(t, t), generalized_jsd(s, s, 0.3)):
+        assert value.abs().max() < 1e-5
+
+
+def test_batches_depend_only_on_the_step_and_mark_only_response_targets():
+    data = token_segments(TOKENS, 32, "random tokens", pad_id=0, seed=3)
+    assert len(data) == 4096 // 32
+    first, again = data.batch(7, 4), data.batch(7, 4)
+    assert torch.equal(first.ids, again.ids) and not torch.equal(first.ids, data.batch(8, 4).ids)
+    assert first.targets.all() and first.tokens == 4 * 31
+    epoch = [tuple(data.batch(step, 4).ids[i].tolist()) for step in range(len(data) // 4) for i in range(4)]
+    assert len(set(epoch)) == len(data)  # one epoch reads every segment once
+    tokenizer = tiny_tokenizer()
+    pairs = [("Say hi", " hi there"), ("A much longer question here", " ok")]
+    examples = instruction_examples(tokenizer, pairs, 64, "pairs")
+    batch = examples.batch(0, 2)
+    for row in range(2):
+        example = next(e for e in examples.examples if tuple(batch.ids[row, : len(e.ids)].tolist()) == e.ids)
+        n = len(example.ids)
+        wanted = torch.zeros(batch.ids.shape[1] - 1, dtype=torch.bool)
+        wanted[example.prompt_length - 1 : n - 1] = True  # the predictions of the response's tokens (and EOS)
+        assert torch.equal(batch.targets[row], wanted)
+        assert batch.attention_mask[row].sum() == n
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    config = TrainingConfig(steps=10, warmup_steps=2)
+    factors = [learning_rate_factor(step, config) for step in range(10)]
+    assert factors[0] < factors[1] < factors[2] == 1.0
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and factors[-1] < 0.05
+
+
+@pytest.mark.parametrize("method", ["kd", "reverse-kl", "gkd", "hidden"])
+def test_each_objective_brings_a_truncated_student_closer_to_its_teacher(method):
+    teacher = tiny_model("llama", blocks=4, **PEAKED)
+    student = copy.deepcopy(teacher)
+    compress(student, load_recipe({"stages": [{"method": "drop_layers", "count": 2, "criterion": "uniform"}]}))
+    before = _kl(student, teacher)
+    objective = {"kd": lambda: KnowledgeDistillation(teacher),
+                 "reverse-kl": lambda: KnowledgeDistillation(teacher, divergence="reverse"),
+                 "gkd": lambda: GeneralizedKD(teacher, lam=0.5, beta=0.5, max_new_tokens=8),
+                 "hidden": lambda: HiddenStateDistillation(teacher, student, layer_map_after_removal(4, [1, 3])),
+                 }[method]()
+    data = token_segments(TOKENS, 64, "random tokens", pad_id=0, prompt_tokens=16)
+    result = train(student, objective, data, TrainingConfig(steps=25, lr=3e-3, precision="float32"))
+    assert result.tokens > 0 and result.steps == 25
+    assert _kl(student, teacher) < 0.8 * before
+
+
+def test_only_the_selected_parameters_change_and_pruned_zeros_stay():
+    model = tiny_model("llama")
+    with torch.no_grad():  # a 2:4 pattern in one linear
+        weight = model.model.layers[0].mlp.up_proj.weight
+        weight.view(-1, 4)[:, :2] = 0
+    zeros = model.model.layers[0].mlp.up_proj.weight == 0
+    original = {name: p.clone() for name, p in model.named_parameters()}
+    data = token_segments(TOKENS, 32, "random tokens", pad_id=0)
+    train(model, CrossEntropy(), data, TrainingConfig(steps=3, lr=1e-2, trainable="norms"))
+    for name, param in model.named_parameters():
+        assert torch.equal(param, original[name]) != ("norm" in name), name
+    train(model, CrossEntropy(), data, TrainingConfig(steps=3, lr=1e-2, trainable="all"))
+    up = model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(up == 0, zeros)  # still exactly 2:4, the same positions
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, original["model.layers.0.mlp.down_proj.weight"])
+    assert all(p.requires_grad for p in model.parameters())  # as it found them
+    with pytest.raises(SlimlmError, match="selects no parameter"):
+        train(model, CrossEntropy(), data, TrainingConfig(steps=1, trainable=["no.such.*"]))
+
+
+def test_lora_training_merges_into_plain_linears():
+    model = tiny_model("llama")
+    data = token_segments(TOKENS, 32, "random tokens", pad_id=0)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    result = train(model, CrossEntropy(), data, TrainingConfig(steps=3, lr=1e-2, trainable="lora", lora_rank=2))
+    # rank 2 x (in + out) per linear: q, o 64+64; k, v 64+32; gate, up, down 64+128; two blocks
+    assert result.trainable_parameters == 2 * 2 * (2 * 128 + 2 * 96 + 3 * 192)
+    assert set(dict(model.named_parameters())) == set(before)  # merged: the model has its own parameters again
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.get_parameter(q), before[q])
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    from safetensors.torch import save_file
+    from slimlm.distill.data import token_segments
+    from slimlm.distill.gkd import GeneralizedKD
+    from slimlm.distill.trainer import TrainingConfig, train
+    from slimlm.models.tiny import tiny_model
+    torch.set_num_threads(1)
+    mode, out, weights = sys.argv[1:4]
+    teacher, student = tiny_model("llama", blocks=2), tiny_model("llama", blocks=1, seed=1)
+    tokens = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+    data = token_segments(tokens, 32, "random tokens", pad_id=0, prompt_tokens=8)
+    objective = GeneralizedKD(teacher, lam=0.5, beta=0.3, max_new_tokens=4)  # random draws: sampling, on/off policy
+    def die(step, metrics, model):
+        if mode == "kill" and step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+    config = TrainingConfig(steps=8, lr=1e-2, warmup_steps=2, checkpoint_every=2, precision="float32")
+    train(student, objective, data, config, out_dir=out + "-full" if mode == "full" else out, callback=die,
+          resume=True if mode == "resume" else None)
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, weights)
+""")
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT)
+    out = tmp_path / "run"
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), mode, str(out), str(tmp_path / f"{mode}.safetensors")],
+                              capture_output=True, text=True, timeout=300)
+
+    killed = run("kill")
+    assert killed.returncode == -9, killed.stderr
+    assert (out / "checkpoint.pt").is_file() and json.loads((out / "loss.json").read_text())[-1]["step"] == 4
+    resumed = run("resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming training after step 4" in resumed.stderr
+    full = run("full")
+    assert full.returncode == 0, full.stderr
+    a, b = load_file(tmp_path / "resume.safetensors"), load_file(tmp_path / "full.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "loss.svg").read_text().startswith("<svg")
+
+
+def test_on_policy_batches_score_only_what_the_student_sampled():
+    model = tiny_model("llama")
+    data = token_segments(TOKENS, 32, "random tokens", pad_id=0, prompt_tokens=10)
+    batch = data.batch(0, 3)
+    sampled = sample_continuations(model, batch, 5, 1.0, torch.Generator().manual_seed(0), eos_id=None, pad_id=0)
+    assert sampled.ids.shape == (3, 15)
+    assert torch.equal(sampled.ids[:, :10], batch.ids[:, :10])
+    assert torch.equal(sampled.targets, torch.arange(14).expand(3, 14) >= 9)  # predictions of tokens 10..14
+    again = sample_continuations(model, batch, 5, 1.0, torch.Generator().manual_seed(0), eos_id=None, pad_id=0)
+    assert torch.equal(sampled.ids, again.ids)
+
+
+def test_layer_maps():
+    assert uniform_layer_map(2, 4) == [2, 4]
+    assert uniform_layer_map(20, 30)[-1] == 30
+    assert layer_map_after_removal(6, [1, 5]) == [1, 3, 4, 6]  # kept blocks 0, 2, 3, 4; the last maps to the last
+    assert uniform_importance(6, 3) == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0]  # every 2nd block
+    teacher, student = tiny_model("llama", blocks=4), tiny_model("llama", blocks=2)
+    with pytest.raises(SlimlmError, match="last layer must map"):
+        HiddenStateDistillation(teacher, student, [1, 2])
+    with pytest.raises(SlimlmError, match="one teacher layer"):
+        HiddenStateDistillation(teacher, student, [1, 2, 4])
+
+
+def test_a_recipe_distills_after_compression_from_the_model_before_it(tmp_path):
+    teacher = tiny_model("llama", blocks=4, **PEAKED)
+    student, baseline = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    calibration = TOKENS[:1024].view(16, 64)
+    drop = {"method": "drop_layers", "count": 2, "criterion": "uniform"}
+    compress(baseline, load_recipe({"stages": [drop], "float_storage": "float32"}), calibration)
+    recipe = load_recipe({"stages": [drop, {"method": "rtn", "bits": 8, "group_size": 32},
+                                     {"method": "kd", "seqlen": 32, "training": {"steps": 20, "lr": 3e-3}}],
+                          "float_storage": "float32"})
+    report = compress(student, recipe, calibration, checkpoint_dir=tmp_path / "ckpt")
+    trained = [entry for entry in report.structure if entry["method"] == "kd"]
+    assert trained and trained[0]["training"]["steps"] == 20
+    assert _kl(student, teacher) < 0.8 * _kl(baseline, teacher)
+    assert (tmp_path / "ckpt" / "train-kd" / "checkpoint.pt").is_file()  # a killed run would continue from it
+    with pytest.raises(SlimlmError, match="after every pruning and quantization stage"):
+        load_recipe({"stages": [{"method": "kd"}, {"method": "rtn", "bits": 4}]})
+
+
+@pytest.mark.parametrize(("stage", "problem"), [
+    ({"method": "kd", "temperature": 0}, "temperature"),
+    ({"method": "kd", "alpha": 1.5}, "alpha"),
+    ({"method": "gkd", "lambda": 1.2}, "lambda"),
+    ({"method": "gkd", "beta": -0.1}, "beta"),
+    ({"method": "kd", "training": {"lr": 0}}, "lr"),
+    ({"method": "hidden", "layer_map": "every"}, "layer_map"),
+])
+def test_bad_settings_are_refused_before_any_work(stage, problem):
+    with pytest.raises(SlimlmError, match=problem):
+        load_recipe({"stages": [stage]})
+
+
+def test_different_vocabularies_are_refused_for_white_box_losses():
+    with pytest.raises(SlimlmError, match="one tokenizer"):
+        check_same_vocabulary(tiny_model("llama"), tiny_model("llama", vocab_size=262))
+    other = tiny_tokenizer(adds_bos=True)
+    other.add_tokens(["<extra>"])
+    with pytest.raises(SlimlmError, match="tokenizers differ"):
+        check_same_vocabulary(tiny_model("llama"), tiny_model("llama"), tiny_tokenizer(), other)
+    for bad in ({"temperature": 0.0}, {"alpha": 2.0}):
+        with pytest.raises(SlimlmError):
+            KnowledgeDistillation(tiny_model("llama"), **bad)
+    with pytest.raises(SlimlmError, match="lambda"):
+        GeneralizedKD(tiny_model("llama"), lam=1.5)
+
+
+def test_distill_command_trains_saves_and_refuses_bad_input(tmp_path, capsys):
+    from slimlm.cli import main
+    from slimlm.models.tiny import save_tiny
+
+    teacher, student = save_tiny(tmp_path / "teacher", blocks=2), save_tiny(tmp_path / "student", blocks=1, seed=1)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    common = ["distill", "--teacher", str(teacher), "--student", str(student), "--data", str(text), "--seqlen", "32"]
+    assert main([*common, "--out", str(out), "--steps", "4", "--precision", "float32"]) == 0
+    assert "4 steps" in capsys.readouterr().out
+    assert (out / "loss.svg").is_file() and (out / "slimlm.json").is_file()
+    assert [row["step"] for row in json.loads((out / "loss.json").read_text())] == [1, 2, 3, 4]
+    for extra, message in ((["--temperature", "0"], "temperature"), (["--method", "gkd", "--beta", "2"], "beta"),
+                           (["--method", "kd", "--lambda", "0.5"], "--lambda does not apply"),
+                           (["--resume"], "no interrupted run")):
+        assert main([*common, "--out", str(tmp_path / "other"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "response": f" Answer {i}."}) for i in range(6)))
+    assert main([*common[:-4], "--data", str(pairs), "--seqlen", "32", "--method", "gkd", "--max-new-tokens", "3",
+                 "--out", str(tmp_path / "instruct"), "--steps", "2"]) == 0
+    assert math.isfinite(json.loads((tmp_path / "instruct" / "loss.json").read_text())[-1]["loss"])
