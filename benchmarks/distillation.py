@@ -44,6 +44,7 @@ from slimlm.distill.data import token_segments  # noqa: E402
 from slimlm.distill.gkd import GeneralizedKD  # noqa: E402
 from slimlm.distill.hidden import HiddenStateDistillation, layer_map_after_removal, uniform_layer_map  # noqa: E402
 from slimlm.distill.kd import KnowledgeDistillation  # noqa: E402
+from slimlm.distill.minillm import MiniLLM  # noqa: E402
 from slimlm.distill.trainer import TrainingConfig, train  # noqa: E402
 from slimlm.eval.kl import kl_divergence, token_kl  # noqa: E402
 from slimlm.eval.zeroshot import evaluate_task  # noqa: E402
@@ -58,7 +59,7 @@ STUDENTS = {
     "sparsegpt-2of4": [{"method": "sparsegpt", "sparsity": 0.5, "n_m": [2, 4]}],
     "flap-20": [{"method": "flap", "ratio": 0.2}],
 }
-METHODS = ("ce", "kd", "reverse-kl", "gkd", "hidden")
+METHODS = ("ce", "kd", "reverse-kl", "gkd", "hidden", "minillm")
 TASKS = ("piqa", "arc_easy", "hellaswag")
 SEQLEN = 256
 
@@ -75,6 +76,9 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="a few steps and windows, to check the script")
     parser.add_argument("--out", default=str(RESULTS / "distillation"))
+    parser.add_argument("--precision-speed", action="store_true",
+                        help="only time KD steps in float32 and under bfloat16 autocast, alternating (medians), "
+                             "into distillation-precision.{json,md}")
     return parser.parse_args()
 
 
@@ -88,6 +92,10 @@ def objective_for(method: str, teacher, student, removed: list[int]):
         eos = student.generation_config.eos_token_id
         return GeneralizedKD(teacher, lam=0.5, beta=0.5, max_new_tokens=64, sampling_temperature=1.0,
                              eos_id=eos[0] if isinstance(eos, list) else eos, pad_id=0)
+    if method == "minillm":
+        eos = student.generation_config.eos_token_id
+        return MiniLLM(teacher, alpha=0.2, max_new_tokens=64, pt_weight=1.0,
+                       eos_id=eos[0] if isinstance(eos, list) else eos, pad_id=0)
     if method == "hidden":
         layers_t = teacher.config.num_hidden_layers
         layers_s = student.config.num_hidden_layers
@@ -150,14 +158,53 @@ class Evaluator:
 
 def build_student(teacher, recipe: list[dict], calibration: torch.Tensor) -> tuple[torch.nn.Module, list[int]]:
     student = copy.deepcopy(teacher)
+    for param in student.parameters():
+        param.requires_grad_(True)
     report = compress(student, load_recipe({"stages": recipe, "float_storage": "float32"}), calibration)
     removed = [i for entry in report.structure if entry.get("method") == "drop_layers"
                for i in entry.get("removed_blocks", [])]
     return student, removed
 
 
+def precision_speed(args: argparse.Namespace) -> None:
+    """Seconds per KD step (4 x 256 tokens, teacher forward included) of the drop10-uniform student, float32
+    against bfloat16 autocast, alternating, 2 steps per run, `repeats` runs each; the ratio of the medians."""
+    loaded = load_model("smollm2-135m")
+    teacher, tokenizer = loaded.model.eval(), loaded.tokenizer
+    student, _ = build_student(teacher, [{"method": "drop_layers", "count": 10, "criterion": "uniform"}], None)
+    ids = tokenize_corpus(tokenizer, load_corpus("c4", split="calibration", data_dir=args.data_dir))
+    data = token_segments(ids, SEQLEN, "C4 documents 0-999", pad_id=0)
+    repeats = 1 if args.quick else 3
+    seconds: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for _ in range(repeats):
+        for precision in seconds:
+            model = copy.deepcopy(student)
+            result = train(model, KnowledgeDistillation(teacher), data,
+                           TrainingConfig(steps=2, batch_size=args.batch_size, lr=args.lr, precision=precision))
+            seconds[precision].append(result.seconds / result.steps)
+    medians = {precision: sorted(values)[len(values) // 2] for precision, values in seconds.items()}
+    out = RESULTS / ("distillation-precision-quick" if args.quick else "distillation-precision")
+    meta = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                       f"CPU flags {' '.join(cpu_flags())}", "torch": torch.__version__}
+    ratio = medians["float32"] / medians["bfloat16"]
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "seconds_per_step": seconds,
+                                                            "median": medians, "speedup": ratio}, indent=1) + "\n")
+    text = (f"# KD step time, float32 against bfloat16 autocast ({meta['date']})\n\n`{meta['command']}` on "
+            f"{meta['machine']}, torch {meta['torch']}.\n\nOne step: {args.batch_size} x {SEQLEN} tokens, teacher "
+            "SmolLM2-135M forward, student (20 of 30 blocks) forward and backward, AdamW. Runs alternate, "
+            f"{repeats} of each, 2 steps per run.\n\n| precision | median s/step | runs |\n|---|---|---|\n"
+            + "".join(f"| {p} | {medians[p]:.2f} | {', '.join(f'{v:.2f}' for v in seconds[p])} |\n" for p in seconds)
+            + f"\nbfloat16 autocast speed-up: {ratio:.2f}x\n")
+    atomic_write_text(out.with_suffix(".md"), text)
+    print(text)
+
+
 def main() -> None:
     args = arguments()
+    if args.precision_speed:
+        precision_speed(args)
+        return
     out = Path(args.out if not args.quick else args.out + "-quick")
     partial = out.parent / f".{out.name}.partial.json"
     done = json.loads(partial.read_text()) if partial.exists() else {}

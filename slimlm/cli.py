@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DISTILL_METHODS = ("kd", "reverse-kl", "gkd", "hidden", "finetune")
+DISTILL_METHODS = ("kd", "reverse-kl", "gkd", "minillm", "hidden", "finetune")
 
 
 def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
@@ -136,7 +136,8 @@ def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
     distill.add_argument("--student", required=True, help="the student: a model or a slimlm compressed checkpoint")
     distill.add_argument("--method", default="kd", choices=DISTILL_METHODS,
                          help="kd: forward KL (Hinton); reverse-kl: token-level KL(student || teacher); gkd: on-policy "
-                              "GKD with JSD(beta); hidden: hidden-state matching plus KD; finetune: cross-entropy only")
+                              "GKD with JSD(beta); minillm: sequence-level reverse KL by policy gradient; hidden: "
+                              "hidden-state matching plus KD; finetune: cross-entropy only")
     distill.add_argument("--data", default="c4",
                          help="training data: a corpus (c4, wikitext2, ptb, pydoc: their calibration split; a .txt or "
                               '{"text"} .jsonl file) or an instruction JSONL with prompt/response pairs')
@@ -161,11 +162,13 @@ def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
     distill.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: a tenth of --steps)")
     distill.add_argument("--seed", type=int, default=0)
     distill.add_argument("--temperature", type=float, help="kd, reverse-kl, gkd, hidden: softening temperature")
-    distill.add_argument("--alpha", type=float, help="kd, reverse-kl: weight of the KL term (1 - alpha: CE)")
+    distill.add_argument("--alpha", type=float, help="kd, reverse-kl: weight of the KL term (1 - alpha: CE); "
+                                                     "minillm: the teacher's share of the sampling mix")
     distill.add_argument("--lambda", dest="lam", type=float, help="gkd: share of student-sampled batches")
     distill.add_argument("--beta", type=float, help="gkd: JSD interpolation (0 forward KL, 1 reverse KL)")
-    distill.add_argument("--prompt-tokens", type=_positive_int, help="gkd: prompt tokens kept from text segments")
-    distill.add_argument("--max-new-tokens", type=_positive_int, help="gkd: tokens the student samples")
+    distill.add_argument("--prompt-tokens", type=_positive_int,
+                         help="gkd, minillm: prompt tokens kept from text segments")
+    distill.add_argument("--max-new-tokens", type=_positive_int, help="gkd, minillm: tokens the student samples")
 
 
 def _add_compare_parser(commands, common: argparse.ArgumentParser) -> None:
@@ -597,7 +600,8 @@ def _distill_stage(args: argparse.Namespace):
                "prompt_tokens": args.prompt_tokens, "max_new_tokens": args.max_new_tokens}
     allowed = {"kd": {"temperature", "alpha"}, "gkd": {"temperature", "lambda", "beta", "prompt_tokens",
                                                        "max_new_tokens"},
-               "hidden": {"temperature"}, "finetune": set()}[method]
+               "minillm": {"alpha", "prompt_tokens", "max_new_tokens"}, "hidden": {"temperature"},
+               "finetune": set()}[method]
     for key, value in options.items():
         if value is not None:
             if key not in allowed:
@@ -658,7 +662,7 @@ def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
     check_context(student.model, args.seqlen, "--seqlen")
     data = _distill_data(args, student.tokenizer, stage)
     objective = stage.objective(teacher.model if teacher is not None else None, student.model, CompressionReport())
-    if args.method == "gkd" and student.tokenizer.pad_token_id is not None:
+    if args.method in ("gkd", "minillm") and student.tokenizer.pad_token_id is not None:
         objective.pad_id = student.tokenizer.pad_token_id
     result = train(student.model, objective, data, stage.training, out_dir=training_dir,
                    resume=True if args.resume else False if args.restart else None,

@@ -46,7 +46,7 @@ def sample_continuations(model: nn.Module, batch: Batch, max_new_tokens: int, te
         for b, length in enumerate(prompts):
             ids = batch.ids[b : b + 1, :length]
             output = model(input_ids=ids, use_cache=True)
-            cache, generated = _returned_cache(output), []
+            cache, generated = returned_cache(output), []
             logits = output.logits[:, -1]
             for _ in range(max_new_tokens):
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -55,10 +55,15 @@ def sample_continuations(model: nn.Module, batch: Batch, max_new_tokens: int, te
                 if eos_id is not None and generated[-1] == eos_id:
                     break
                 output = model(input_ids=token, use_cache=True, **{cache_argument: cache})
-                cache, logits = _returned_cache(output), output.logits[:, -1]
+                cache, logits = returned_cache(output), output.logits[:, -1]
             rows.append((batch.ids[b, :length].tolist(), generated))
     finally:
         model.train(was_training)
+    return padded_batch(rows, pad_id, batch)
+
+
+def padded_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, like: Batch) -> Batch:
+    """(prompt, sampled tokens) rows as a right-padded batch whose targets are the sampled tokens."""
     width = max(len(p) + len(g) for p, g in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -68,11 +73,11 @@ def sample_continuations(model: nn.Module, batch: Batch, max_new_tokens: int, te
         ids[b, :n] = torch.tensor(prompt + generated)
         mask[b, :n] = 1
         targets[b, len(prompt) - 1 : n - 1] = True
-    device = batch.ids.device
-    return Batch(ids.to(device), mask.to(device), targets.to(device), batch.prompt_lengths)
+    device = like.ids.device
+    return Batch(ids.to(device), mask.to(device), targets.to(device), like.prompt_lengths)
 
 
-def _returned_cache(output):
+def returned_cache(output):
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
 
