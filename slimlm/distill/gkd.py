@@ -12,12 +12,12 @@ divergence only, not through the student's sampling distribution).
 
 Prompts: an instruction/answer example's prompt, or the first `prompt_tokens` tokens of a text segment;
 the student continues for `max_new_tokens` tokens (stopping at its end-of-sequence token) at
-`sampling_temperature` (the paper samples at temperature 1).
+`sampling_temperature` (the paper samples at temperature 1), rows of equal prompt length together
+(`slimlm.distill.sampling`).
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 import torch
@@ -28,58 +28,10 @@ from slimlm.core.stage import register
 from slimlm.distill.data import Batch
 from slimlm.distill.losses import generalized_jsd, masked_mean
 from slimlm.distill.objective import TeacherObjective, predictions
+from slimlm.distill.sampling import sample_continuations
 from slimlm.distill.stage import DistillStage
 from slimlm.distill.trainer import Objective
 from slimlm.errors import SlimlmError
-
-
-@torch.no_grad()
-def sample_continuations(model: nn.Module, batch: Batch, max_new_tokens: int, temperature: float,
-                         generator: torch.Generator, eos_id: int | None, pad_id: int) -> Batch:
-    """The batch's prompts, each continued by `model` (one row at a time: prompts differ in length)."""
-    was_training = model.training
-    model.eval()
-    # transformers 5.x takes the cache as `cache` (`past_key_values` is deprecated); 4.x as `past_key_values`
-    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    rows, prompts = [], batch.prompt_lengths.tolist()
-    try:
-        for b, length in enumerate(prompts):
-            ids = batch.ids[b : b + 1, :length]
-            output = model(input_ids=ids, use_cache=True)
-            cache, generated = returned_cache(output), []
-            logits = output.logits[:, -1]
-            for _ in range(max_new_tokens):
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator)
-                generated.append(int(token))
-                if eos_id is not None and generated[-1] == eos_id:
-                    break
-                output = model(input_ids=token, use_cache=True, **{cache_argument: cache})
-                cache, logits = returned_cache(output), output.logits[:, -1]
-            rows.append((batch.ids[b, :length].tolist(), generated))
-    finally:
-        model.train(was_training)
-    return padded_batch(rows, pad_id, batch)
-
-
-def padded_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, like: Batch) -> Batch:
-    """(prompt, sampled tokens) rows as a right-padded batch whose targets are the sampled tokens."""
-    width = max(len(p) + len(g) for p, g in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    targets = torch.zeros((len(rows), width - 1), dtype=torch.bool)
-    for b, (prompt, generated) in enumerate(rows):
-        n = len(prompt) + len(generated)
-        ids[b, :n] = torch.tensor(prompt + generated)
-        mask[b, :n] = 1
-        targets[b, len(prompt) - 1 : n - 1] = True
-    device = like.ids.device
-    return Batch(ids.to(device), mask.to(device), targets.to(device), like.prompt_lengths)
-
-
-def returned_cache(output):
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 class GeneralizedKD(TeacherObjective):

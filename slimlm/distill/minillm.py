@@ -27,7 +27,7 @@ the clipped ratio is 1 and clipping does nothing.
 
 from __future__ import annotations
 
-import inspect
+import math
 from typing import Literal
 
 import torch
@@ -37,47 +37,30 @@ from torch import nn
 
 from slimlm.core.stage import register
 from slimlm.distill.data import Batch
-from slimlm.distill.gkd import padded_batch, returned_cache
 from slimlm.distill.objective import TeacherObjective, cross_entropy, predictions
+from slimlm.distill.sampling import sample_batch
 from slimlm.distill.stage import DistillStage
 from slimlm.distill.trainer import Objective
 from slimlm.errors import SlimlmError
 
 
-@torch.no_grad()
 def sample_teacher_mixed(student: nn.Module, teacher: nn.Module, batch: Batch, max_new_tokens: int, alpha: float,
                          generator: torch.Generator, eos_id: int | None, pad_id: int) -> Batch:
-    """Each prompt continued by sampling from alpha * p_teacher + (1 - alpha) * q_student (one row at a time)."""
-    was_training = student.training
-    student.eval()
-    argument = {model: "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-                for model in (student, teacher)}
-    rows = []
-    try:
-        for b, length in enumerate(batch.prompt_lengths.tolist()):
-            ids = batch.ids[b : b + 1, :length]
-            outputs = [model(input_ids=ids, use_cache=True) for model in (student, teacher)]
-            caches = [returned_cache(output) for output in outputs]
-            generated = []
-            for _ in range(max_new_tokens):
-                q, p = (torch.softmax(output.logits[:, -1].float(), dim=-1) for output in outputs)
-                token = torch.multinomial(alpha * p + (1 - alpha) * q, 1, generator=generator)
-                generated.append(int(token))
-                if eos_id is not None and generated[-1] == eos_id:
-                    break
-                outputs = [model(input_ids=token, use_cache=True, **{argument[model]: cache})
-                           for model, cache in zip((student, teacher), caches)]
-                caches = [returned_cache(output) for output in outputs]
-            rows.append((batch.ids[b, :length].tolist(), generated))
-    finally:
-        student.train(was_training)
-    return padded_batch(rows, pad_id, batch)
+    """Each prompt continued by sampling from alpha * p_teacher + (1 - alpha) * q_student."""
+    def mixture(logits: list[torch.Tensor]) -> torch.Tensor:
+        q, p = (torch.softmax(x, dim=-1) for x in logits)
+        return alpha * p + (1 - alpha) * q
+
+    return sample_batch([student, teacher], batch, max_new_tokens, mixture, generator, eos_id, pad_id)
 
 
-def normalised_future_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """R^Norm_{t+1}: the mean reward of the response steps after t (0 where none follows), per row."""
+def normalised_future_returns(rewards: torch.Tensor, mask: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """R^Norm_{t+1}: the mean reward of the response steps after t (0 where none follows), per row; the sum
+    R_{t+1} without `normalise`."""
     rewards = rewards * mask
     after = rewards.flip(-1).cumsum(-1).flip(-1) - rewards  # sum over t' > t
+    if not normalise:
+        return after
     count = mask.flip(-1).cumsum(-1).flip(-1) - mask  # steps after t
     return torch.where(count > 0, after / count.clamp_min(1), torch.zeros_like(after))
 
@@ -88,6 +71,27 @@ def whitened(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mean = (values * mask).sum() / count
     variance = ((values - mean) ** 2 * mask).sum() / count
     return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
+
+
+def minillm_surrogate(log_q: torch.Tensor, log_p: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                      alpha: float, length_normalise: bool = True, whiten: bool = True) -> torch.Tensor:
+    """The loss whose gradient is MiniLLM's estimator (module docstring), from the student's and the teacher's
+    log-probabilities (..., T, V) along sampled responses `tokens` (..., T) with `mask` on the response steps.
+    With alpha = 0 and neither normalisation, its expectation over responses drawn from q has exactly the
+    gradient of the sequence-level KL(q || p) (divided by the response length)."""
+    log_q_y = log_q.gather(-1, tokens[..., None])[..., 0]
+    with torch.no_grad():
+        log_p_y = log_p.gather(-1, tokens[..., None])[..., 0]
+        rewards = log_p_y - log_q_y
+        mixed = torch.logaddexp(log_p_y + math.log(alpha) if alpha > 0 else torch.full_like(log_p_y, -math.inf),
+                                log_q_y + math.log(1 - alpha) if alpha < 1 else torch.full_like(log_q_y, -math.inf))
+        weights = torch.exp(log_q_y - mixed)  # q / p~ per step
+        returns = normalised_future_returns(rewards, mask, length_normalise)
+        if whiten:
+            returns = whitened(returns, mask)
+    single = (log_q.exp() * (log_q - log_p)).sum(-1)  # KL(q_t || p_t), exact over the vocabulary
+    per_step = weights * (single - returns * log_q_y)
+    return (per_step * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 class MiniLLM(TeacherObjective):
@@ -110,21 +114,11 @@ class MiniLLM(TeacherObjective):
                                        self.eos_id, self.pad_id)
         log_q = F.log_softmax(predictions(student, sampled).float(), dim=-1)
         log_p = F.log_softmax(self.teacher_logits(sampled).float(), dim=-1)
-        tokens = sampled.ids[:, 1:, None]
-        log_q_y, log_p_y = log_q.gather(-1, tokens)[..., 0], log_p.gather(-1, tokens)[..., 0]
         mask = sampled.targets.float()
+        loss = minillm_surrogate(log_q, log_p, sampled.ids[:, 1:], mask, self.alpha, whiten=self.whiten)
         with torch.no_grad():
-            rewards = log_p_y - log_q_y
-            mixed = torch.logaddexp(log_p_y + torch.log(torch.tensor(self.alpha + 1e-30)),
-                                    log_q_y + torch.log(torch.tensor(1 - self.alpha + 1e-30)))
-            weights = torch.exp(log_q_y - mixed)  # q / p~ per step
-            returns = normalised_future_returns(rewards, mask)
-            if self.whiten:
-                returns = whitened(returns, mask)
-        single = (log_q.exp() * (log_q - log_p)).sum(-1)  # KL(q_t || p_t), exact over the vocabulary
-        per_step = weights * (single - returns * log_q_y)
-        loss = (per_step * mask).sum() / mask.sum().clamp_min(1.0)
-        shown = {"reverse_kl": float((single.detach() * mask).sum() / mask.sum().clamp_min(1.0))}
+            reverse = (log_q.exp() * (log_q - log_p)).sum(-1)
+        shown = {"reverse_kl": float((reverse * mask).sum() / mask.sum().clamp_min(1.0))}
         if self.pt_weight > 0:
             language_modelling = cross_entropy(predictions(student, batch), batch)
             loss = loss + self.pt_weight * language_modelling

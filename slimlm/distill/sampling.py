@@ -1,0 +1,92 @@
+"""Sampling continuations of a batch's prompts, for the on-policy objectives (GKD, MiniLLM).
+
+Rows whose prompts have the same length are sampled together, one forward pass per new token for the whole
+group with each model's KV cache (text segments all share one prompt length, so a batch is one group);
+instruction prompts of different lengths form groups of their own. A row stops after its end-of-sequence
+token; the group runs until every row has stopped or `max_new_tokens` are drawn. Draws come from one
+`torch.Generator`, so a run with the same generator state samples the same tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from slimlm.distill.data import Batch
+
+
+def returned_cache(output):
+    """The KV cache a forward returned (transformers 5.x: `cache`; 4.x: `past_key_values`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def _cache_argument(model: nn.Module) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def sample_batch(models: list[nn.Module], batch: Batch, max_new_tokens: int,
+                 next_token_probs: Callable[[list[torch.Tensor]], torch.Tensor], generator: torch.Generator,
+                 eos_id: int | None, pad_id: int) -> Batch:
+    """The batch's prompts continued by drawing from `next_token_probs(last logits of each model)` (G, V)."""
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    arguments = [_cache_argument(model) for model in models]
+    lengths = batch.prompt_lengths.tolist()
+    rows: list[tuple[list[int], list[int]]] = [([], [])] * len(lengths)
+    try:
+        for length in sorted(set(lengths)):
+            members = [b for b, n in enumerate(lengths) if n == length]
+            prompts = batch.ids[members, :length]
+            outputs = [model(input_ids=prompts, use_cache=True) for model in models]
+            caches = [returned_cache(output) for output in outputs]
+            drawn = []
+            finished = torch.zeros(len(members), dtype=torch.bool, device=prompts.device)
+            for _ in range(max_new_tokens):
+                probs = next_token_probs([output.logits[:, -1].float() for output in outputs])
+                token = torch.multinomial(probs, 1, generator=generator)
+                drawn.append(token[:, 0])
+                if eos_id is not None:
+                    finished |= token[:, 0] == eos_id
+                    if bool(finished.all()):
+                        break
+                outputs = [model(input_ids=token, use_cache=True, **{argument: cache})
+                           for model, argument, cache in zip(models, arguments, caches)]
+                caches = [returned_cache(output) for output in outputs]
+            tokens = torch.stack(drawn, dim=1).tolist()
+            for row, b in enumerate(members):
+                generated = tokens[row]
+                if eos_id is not None and eos_id in generated:
+                    generated = generated[: generated.index(eos_id) + 1]
+                rows[b] = (batch.ids[b, :length].tolist(), generated)
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+    return padded_batch(rows, pad_id, batch)
+
+
+def padded_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, like: Batch) -> Batch:
+    """(prompt, sampled tokens) rows as a right-padded batch whose targets are the sampled tokens."""
+    width = max(len(p) + len(g) for p, g in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    targets = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+    for b, (prompt, generated) in enumerate(rows):
+        n = len(prompt) + len(generated)
+        ids[b, :n] = torch.tensor(prompt + generated)
+        mask[b, :n] = 1
+        targets[b, len(prompt) - 1 : n - 1] = True
+    device = like.ids.device
+    return Batch(ids.to(device), mask.to(device), targets.to(device), like.prompt_lengths)
+
+
+def sample_continuations(model: nn.Module, batch: Batch, max_new_tokens: int, temperature: float,
+                         generator: torch.Generator, eos_id: int | None, pad_id: int) -> Batch:
+    """The prompts continued by `model` at `temperature` (GKD's on-policy samples)."""
+    return sample_batch([model], batch, max_new_tokens, lambda logits: torch.softmax(logits[0] / temperature, -1),
+                        generator, eos_id, pad_id)
