@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT.parent))
 
 from slimlm.compress import compress  # noqa: E402
 from slimlm.compress.recipe import load_recipe  # noqa: E402
+from slimlm.core.blocks import CompressionReport  # noqa: E402
 from slimlm.data.calibration import calibration_samples, tokenize_corpus  # noqa: E402
 from slimlm.data.corpora import load_corpus  # noqa: E402
 from slimlm.distill.ce import CrossEntropy  # noqa: E402
@@ -46,6 +47,7 @@ from slimlm.distill.hidden import HiddenStateDistillation, layer_map_after_remov
 from slimlm.distill.kd import KnowledgeDistillation  # noqa: E402
 from slimlm.distill.minillm import MiniLLM  # noqa: E402
 from slimlm.distill.sampling import sample_continuations  # noqa: E402
+from slimlm.distill.ted import TEDStage  # noqa: E402
 from slimlm.distill.trainer import TrainingConfig, train  # noqa: E402
 from slimlm.eval.kl import kl_divergence, token_kl  # noqa: E402
 from slimlm.eval.zeroshot import evaluate_task  # noqa: E402
@@ -60,7 +62,7 @@ STUDENTS = {
     "sparsegpt-2of4": [{"method": "sparsegpt", "sparsity": 0.5, "n_m": [2, 4]}],
     "flap-20": [{"method": "flap", "ratio": 0.2}],
 }
-METHODS = ("ce", "kd", "reverse-kl", "gkd", "hidden", "minillm")
+METHODS = ("ce", "kd", "reverse-kl", "gkd", "hidden", "ted", "minillm")
 TASKS = ("piqa", "arc_easy", "hellaswag")
 SEQLEN = 256
 
@@ -83,7 +85,7 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def objective_for(method: str, teacher, student, removed: list[int]):
+def objective_for(method: str, teacher, student, removed: list[int], data, config: TrainingConfig):
     if method == "ce":
         return CrossEntropy()
     if method in ("kd", "reverse-kl"):
@@ -97,6 +99,10 @@ def objective_for(method: str, teacher, student, removed: list[int]):
         eos = student.generation_config.eos_token_id
         return MiniLLM(teacher, alpha=0.2, max_new_tokens=64, pt_weight=1.0,
                        eos_id=eos[0] if isinstance(eos, list) else eos, pad_id=0)
+    if method == "ted":  # stage 1 (both models' filters, 16 steps each) happens here, outside the token budget
+        report = CompressionReport(structure=[{"method": "drop_layers", "removed_blocks": removed}] if removed else [])
+        stage = TEDStage(filter_interval=5, filter_steps=16, training=config, seqlen=SEQLEN)
+        return stage.build_objective(teacher, student, report, data)
     if method == "hidden":
         layers_t = teacher.config.num_hidden_layers
         layers_s = student.config.num_hidden_layers
@@ -244,7 +250,7 @@ def main() -> None:
                                       "held_out_kl": evaluator.held_out_kl(trained)})
                         trained.train()
 
-                result = train(model, objective_for(method, teacher, model, removed), data, config,
+                result = train(model, objective_for(method, teacher, model, removed, data, config), data, config,
                                callback=track, description=key)
                 done[key] = {"student": name, "method": method, "tokens": result.tokens, "seconds": result.seconds,
                              "precision": result.precision, "first_loss": result.first_loss,

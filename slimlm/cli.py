@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DISTILL_METHODS = ("kd", "reverse-kl", "gkd", "minillm", "hidden", "finetune")
+DISTILL_METHODS = ("kd", "reverse-kl", "gkd", "minillm", "hidden", "ted", "finetune")
 
 
 def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
@@ -137,7 +137,8 @@ def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
     distill.add_argument("--method", default="kd", choices=DISTILL_METHODS,
                          help="kd: forward KL (Hinton); reverse-kl: token-level KL(student || teacher); gkd: on-policy "
                               "GKD with JSD(beta); minillm: sequence-level reverse KL by policy gradient; hidden: "
-                              "hidden-state matching plus KD; finetune: cross-entropy only")
+                              "hidden-state matching plus KD; ted: task-aware filters, then KD through them; "
+                              "finetune: cross-entropy only")
     distill.add_argument("--data", default="c4",
                          help="training data: a corpus (c4, wikitext2, ptb, pydoc: their calibration split; a .txt or "
                               '{"text"} .jsonl file) or an instruction JSONL with prompt/response pairs')
@@ -601,6 +602,7 @@ def _distill_stage(args: argparse.Namespace):
     allowed = {"kd": {"temperature", "alpha"}, "gkd": {"temperature", "lambda", "beta", "prompt_tokens",
                                                        "max_new_tokens"},
                "minillm": {"alpha", "prompt_tokens", "max_new_tokens"}, "hidden": {"temperature"},
+               "ted": {"temperature"},
                "finetune": set()}[method]
     for key, value in options.items():
         if value is not None:
@@ -661,7 +663,8 @@ def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
         check_same_vocabulary(teacher.model, student.model, teacher.tokenizer, student.tokenizer)
     check_context(student.model, args.seqlen, "--seqlen")
     data = _distill_data(args, student.tokenizer, stage)
-    objective = stage.objective(teacher.model if teacher is not None else None, student.model, CompressionReport())
+    objective = stage.build_objective(teacher.model if teacher is not None else None, student.model,
+                                      CompressionReport(), data)
     if args.method in ("gkd", "minillm") and student.tokenizer.pad_token_id is not None:
         objective.pad_id = student.tokenizer.pad_token_id
     result = train(student.model, objective, data, stage.training, out_dir=training_dir,

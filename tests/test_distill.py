@@ -334,3 +334,27 @@ def test_minillm_trains_on_teacher_mixed_samples():
     assert any(not torch.equal(p, before[name]) for name, p in student.named_parameters())
     with pytest.raises(SlimlmError, match="alpha"):
         MiniLLM(teacher, alpha=1.5)
+
+
+def test_ted_learns_filters_then_distills_through_them():
+    from slimlm.distill.ted import FilterLearning, Filters, filter_layers
+
+    assert filter_layers(6, 2, [1, 2, 3, 4, 5, 8]) == ([2, 4, 6], [2, 4, 8])
+    teacher = tiny_model("llama", blocks=4, **PEAKED)
+    data = token_segments(TOKENS, 32, "random tokens", pad_id=0)
+    filters = Filters([2, 4], 64, torch.device("cpu"))
+    objective = FilterLearning(teacher, filters)
+    start = float(objective.loss(teacher, data.batch(0, 4), torch.Generator())[0].detach())
+    frozen = {name: p.clone() for name, p in teacher.named_parameters()}
+    train(teacher, objective, data, TrainingConfig(steps=15, lr=1e-2, trainable="none", precision="float32"))
+    assert float(objective.loss(teacher, data.batch(0, 4), torch.Generator())[0].detach()) < start  # filters learnt
+    assert all(torch.equal(p, frozen[name]) for name, p in teacher.named_parameters())  # the model did not
+    student, baseline = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    drop = {"method": "drop_layers", "count": 2, "criterion": "uniform"}
+    compress(baseline, load_recipe({"stages": [drop], "float_storage": "float32"}))
+    recipe = load_recipe({"stages": [drop, {"method": "ted", "seqlen": 32, "filter_interval": 1, "filter_steps": 5,
+                                            "training": {"steps": 20, "lr": 3e-3}}], "float_storage": "float32"})
+    report = compress(student, recipe, TOKENS[:1024].view(16, 64))
+    assert [entry["method"] for entry in report.structure] == ["drop_layers", "ted"]
+    assert _kl(student, teacher) < 0.8 * _kl(baseline, teacher)
+    assert not any("filter" in name for name, _ in student.named_parameters())  # the filters are not kept

@@ -35,7 +35,7 @@ BUILTIN_MODULES = (
     "slimlm.lowrank.svd", "slimlm.lowrank.asvd", "slimlm.lowrank.lplr", "slimlm.lowrank.laser", "slimlm.lowrank.lorc",
     "slimlm.lowrank.eora",
     "slimlm.distill.ce", "slimlm.distill.kd", "slimlm.distill.gkd", "slimlm.distill.minillm",
-    "slimlm.distill.hidden",
+    "slimlm.distill.hidden", "slimlm.distill.ted",
     # layer kinds only
     "slimlm.quant.qlinear", "slimlm.quant.qembedding", "slimlm.quant.w8a8", "slimlm.quant.llm_int8", "slimlm.prune.sparse_linear",
     "slimlm.lowrank.layer",

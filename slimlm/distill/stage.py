@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 from pydantic import Field
 
 from slimlm.core.stage import ModelContext, Stage
-from slimlm.distill.data import token_segments
+from slimlm.distill.data import TrainingData, token_segments
 from slimlm.distill.trainer import Objective, TrainingConfig, train
 
 if TYPE_CHECKING:
@@ -43,13 +43,19 @@ class DistillStage(Stage):
     def objective(self, teacher: nn.Module | None, student: nn.Module, report: CompressionReport) -> Objective:
         raise NotImplementedError
 
+    def build_objective(self, teacher: nn.Module | None, student: nn.Module, report: CompressionReport,
+                        data: TrainingData) -> Objective:
+        """The objective to train with; a method that must first learn something from the data (TED's filters)
+        overrides this."""
+        return self.objective(teacher, student, report)
+
     def apply(self, context: ModelContext, report: CompressionReport) -> None:
         data = token_segments(context.calibration, self.seqlen, "calibration segments", pad_id=0,
                               seed=self.training.seed, prompt_tokens=getattr(self, "prompt_tokens", 0))
         out = context.checkpoint_dir / f"train-{self.method}" if context.checkpoint_dir is not None else None
         every = (self.training.checkpoint_every or max(1, self.training.steps // 10)) if out is not None else 0
         config = self.training.model_copy(update={"checkpoint_every": every})
-        objective = self.objective(context.teacher, context.model, report)
+        objective = self.build_objective(context.teacher, context.model, report, data)
         result = train(context.model, objective, data, config, out_dir=out, description=f"distill {self.method}")
         report.structure.append({"method": self.method, "training": result.to_dict(),
                                  "final_losses": [row["loss"] for row in result.history[-5:]]})

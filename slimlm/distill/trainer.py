@@ -4,7 +4,8 @@
 
 - **What trains** (`TrainingConfig.trainable`): `all` (every float parameter), `norms` (the normalisation
   layers' weights and biases), `lora` (a rank-r update on every block linear, merged into the weights at
-  the end), or a list of parameter-name patterns (`*.mlp.*`). Compressed layers keep their weights in
+  the end), a list of parameter-name patterns (`*.mlp.*`), or `none` (only the objective's own parameters:
+  TED's filters). Compressed layers keep their weights in
   buffers (packed integers, sparse values), so their quantization grids and sparse layouts never change;
   a dense linear that is at least 1% exact zeros (a pruned one) keeps its zeros where they are: its
   gradient is masked and the zeros are written back after every step, so a 2:4 student stays 2:4.
@@ -63,7 +64,7 @@ class TrainingConfig(StrictModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: no clipping)")
     precision: Literal["auto", "float32", "bfloat16"] = "auto"
     gradient_checkpointing: bool = False
-    trainable: Literal["all", "norms", "lora"] | list[str] = "all"
+    trainable: Literal["all", "norms", "lora", "none"] | list[str] = "all"  # none: only the objective's own
     lora_rank: int = Field(8, ge=1)
     lora_alpha: float = Field(16.0, gt=0)
     seed: int = 0
@@ -155,7 +156,7 @@ def select_trainable(model: nn.Module, config: TrainingConfig) -> dict[str, nn.P
         param.requires_grad_(False)
     for param in chosen.values():
         param.requires_grad_(True)
-    if not chosen:
+    if not chosen and config.trainable != "none":
         raise SlimlmError(f"trainable={config.trainable!r} selects no parameter of the student: use 'all', "
                           "'norms', 'lora' or patterns that match its parameter names")
     return chosen
