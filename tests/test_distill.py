@@ -358,3 +358,17 @@ def test_ted_learns_filters_then_distills_through_them():
     assert [entry["method"] for entry in report.structure] == ["drop_layers", "ted"]
     assert _kl(student, teacher) < 0.8 * _kl(baseline, teacher)
     assert not any("filter" in name for name, _ in student.named_parameters())  # the filters are not kept
+
+
+def test_a_quantized_student_keeps_its_grid_and_trains_its_float_parameters():
+    teacher = tiny_model("llama", blocks=2, **PEAKED)
+    student = copy.deepcopy(teacher)
+    recipe = load_recipe({"stages": [{"method": "rtn", "bits": 3, "group_size": 32}], "float_storage": "float32"})
+    compress(student, recipe, TOKENS[:512].view(8, 64))
+    grid = {name: buffer.clone() for name, buffer in student.named_buffers()}
+    before = _kl(student, teacher)
+    result = train(student, KnowledgeDistillation(teacher), token_segments(TOKENS, 32, "random tokens", pad_id=0),
+                   TrainingConfig(steps=20, lr=3e-3, precision="float32"))
+    assert all(torch.equal(buffer, grid[name]) for name, buffer in student.named_buffers())  # packed weights, scales
+    assert result.trainable_parameters == 256 * 64 * 2 + 64 * 5  # embeddings, LM head, five norms
+    assert _kl(student, teacher) < 0.95 * before
