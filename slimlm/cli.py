@@ -126,19 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DISTILL_METHODS = ("kd", "reverse-kl", "gkd", "minillm", "hidden", "ted", "finetune")
+DISTILL_METHODS = ("kd", "reverse-kl", "gkd", "minillm", "hidden", "ted", "seqkd", "finetune")
 
 
 def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
     distill = commands.add_parser("distill", parents=[common],
                                   help="train a (compressed) student on a teacher's distributions, and save it")
     distill.add_argument("--teacher", help="the teacher (any model slimlm loads; not needed for --method finetune)")
+    distill.add_argument("--teacher-url", help="seqkd: an OpenAI-compatible server (/v1/completions) as the teacher")
+    distill.add_argument("--teacher-model", default="teacher", help="seqkd: the model name sent to --teacher-url")
+    distill.add_argument("--api-key", help="seqkd: the --teacher-url server's key (default: $OPENAI_API_KEY)")
+    distill.add_argument("--teacher-temperature", type=float, default=0.0,
+                         help="seqkd: sampling temperature of the teacher's responses (0: greedy)")
     distill.add_argument("--student", required=True, help="the student: a model or a slimlm compressed checkpoint")
     distill.add_argument("--method", default="kd", choices=DISTILL_METHODS,
                          help="kd: forward KL (Hinton); reverse-kl: token-level KL(student || teacher); gkd: on-policy "
                               "GKD with JSD(beta); minillm: sequence-level reverse KL by policy gradient; hidden: "
                               "hidden-state matching plus KD; ted: task-aware filters, then KD through them; "
-                              "finetune: cross-entropy only")
+                              "seqkd: black-box, the teacher (--teacher or --teacher-url) writes the responses to "
+                              "the --data prompts and the student learns them; finetune: cross-entropy only")
     distill.add_argument("--data", default="c4",
                          help="training data: a corpus (c4, wikitext2, ptb, pydoc: their calibration split; a .txt or "
                               '{"text"} .jsonl file) or an instruction JSONL with prompt/response pairs')
@@ -169,7 +175,8 @@ def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
     distill.add_argument("--beta", type=float, help="gkd: JSD interpolation (0 forward KL, 1 reverse KL)")
     distill.add_argument("--prompt-tokens", type=_positive_int,
                          help="gkd, minillm: prompt tokens kept from text segments")
-    distill.add_argument("--max-new-tokens", type=_positive_int, help="gkd, minillm: tokens the student samples")
+    distill.add_argument("--max-new-tokens", type=_positive_int,
+                         help="gkd, minillm: tokens the student samples; seqkd: tokens of each teacher response")
 
 
 def _add_compare_parser(commands, common: argparse.ArgumentParser) -> None:
@@ -593,7 +600,7 @@ def _distill_stage(args: argparse.Namespace):
                 "gradient_checkpointing": args.gradient_checkpointing, "trainable": trainable, "seed": args.seed,
                 "checkpoint_every": args.checkpoint_every if args.checkpoint_every is not None
                 else max(1, args.steps // 10)}
-    method = "kd" if args.method == "reverse-kl" else args.method
+    method = {"reverse-kl": "kd", "seqkd": "finetune"}.get(args.method, args.method)
     stage = {"method": method, "training": training, "seqlen": args.seqlen}
     if args.method == "reverse-kl":
         stage["divergence"] = "reverse"
@@ -604,6 +611,8 @@ def _distill_stage(args: argparse.Namespace):
                "minillm": {"alpha", "prompt_tokens", "max_new_tokens"}, "hidden": {"temperature"},
                "ted": {"temperature"},
                "finetune": set()}[method]
+    if args.method == "seqkd":
+        options.pop("max_new_tokens")
     for key, value in options.items():
         if value is not None:
             if key not in allowed:
@@ -640,6 +649,22 @@ def _distill_data(args: argparse.Namespace, tokenizer, stage):
                           prompt_tokens=getattr(stage, "prompt_tokens", 0))
 
 
+def _teacher_written_data(args: argparse.Namespace, teacher, tokenizer, training_dir):
+    """seqkd's data: the teacher's responses to the --data prompts (kept beside --out, so a rerun asks only
+    for the missing ones), as prompt/response examples of the student's tokenizer."""
+    from pathlib import Path
+
+    from slimlm.distill.data import instruction_examples, read_prompts
+    from slimlm.distill.seqkd import teacher_responses
+
+    if not (args.teacher_temperature >= 0):
+        raise SlimlmError(f"--teacher-temperature must be >= 0 (got {args.teacher_temperature})")
+    prompts = read_prompts(Path(args.data))
+    pairs = teacher_responses(teacher, prompts, args.max_new_tokens or 128, args.teacher_temperature, args.seed,
+                              cache=training_dir / "teacher_responses.jsonl")
+    return instruction_examples(tokenizer, pairs, args.seqlen, f"{args.data} answered by {teacher.name}", args.seed)
+
+
 def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.compress.resume import default_directory
     from slimlm.core.blocks import CompressionReport
@@ -649,22 +674,40 @@ def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.results import make_record
 
     stage = _distill_stage(args)  # bad settings fail before any model is loaded
-    if stage.uses_teacher and not args.teacher:
-        raise SlimlmError(f"--method {args.method} distills from a teacher: pass --teacher MODEL "
-                          "(or --method finetune to train on the data alone)")
+    black_box = args.method == "seqkd"
+    if args.teacher_url and not black_box:
+        raise SlimlmError(f"--teacher-url serves text only, and --method {args.method} needs the teacher's "
+                          "distributions: load the teacher with --teacher, or use --method seqkd")
+    if (stage.uses_teacher or black_box) and not (args.teacher or args.teacher_url):
+        raise SlimlmError(f"--method {args.method} distills from a teacher: pass --teacher MODEL"
+                          + (" or --teacher-url URL" if black_box else "")
+                          + " (or --method finetune to train on the data alone)")
+    if args.teacher and args.teacher_url:
+        raise SlimlmError("give one teacher: --teacher MODEL or --teacher-url URL")
+    if black_box and args.teacher_url:
+        from slimlm.distill.teachers import RemoteTeacher
+
+        remote = RemoteTeacher(args.teacher_url, args.teacher_model, args.api_key)
+        remote.check()  # an unreachable server fails here, before any model is loaded
     _refuse_existing_out(args.out, args.overwrite)
     training_dir = default_directory(args.out)
     if args.resume and not (training_dir / "checkpoint.pt").is_file():
         raise SlimlmError(f"--resume: no interrupted run of --out {args.out} to continue ({training_dir} holds no "
                           "checkpoint); run without --resume")
     student = _load(args.student, args)
-    teacher = _load(args.teacher, args) if stage.uses_teacher else None
-    if teacher is not None:
+    teacher = _load(args.teacher, args) if args.teacher and (stage.uses_teacher or black_box) else None
+    if teacher is not None and not black_box:
         check_same_vocabulary(teacher.model, student.model, teacher.tokenizer, student.tokenizer)
     check_context(student.model, args.seqlen, "--seqlen")
-    data = _distill_data(args, student.tokenizer, stage)
-    objective = stage.build_objective(teacher.model if teacher is not None else None, student.model,
-                                      CompressionReport(), data)
+    if black_box:
+        from slimlm.distill.teachers import LocalTeacher
+
+        text_teacher = remote if args.teacher_url else LocalTeacher(teacher.model, teacher.tokenizer)
+        data = _teacher_written_data(args, text_teacher, student.tokenizer, training_dir)
+    else:
+        data = _distill_data(args, student.tokenizer, stage)
+    objective = stage.build_objective(teacher.model if teacher is not None and not black_box else None,
+                                      student.model, CompressionReport(), data)
     if args.method in ("gkd", "minillm") and student.tokenizer.pad_token_id is not None:
         objective.pad_id = student.tokenizer.pad_token_id
     result = train(student.model, objective, data, stage.training, out_dir=training_dir,
@@ -675,6 +718,8 @@ def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
     from pathlib import Path
 
     write_loss_curve(Path(args.out), result.history, f"{args.method}: {args.student}")
+    if black_box:
+        shutil.copyfile(training_dir / "teacher_responses.jsonl", Path(args.out) / "teacher_responses.jsonl")
     shutil.rmtree(training_dir, ignore_errors=True)  # the student is on disk: nothing left to resume
     metrics = {"training": result.to_dict(), "out": args.out, "data": data.description, "examples": len(data)}
     record = make_record(args.student, f"distill {args.method}", {"stage": stage.model_dump(mode="json"),

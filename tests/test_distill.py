@@ -372,3 +372,81 @@ def test_a_quantized_student_keeps_its_grid_and_trains_its_float_parameters():
     assert all(torch.equal(buffer, grid[name]) for name, buffer in student.named_buffers())  # packed weights, scales
     assert result.trainable_parameters == 256 * 64 * 2 + 64 * 5  # embeddings, LM head, five norms
     assert _kl(student, teacher) < 0.95 * before
+
+
+class _FakeOpenAI:
+    """An OpenAI-compatible completions server on 127.0.0.1 that answers "<prompt> is answered." and counts."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        owner = self
+        self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _send(self, payload: dict) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):  # noqa: N802 - http.server's name
+                self._send({"data": [{"id": "teacher"}]})
+
+            def do_POST(self):  # noqa: N802
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests.append(request)
+                self._send({"choices": [{"index": 0, "text": f" {request['prompt'][:12]} is answered."}]})
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_black_box_seqkd_from_a_server_and_from_a_local_model(tmp_path, capsys):
+    import time
+
+    from slimlm.cli import main
+    from slimlm.distill.teachers import LocalTeacher, RemoteTeacher
+    from slimlm.models.tiny import save_tiny
+
+    student = save_tiny(tmp_path / "student", blocks=1, seed=1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"instruction": f"Say the number {i}"}) for i in range(5)))
+    server = _FakeOpenAI()
+    try:
+        teacher = RemoteTeacher(server.url + "/v1")
+        teacher.check()
+        assert teacher.complete(["Hello there"], 8) == [" Hello there is answered."]
+        common = ["distill", "--method", "seqkd", "--student", str(student), "--data", str(prompts), "--seqlen", "48",
+                  "--steps", "3", "--precision", "float32", "--max-new-tokens", "16"]
+        out = tmp_path / "out"
+        assert main([*common, "--teacher-url", server.url, "--out", str(out)]) == 0, capsys.readouterr().err
+        written = [json.loads(line) for line in (tmp_path / "out" / "teacher_responses.jsonl").read_text().splitlines()]
+        assert [row["response"] for row in written][:2] == [" Say the numb is answered."] * 2
+        assert len(server.requests) == 1 + 5 and server.requests[-1]["max_tokens"] == 16
+    finally:
+        server.close()
+    start = time.perf_counter()
+    assert main([*common, "--teacher-url", server.url, "--out", str(tmp_path / "gone")]) == 2
+    err = capsys.readouterr().err
+    assert "unreachable" in err and "--teacher-url" in err and time.perf_counter() - start < 10
+    white_box = ["distill", "--method", "kd", "--student", str(student), "--data", str(prompts)]
+    assert main([*white_box, "--teacher-url", "http://127.0.0.1:9", "--out", str(tmp_path / "x")]) == 2
+    assert "serves text only" in capsys.readouterr().err
+    local = LocalTeacher(tiny_model("llama", vocab_size=262), tiny_tokenizer())
+    first = local.complete(["Say one", "A longer prompt here"], 6)
+    assert len(first) == 2 and first == local.complete(["Say one", "A longer prompt here"], 6)  # greedy
+    teacher_dir = tmp_path / "teacher"
+    save_tiny(teacher_dir, blocks=2)
+    assert main([*common, "--teacher", str(teacher_dir), "--out", str(tmp_path / "local")]) == 0
+    assert (tmp_path / "local" / "teacher_responses.jsonl").is_file()

@@ -133,6 +133,27 @@ def read_instruction_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]
     return pairs
 
 
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """The prompts of a JSONL file: each line's `prompt`, `instruction` (+ `input`) or `question`."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".jsonl":
+        raise SlimlmError(f"prompts: {path} is not a JSONL file; pass one with a \"prompt\" (or \"instruction\", "
+                          "\"question\") on each line")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SlimlmError(f"{path}:{number} is not a JSON object ({error.msg})") from error
+        key = next((k for k, _ in PROMPT_KEYS if isinstance(row, dict) and k in row), None)
+        if key is None:
+            raise SlimlmError(f"{path}:{number} has no prompt: give it a \"prompt\", \"instruction\" or \"question\"")
+        prompts.append(str(row[key]) + (f"\n{row['input']}" if row.get("input") else ""))
+    return prompts
+
+
 def instruction_examples(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], max_length: int,
                          description: str, seed: int = 0) -> TrainingData:
     """Prompt + response token sequences, the response's tokens as targets, cut to `max_length` tokens."""
