@@ -138,6 +138,9 @@ def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
     distill.add_argument("--api-key", help="seqkd: the --teacher-url server's key (default: $OPENAI_API_KEY)")
     distill.add_argument("--teacher-temperature", type=float, default=0.0,
                          help="seqkd: sampling temperature of the teacher's responses (0: greedy)")
+    distill.add_argument("--self-instruct", type=_positive_int, metavar="N",
+                         help="seqkd: the --data prompts are seed tasks; the teacher first writes N new instructions "
+                              "from them (Self-Instruct, near-duplicates filtered by ROUGE-L), then answers all")
     distill.add_argument("--student", required=True, help="the student: a model or a slimlm compressed checkpoint")
     distill.add_argument("--method", default="kd", choices=DISTILL_METHODS,
                          help="kd: forward KL (Hinton); reverse-kl: token-level KL(student || teacher); gkd: on-policy "
@@ -660,6 +663,13 @@ def _teacher_written_data(args: argparse.Namespace, teacher, tokenizer, training
     if not (args.teacher_temperature >= 0):
         raise SlimlmError(f"--teacher-temperature must be >= 0 (got {args.teacher_temperature})")
     prompts = read_prompts(Path(args.data))
+    if args.self_instruct:
+        from slimlm.distill.self_instruct import generate_instructions
+
+        written = generate_instructions(teacher, prompts, args.self_instruct, seed=args.seed,
+                                        cache=training_dir / "instructions.jsonl")
+        print(f"slimlm: Self-Instruct kept {len(written)} new instructions", file=sys.stderr)
+        prompts = prompts + written
     pairs = teacher_responses(teacher, prompts, args.max_new_tokens or 128, args.teacher_temperature, args.seed,
                               cache=training_dir / "teacher_responses.jsonl")
     return instruction_examples(tokenizer, pairs, args.seqlen, f"{args.data} answered by {teacher.name}", args.seed)
@@ -675,6 +685,8 @@ def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
 
     stage = _distill_stage(args)  # bad settings fail before any model is loaded
     black_box = args.method == "seqkd"
+    if args.self_instruct and not black_box:
+        raise SlimlmError("--self-instruct has the teacher write instructions: use it with --method seqkd")
     if args.teacher_url and not black_box:
         raise SlimlmError(f"--teacher-url serves text only, and --method {args.method} needs the teacher's "
                           "distributions: load the teacher with --teacher, or use --method seqkd")
@@ -720,6 +732,8 @@ def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
     write_loss_curve(Path(args.out), result.history, f"{args.method}: {args.student}")
     if black_box:
         shutil.copyfile(training_dir / "teacher_responses.jsonl", Path(args.out) / "teacher_responses.jsonl")
+        if (training_dir / "instructions.jsonl").is_file():
+            shutil.copyfile(training_dir / "instructions.jsonl", Path(args.out) / "instructions.jsonl")
     shutil.rmtree(training_dir, ignore_errors=True)  # the student is on disk: nothing left to resume
     metrics = {"training": result.to_dict(), "out": args.out, "data": data.description, "examples": len(data)}
     record = make_record(args.student, f"distill {args.method}", {"stage": stage.model_dump(mode="json"),

@@ -434,6 +434,10 @@ def test_black_box_seqkd_from_a_server_and_from_a_local_model(tmp_path, capsys):
         written = [json.loads(line) for line in (tmp_path / "out" / "teacher_responses.jsonl").read_text().splitlines()]
         assert [row["response"] for row in written][:2] == [" Say the numb is answered."] * 2
         assert len(server.requests) == 1 + 5 and server.requests[-1]["max_tokens"] == 16
+        # Self-Instruct first: the fake teacher writes one instruction again and again, so one survives ROUGE-L
+        assert main([*common, "--teacher-url", server.url, "--self-instruct", "2", "--out", str(tmp_path / "si")]) == 0
+        assert (tmp_path / "si" / "instructions.jsonl").read_text().count("\n") == 1
+        assert (tmp_path / "si" / "teacher_responses.jsonl").read_text().count("\n") == 5 + 1
     finally:
         server.close()
     start = time.perf_counter()
@@ -450,3 +454,33 @@ def test_black_box_seqkd_from_a_server_and_from_a_local_model(tmp_path, capsys):
     save_tiny(teacher_dir, blocks=2)
     assert main([*common, "--teacher", str(teacher_dir), "--out", str(tmp_path / "local")]) == 0
     assert (tmp_path / "local" / "teacher_responses.jsonl").is_file()
+
+
+def test_self_instruct_keeps_new_instructions_and_drops_near_duplicates(tmp_path):
+    from slimlm.distill.self_instruct import acceptable, first_task, generate_instructions, rouge_l, task_prompt
+
+    assert rouge_l("the cat sat", "the cat sat") == 1.0 and rouge_l("red fish", "blue bird") == 0.0
+    assert abs(rouge_l("The cat sat.", "the cat sat down") - 2 * 1.0 * 0.75 / 1.75) < 1e-12
+    assert not acceptable("Draw a picture of a cat", [])  # a text model cannot
+    assert not acceptable("Hi", [])  # too short
+    assert not acceptable("Write a poem about the sea", ["Write a poem about the sea please"])  # near-duplicate
+    assert acceptable("List three prime numbers above ten", ["Write a poem about the sea"])
+    assert task_prompt(["A b c", "D e f"]).endswith("Task 2: D e f\nTask 3:")
+    assert first_task(" Name a colour.\nTask 10: more") == "Name a colour."
+
+    class Scripted:  # a teacher that writes from a fixed list (one duplicate, one filtered)
+        name = "scripted"
+
+        def __init__(self):
+            self.answers = iter([" Name three rivers in Europe.", " Name three rivers in Europe!",
+                                 " Draw a map of Spain.", " Explain why the sky is blue.", " Count to five in French."])
+
+        def complete(self, prompts, max_new_tokens, temperature, seed):
+            return [next(self.answers, " ") for _ in prompts]
+
+    seeds = ["Write a haiku about winter.", "Translate 'good morning' into German."]
+    cache = tmp_path / "instructions.jsonl"
+    kept = generate_instructions(Scripted(), seeds, 3, per_round=5, cache=cache)
+    assert kept == ["Name three rivers in Europe.", "Explain why the sky is blue.", "Count to five in French."]
+    assert [json.loads(line)["instruction"] for line in cache.read_text().splitlines()] == kept
+    assert generate_instructions(Scripted(), seeds, 3, cache=cache) == kept  # a rerun continues from the file
