@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DISTILL_METHODS = ("kd", "reverse-kl", "gkd", "minillm", "hidden", "ted", "seqkd", "finetune")
+DISTILL_METHODS = ("kd", "reverse-kl", "gkd", "minillm", "hidden", "ted", "seqkd", "cot", "finetune")
 
 
 def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
@@ -141,13 +141,22 @@ def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
     distill.add_argument("--self-instruct", type=_positive_int, metavar="N",
                          help="seqkd: the --data prompts are seed tasks; the teacher first writes N new instructions "
                               "from them (Self-Instruct, near-duplicates filtered by ROUGE-L), then answers all")
+    distill.add_argument("--cot-style", default="step-by-step",
+                         choices=["fine-tune-cot", "step-by-step", "answer-only"],
+                         help="cot: Fine-tune-CoT (correct rationales only), Distilling step-by-step (label and "
+                              "rationale tasks), or the answer-only baseline (no teacher)")
+    distill.add_argument("--cot-samples", type=_positive_int, default=1,
+                         help="cot: rationales per question (Fine-tune-CoT's diverse reasoning; with "
+                              "--teacher-temperature > 0)")
+    distill.add_argument("--examples", type=_positive_int, help="cot: use the first N questions")
     distill.add_argument("--student", required=True, help="the student: a model or a slimlm compressed checkpoint")
     distill.add_argument("--method", default="kd", choices=DISTILL_METHODS,
                          help="kd: forward KL (Hinton); reverse-kl: token-level KL(student || teacher); gkd: on-policy "
                               "GKD with JSD(beta); minillm: sequence-level reverse KL by policy gradient; hidden: "
                               "hidden-state matching plus KD; ted: task-aware filters, then KD through them; "
                               "seqkd: black-box, the teacher (--teacher or --teacher-url) writes the responses to "
-                              "the --data prompts and the student learns them; finetune: cross-entropy only")
+                              "the --data prompts and the student learns them; cot: black-box chain-of-thought "
+                              "distillation on question/answer data (--cot-style); finetune: cross-entropy only")
     distill.add_argument("--data", default="c4",
                          help="training data: a corpus (c4, wikitext2, ptb, pydoc: their calibration split; a .txt or "
                               '{"text"} .jsonl file) or an instruction JSONL with prompt/response pairs')
@@ -603,7 +612,7 @@ def _distill_stage(args: argparse.Namespace):
                 "gradient_checkpointing": args.gradient_checkpointing, "trainable": trainable, "seed": args.seed,
                 "checkpoint_every": args.checkpoint_every if args.checkpoint_every is not None
                 else max(1, args.steps // 10)}
-    method = {"reverse-kl": "kd", "seqkd": "finetune"}.get(args.method, args.method)
+    method = {"reverse-kl": "kd", "seqkd": "finetune", "cot": "finetune"}.get(args.method, args.method)
     stage = {"method": method, "training": training, "seqlen": args.seqlen}
     if args.method == "reverse-kl":
         stage["divergence"] = "reverse"
@@ -614,7 +623,7 @@ def _distill_stage(args: argparse.Namespace):
                "minillm": {"alpha", "prompt_tokens", "max_new_tokens"}, "hidden": {"temperature"},
                "ted": {"temperature"},
                "finetune": set()}[method]
-    if args.method == "seqkd":
+    if args.method in ("seqkd", "cot"):
         options.pop("max_new_tokens")
     for key, value in options.items():
         if value is not None:
@@ -675,6 +684,21 @@ def _teacher_written_data(args: argparse.Namespace, teacher, tokenizer, training
     return instruction_examples(tokenizer, pairs, args.seqlen, f"{args.data} answered by {teacher.name}", args.seed)
 
 
+def _chain_of_thought_data(args: argparse.Namespace, teacher, tokenizer, training_dir):
+    """cot's data: the --data questions (GSM8K's train split or a question/answer JSONL), with the teacher's
+    rationales (kept beside --out, so a rerun asks only for the missing ones) in the --cot-style format."""
+    from slimlm.distill.cot import read_problems, teacher_rationales, training_pairs
+    from slimlm.distill.data import instruction_examples
+
+    problems = read_problems(args.data, args.data_dir, "train", args.examples)
+    rationales = None
+    if args.cot_style != "answer-only":
+        rationales = teacher_rationales(teacher, problems, args.cot_samples, args.teacher_temperature,
+                                        args.max_new_tokens or 128, args.seed, cache=training_dir / "rationales.jsonl")
+    pairs = training_pairs(args.cot_style, problems, rationales)
+    return instruction_examples(tokenizer, pairs, args.seqlen, f"{args.data} ({args.cot_style})", args.seed)
+
+
 def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.compress.resume import default_directory
     from slimlm.core.blocks import CompressionReport
@@ -684,19 +708,20 @@ def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
     from slimlm.results import make_record
 
     stage = _distill_stage(args)  # bad settings fail before any model is loaded
-    black_box = args.method == "seqkd"
-    if args.self_instruct and not black_box:
+    black_box = args.method in ("seqkd", "cot")
+    needs_teacher = black_box and not (args.method == "cot" and args.cot_style == "answer-only")
+    if args.self_instruct and args.method != "seqkd":
         raise SlimlmError("--self-instruct has the teacher write instructions: use it with --method seqkd")
     if args.teacher_url and not black_box:
         raise SlimlmError(f"--teacher-url serves text only, and --method {args.method} needs the teacher's "
                           "distributions: load the teacher with --teacher, or use --method seqkd")
-    if (stage.uses_teacher or black_box) and not (args.teacher or args.teacher_url):
+    if (stage.uses_teacher or needs_teacher) and not (args.teacher or args.teacher_url):
         raise SlimlmError(f"--method {args.method} distills from a teacher: pass --teacher MODEL"
                           + (" or --teacher-url URL" if black_box else "")
                           + " (or --method finetune to train on the data alone)")
     if args.teacher and args.teacher_url:
         raise SlimlmError("give one teacher: --teacher MODEL or --teacher-url URL")
-    if black_box and args.teacher_url:
+    if needs_teacher and args.teacher_url:
         from slimlm.distill.teachers import RemoteTeacher
 
         remote = RemoteTeacher(args.teacher_url, args.teacher_model, args.api_key)
@@ -707,15 +732,19 @@ def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
         raise SlimlmError(f"--resume: no interrupted run of --out {args.out} to continue ({training_dir} holds no "
                           "checkpoint); run without --resume")
     student = _load(args.student, args)
-    teacher = _load(args.teacher, args) if args.teacher and (stage.uses_teacher or black_box) else None
+    teacher = _load(args.teacher, args) if args.teacher and (stage.uses_teacher or needs_teacher) else None
     if teacher is not None and not black_box:
         check_same_vocabulary(teacher.model, student.model, teacher.tokenizer, student.tokenizer)
     check_context(student.model, args.seqlen, "--seqlen")
     if black_box:
         from slimlm.distill.teachers import LocalTeacher
 
-        text_teacher = remote if args.teacher_url else LocalTeacher(teacher.model, teacher.tokenizer)
-        data = _teacher_written_data(args, text_teacher, student.tokenizer, training_dir)
+        text_teacher = None if not needs_teacher else remote if args.teacher_url else \
+            LocalTeacher(teacher.model, teacher.tokenizer)
+        if args.method == "cot":
+            data = _chain_of_thought_data(args, text_teacher, student.tokenizer, training_dir)
+        else:
+            data = _teacher_written_data(args, text_teacher, student.tokenizer, training_dir)
     else:
         data = _distill_data(args, student.tokenizer, stage)
     objective = stage.build_objective(teacher.model if teacher is not None and not black_box else None,
@@ -730,10 +759,9 @@ def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
     from pathlib import Path
 
     write_loss_curve(Path(args.out), result.history, f"{args.method}: {args.student}")
-    if black_box:
-        shutil.copyfile(training_dir / "teacher_responses.jsonl", Path(args.out) / "teacher_responses.jsonl")
-        if (training_dir / "instructions.jsonl").is_file():
-            shutil.copyfile(training_dir / "instructions.jsonl", Path(args.out) / "instructions.jsonl")
+    for written in ("teacher_responses.jsonl", "instructions.jsonl", "rationales.jsonl"):  # what the teacher wrote
+        if (training_dir / written).is_file():
+            shutil.copyfile(training_dir / written, Path(args.out) / written)
     shutil.rmtree(training_dir, ignore_errors=True)  # the student is on disk: nothing left to resume
     metrics = {"training": result.to_dict(), "out": args.out, "data": data.description, "examples": len(data)}
     record = make_record(args.student, f"distill {args.method}", {"stage": stage.model_dump(mode="json"),

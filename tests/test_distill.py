@@ -484,3 +484,39 @@ def test_self_instruct_keeps_new_instructions_and_drops_near_duplicates(tmp_path
     assert kept == ["Name three rivers in Europe.", "Explain why the sky is blue.", "Count to five in French."]
     assert [json.loads(line)["instruction"] for line in cache.read_text().splitlines()] == kept
     assert generate_instructions(Scripted(), seeds, 3, cache=cache) == kept  # a rerun continues from the file
+
+
+def test_chain_of_thought_data_and_the_cot_command(tmp_path, capsys, data_dir):
+    from slimlm.cli import main
+    from slimlm.distill.cot import Problem, accuracy, last_number, read_problems, training_pairs
+    from slimlm.models.tiny import save_tiny
+
+    problems = read_problems("gsm8k", data_dir, "test", limit=3)
+    assert problems[0].answer == "18" and problems[0].question.startswith("Janet")
+    assert last_number("so 1,234.0 apples and then 7.") == "7" and last_number("1,234.0") == "1234"
+    assert last_number("no digits") is None
+    rationales = [[{"rationale": "16 - 7 = 9, 9 * 2 = 18.", "predicted": "18"},
+                   {"rationale": "wrong", "predicted": "5"}]] + [[{"rationale": "r", "predicted": None}] * 2] * 2
+    kept = training_pairs("fine-tune-cot", problems, rationales)  # only the right rationale
+    assert kept == [(f"{problems[0].question} ###", " 16 - 7 = 9, 9 * 2 = 18. --> 18 END")]
+    both = training_pairs("step-by-step", problems, rationales)
+    assert [prompt.split(" ")[0] for prompt, _ in both] == ["[label]", "[rationale]"] * 3
+    plain = [(f"[label] {p.question}", f" {p.answer}") for p in problems]
+    assert training_pairs("answer-only", problems, None) == plain
+    with pytest.raises(SlimlmError, match="none of the teacher's rationales"):
+        training_pairs("fine-tune-cot", problems[1:], rationales[1:])
+    model, tokenizer = tiny_model("llama", vocab_size=262), tiny_tokenizer()
+    assert accuracy(model, tokenizer, [Problem("one plus one?", "2")], "step-by-step", 4) in (0.0, 1.0)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("\n".join(json.dumps({"question": f"What is {i} plus 1?", "answer": f"... #### {i + 1}"})
+                                   for i in range(4)))
+    teacher, student = save_tiny(tmp_path / "teacher", blocks=2), save_tiny(tmp_path / "student", blocks=1, seed=1)
+    common = ["distill", "--method", "cot", "--student", str(student), "--data", str(questions), "--seqlen", "64",
+              "--steps", "2", "--precision", "float32", "--max-new-tokens", "8"]
+    assert main([*common, "--cot-style", "step-by-step", "--teacher", str(teacher),
+                 "--out", str(tmp_path / "sbs")]) == 0
+    written = (tmp_path / "sbs" / "rationales.jsonl").read_text().splitlines()
+    assert len(written) == 4 and {"rationale", "predicted"} <= set(json.loads(written[0]))
+    assert main([*common, "--cot-style", "answer-only", "--out", str(tmp_path / "plain")]) == 0  # no teacher needed
+    assert main([*common, "--cot-style", "fine-tune-cot", "--out", str(tmp_path / "ft")]) == 2
+    assert "pass --teacher MODEL or --teacher-url URL" in capsys.readouterr().err
