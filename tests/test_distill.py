@@ -520,3 +520,25 @@ def test_chain_of_thought_data_and_the_cot_command(tmp_path, capsys, data_dir):
     assert main([*common, "--cot-style", "answer-only", "--out", str(tmp_path / "plain")]) == 0  # no teacher needed
     assert main([*common, "--cot-style", "fine-tune-cot", "--out", str(tmp_path / "ft")]) == 2
     assert "pass --teacher MODEL or --teacher-url URL" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_left_padded_sampling_matches_one_prompt_at_a_time(family):
+    from slimlm.distill.data import Batch
+    from slimlm.distill.sampling import sample_batch
+
+    model = tiny_model(family, **({} if family == "gpt2" else PEAKED))
+    ids = TOKENS[:40].view(2, 20).clone()
+    lengths = torch.tensor([7, 20])
+    batch = Batch(ids, torch.ones_like(ids), torch.zeros(2, 19, dtype=torch.bool), lengths)
+
+    def greedy(logits):
+        return torch.nn.functional.one_hot(logits[0].argmax(-1), logits[0].shape[-1]).float()
+
+    together = sample_batch([model], batch, 6, greedy, torch.Generator(), None, 0)
+    for row in range(2):
+        alone = Batch(ids[row : row + 1], torch.ones_like(ids[row : row + 1]), torch.zeros(1, 19, dtype=torch.bool),
+                      lengths[row : row + 1])
+        single = sample_batch([model], alone, 6, greedy, torch.Generator(), None, 0)
+        n = int(lengths[row]) + 6
+        assert torch.equal(together.ids[row, :n], single.ids[0, :n])

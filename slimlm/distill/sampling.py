@@ -1,8 +1,9 @@
 """Sampling continuations of a batch's prompts, for the on-policy objectives (GKD, MiniLLM).
 
-Rows whose prompts have the same length are sampled together, one forward pass per new token for the whole
-group with each model's KV cache (text segments all share one prompt length, so a batch is one group);
-instruction prompts of different lengths form groups of their own. A row stops after its end-of-sequence
+The whole batch is sampled together, one forward pass per new token with each model's KV cache. Prompts of
+different lengths (instructions, questions) are left-padded, with an attention mask and position ids counted
+from each prompt's first real token, where every model takes position ids; otherwise each prompt length is
+its own group. Prompts of one length (text segments) need no padding at all. A row stops after its end-of-sequence
 token; the group runs until every row has stopped or `max_new_tokens` are drawn. Draws come from one
 `torch.Generator`, so a run with the same generator state samples the same tokens.
 """
@@ -24,6 +25,11 @@ def returned_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+def _takes_positions(model: nn.Module) -> bool:
+    """Whether the model's forward takes explicit position ids (needed to left-pad prompts of several lengths)."""
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
 def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -39,11 +45,20 @@ def sample_batch(models: list[nn.Module], batch: Batch, max_new_tokens: int,
     arguments = [_cache_argument(model) for model in models]
     lengths = batch.prompt_lengths.tolist()
     rows: list[tuple[list[int], list[int]]] = [([], [])] * len(lengths)
+    groups = [[b for b, n in enumerate(lengths) if n == length] for length in sorted(set(lengths))]
+    if len(groups) > 1 and all(_takes_positions(model) for model in models):
+        groups = [list(range(len(lengths)))]  # one left-padded group
     try:
-        for length in sorted(set(lengths)):
-            members = [b for b, n in enumerate(lengths) if n == length]
-            prompts = batch.ids[members, :length]
-            outputs = [model(input_ids=prompts, use_cache=True) for model in models]
+        for members in groups:
+            width = max(lengths[b] for b in members)
+            prompts = torch.full((len(members), width), pad_id, dtype=torch.long, device=batch.ids.device)
+            mask = torch.zeros_like(prompts)
+            for row, b in enumerate(members):  # left padding: every prompt ends at the last column
+                prompts[row, width - lengths[b]:] = batch.ids[b, : lengths[b]]
+                mask[row, width - lengths[b]:] = 1
+            padded = bool((mask == 0).any())
+            extra = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp_min(0)} if padded else {}
+            outputs = [model(input_ids=prompts, use_cache=True, **extra) for model in models]
             caches = [returned_cache(output) for output in outputs]
             drawn = []
             finished = torch.zeros(len(members), dtype=torch.bool, device=prompts.device)
@@ -55,7 +70,10 @@ def sample_batch(models: list[nn.Module], batch: Batch, max_new_tokens: int,
                     finished |= token[:, 0] == eos_id
                     if bool(finished.all()):
                         break
-                outputs = [model(input_ids=token, use_cache=True, **{argument: cache})
+                if padded:
+                    mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                    extra = {"attention_mask": mask, "position_ids": mask.sum(-1, keepdim=True) - 1}
+                outputs = [model(input_ids=token, use_cache=True, **{argument: cache}, **extra)
                            for model, argument, cache in zip(models, arguments, caches)]
                 caches = [returned_cache(output) for output in outputs]
             tokens = torch.stack(drawn, dim=1).tolist()
@@ -63,7 +81,7 @@ def sample_batch(models: list[nn.Module], batch: Batch, max_new_tokens: int,
                 generated = tokens[row]
                 if eos_id is not None and eos_id in generated:
                     generated = generated[: generated.index(eos_id) + 1]
-                rows[b] = (batch.ids[b, :length].tolist(), generated)
+                rows[b] = (batch.ids[b, : lengths[b]].tolist(), generated)
     finally:
         for model, mode in zip(models, modes):
             model.train(mode)
