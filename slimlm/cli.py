@@ -167,7 +167,8 @@ def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
     restart.add_argument("--resume", action="store_true",
                          help="continue the interrupted run of this command from its last checkpoint (rerunning the "
                               "same command does so too; this makes a missing checkpoint an error)")
-    restart.add_argument("--restart", action="store_true", help="discard an interrupted run's checkpoint")
+    restart.add_argument("--restart", action="store_true",
+                         help="discard an interrupted run's training checkpoint (what a teacher already wrote is kept)")
     distill.add_argument("--steps", type=_positive_int, default=100)
     distill.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward pass")
     distill.add_argument("--grad-accumulation", type=_positive_int, default=1)
@@ -764,8 +765,9 @@ def run_distill(args: argparse.Namespace) -> tuple[dict, str]:
             shutil.copyfile(training_dir / written, Path(args.out) / written)
     shutil.rmtree(training_dir, ignore_errors=True)  # the student is on disk: nothing left to resume
     metrics = {"training": result.to_dict(), "out": args.out, "data": data.description, "examples": len(data)}
-    record = make_record(args.student, f"distill {args.method}", {"stage": stage.model_dump(mode="json"),
-                                                                   "teacher": args.teacher}, metrics)
+    protocol = {"stage": stage.model_dump(mode="json"), "teacher": args.teacher or args.teacher_url,
+                "data": args.data, "cot_style": args.cot_style if args.method == "cot" else None}
+    record = make_record(args.student, f"distill {args.method}", protocol, metrics)
     table = (f"distill {args.method}: {result.steps} steps, {result.tokens:,} tokens, {result.seconds:.0f} s "
              f"({result.precision}), loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
              + (f" (resumed after step {result.resumed_from})" if result.resumed_from else "")
