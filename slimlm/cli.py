@@ -95,12 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     squeeze.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     squeeze.add_argument("--force", action="store_true",
                          help="run even when the memory estimate exceeds the available RAM")
-    restart = squeeze.add_mutually_exclusive_group()
-    restart.add_argument("--resume", action="store_true",
-                         help="continue the interrupted run of this command from its last finished block (rerunning "
-                              "the same command does so too; this makes a missing checkpoint an error)")
-    restart.add_argument("--restart", action="store_true",
-                         help="discard the checkpoint of an interrupted run and start from the first block")
+    restart = _add_resume_options(squeeze, "its last finished block",
+                                  "discard the checkpoint of an interrupted run and start from the first block")
     restart.add_argument("--no-checkpoint", action="store_true",
                          help="keep no checkpoint, so a killed run starts over (saves writing the cached activations, "
                               "calib samples x seqlen x hidden x 4 bytes, after every block)")
@@ -124,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parser(commands, common)
     _add_compare_parser(commands, common)
     return parser
+
+
+def _add_resume_options(parser: argparse.ArgumentParser, where: str, restart_help: str):
+    """--resume / --restart (mutually exclusive); returns their group for more options."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help=f"continue the interrupted run of this command from {where} (rerunning the same command "
+                            "does so too; this makes a missing checkpoint an error)")
+    group.add_argument("--restart", action="store_true", help=restart_help)
+    return group
 
 
 DISTILL_METHODS = ("kd", "reverse-kl", "gkd", "minillm", "hidden", "ted", "seqkd", "cot", "finetune")
@@ -163,12 +169,8 @@ def _add_distill_parser(commands, common: argparse.ArgumentParser) -> None:
     distill.add_argument("--data-dir", help="data directory (default: $SLIMLM_DATA)")
     distill.add_argument("--out", required=True, help="directory to save the trained student to")
     distill.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    restart = distill.add_mutually_exclusive_group()
-    restart.add_argument("--resume", action="store_true",
-                         help="continue the interrupted run of this command from its last checkpoint (rerunning the "
-                              "same command does so too; this makes a missing checkpoint an error)")
-    restart.add_argument("--restart", action="store_true",
-                         help="discard an interrupted run's training checkpoint (what a teacher already wrote is kept)")
+    _add_resume_options(distill, "its last checkpoint",
+                        "discard an interrupted run's training checkpoint (what a teacher already wrote is kept)")
     distill.add_argument("--steps", type=_positive_int, default=100)
     distill.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per forward pass")
     distill.add_argument("--grad-accumulation", type=_positive_int, default=1)

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from slimlm.data.corpora import required_data_dir
+from slimlm.distill.data import jsonl_rows
 from slimlm.errors import SlimlmError
 from slimlm.progress import progress
 from slimlm.results import atomic_write_text
@@ -57,11 +58,8 @@ def read_problems(source: str, data_dir: str | os.PathLike[str] | None = None, s
         raise SlimlmError(f"{path} does not exist: pass --data gsm8k with --data-dir, or a JSONL file of "
                           '{"question": ..., "answer": "... #### 42"} rows')
     problems = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if not isinstance(row, dict) or "question" not in row or "answer" not in row:
+    for number, row in jsonl_rows(path, "questions", '{"question": ..., "answer": "... #### 42"}'):
+        if "question" not in row or "answer" not in row:
             raise SlimlmError(f"{path}:{number} needs \"question\" and \"answer\" fields")
         final = str(row["answer"]).rpartition("####")[2].strip().replace(",", "")
         problems.append(Problem(str(row["question"]), final))

@@ -110,13 +110,12 @@ def token_segments(ids: torch.Tensor, seqlen: int, description: str, pad_id: int
     return TrainingData(examples, pad_id, description, seed, default_prompt=prompt_tokens)
 
 
-def read_instruction_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """(prompt, response) pairs of an instruction/answer JSONL file (module docstring)."""
+def jsonl_rows(path: str | os.PathLike[str], what: str, expected: str) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSONL file; `what`/`expected` word the errors."""
     path = Path(path)
-    if not path.is_file():
-        raise SlimlmError(f"instruction data {path} does not exist: pass a JSONL file with one "
-                          '{"prompt": ..., "response": ...} object per line')
-    pairs = []
+    if not path.is_file() or path.suffix != ".jsonl":
+        raise SlimlmError(f"{what}: {path} is not a JSONL file; pass one with {expected} on each line")
+    rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -124,33 +123,36 @@ def read_instruction_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise SlimlmError(f"{path}:{number} is not a JSON object ({error.msg})") from error
-        keys = next((pair for pair in PROMPT_KEYS if isinstance(row, dict) and pair[0] in row and pair[1] in row), None)
+        if not isinstance(row, dict):
+            raise SlimlmError(f"{path}:{number} is not a JSON object")
+        rows.append((number, row))
+    return rows
+
+
+def _with_input(row: dict, key: str) -> str:
+    return str(row[key]) + (f"\n{row['input']}" if row.get("input") else "")
+
+
+def read_instruction_pairs(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """(prompt, response) pairs of an instruction/answer JSONL file (module docstring)."""
+    pairs = []
+    for number, row in jsonl_rows(path, "instruction data", '{"prompt": ..., "response": ...}'):
+        keys = next((pair for pair in PROMPT_KEYS if pair[0] in row and pair[1] in row), None)
         if keys is None:
             raise SlimlmError(f"{path}:{number} needs one of the key pairs "
                               f"{', '.join('/'.join(pair) for pair in PROMPT_KEYS)}")
-        prompt = str(row[keys[0]]) + (f"\n{row['input']}" if row.get("input") else "")
-        pairs.append((prompt, str(row[keys[1]])))
+        pairs.append((_with_input(row, keys[0]), str(row[keys[1]])))
     return pairs
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     """The prompts of a JSONL file: each line's `prompt`, `instruction` (+ `input`) or `question`."""
-    path = Path(path)
-    if not path.is_file() or path.suffix != ".jsonl":
-        raise SlimlmError(f"prompts: {path} is not a JSONL file; pass one with a \"prompt\" (or \"instruction\", "
-                          "\"question\") on each line")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SlimlmError(f"{path}:{number} is not a JSON object ({error.msg})") from error
-        key = next((k for k, _ in PROMPT_KEYS if isinstance(row, dict) and k in row), None)
+    for number, row in jsonl_rows(path, "prompts", 'a "prompt" (or "instruction", "question")'):
+        key = next((k for k, _ in PROMPT_KEYS if k in row), None)
         if key is None:
             raise SlimlmError(f"{path}:{number} has no prompt: give it a \"prompt\", \"instruction\" or \"question\"")
-        prompts.append(str(row[key]) + (f"\n{row['input']}" if row.get("input") else ""))
+        prompts.append(_with_input(row, key))
     return prompts
 
 

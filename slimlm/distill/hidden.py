@@ -50,6 +50,22 @@ def layer_map_after_removal(teacher_layers: int, removed: list[int]) -> list[int
     return [*kept[:-1], teacher_layers]
 
 
+def resolve_layer_map(setting: str | list[int], teacher: nn.Module, student: nn.Module, report) -> list[int]:
+    """The teacher layer of each student layer: "auto" (after layer removal in the same recipe, each kept block's
+    own; else uniform), "uniform", or the given list."""
+    teacher_layers = teacher.config.get_text_config().num_hidden_layers
+    student_layers = student.config.get_text_config().num_hidden_layers
+    if setting == "auto":
+        removed = [i for entry in report.structure if entry.get("method") == "drop_layers"
+                   for i in entry.get("removed_blocks", [])]
+        if removed and len(removed) == teacher_layers - student_layers:
+            return layer_map_after_removal(teacher_layers, removed)
+        return uniform_layer_map(student_layers, teacher_layers)
+    if setting == "uniform":
+        return uniform_layer_map(student_layers, teacher_layers)
+    return list(setting)
+
+
 class HiddenStateDistillation(TeacherObjective):
     def __init__(self, teacher: nn.Module, student: nn.Module, layer_map: list[int], hidden_weight: float = 1.0,
                  kd_weight: float = 1.0, temperature: float = 1.0):
@@ -109,14 +125,5 @@ class HiddenStage(DistillStage):
     temperature: float = Field(1.0, gt=0)
 
     def objective(self, teacher, student, report) -> Objective:
-        teacher_layers = teacher.config.get_text_config().num_hidden_layers
-        student_layers = student.config.get_text_config().num_hidden_layers
-        mapping = self.layer_map
-        if mapping == "auto":
-            removed = [i for entry in report.structure if entry.get("method") == "drop_layers"
-                       for i in entry.get("removed_blocks", [])]
-            mapping = layer_map_after_removal(teacher_layers, removed) if removed and \
-                len(removed) == teacher_layers - student_layers else uniform_layer_map(student_layers, teacher_layers)
-        elif mapping == "uniform":
-            mapping = uniform_layer_map(student_layers, teacher_layers)
+        mapping = resolve_layer_map(self.layer_map, teacher, student, report)
         return HiddenStateDistillation(teacher, student, mapping, self.hidden_weight, self.kd_weight, self.temperature)

@@ -32,7 +32,7 @@ from torch import nn
 
 from slimlm.core.stage import register
 from slimlm.distill.data import Batch, TrainingData
-from slimlm.distill.hidden import layer_map_after_removal, uniform_layer_map
+from slimlm.distill.hidden import resolve_layer_map
 from slimlm.distill.losses import forward_kl, masked_mean
 from slimlm.distill.objective import TeacherObjective, predictions
 from slimlm.distill.stage import DistillStage
@@ -156,14 +156,7 @@ class TEDStage(DistillStage):
         """Stage 1 (both models' filters), then the stage-2 objective."""
         t_layers = teacher.config.get_text_config().num_hidden_layers
         s_layers = student.config.get_text_config().num_hidden_layers
-        mapping = self.layer_map
-        if mapping == "auto":
-            removed = [i for entry in report.structure if entry.get("method") == "drop_layers"
-                       for i in entry.get("removed_blocks", [])]
-            mapping = layer_map_after_removal(t_layers, removed) if removed and \
-                len(removed) == t_layers - s_layers else uniform_layer_map(s_layers, t_layers)
-        elif mapping == "uniform":
-            mapping = uniform_layer_map(s_layers, t_layers)
+        mapping = resolve_layer_map(self.layer_map, teacher, student, report)
         if len(mapping) != s_layers or mapping[-1] != t_layers:
             raise SlimlmError(f"ted: the layer map needs one teacher layer per student layer ({s_layers}), the last "
                               f"being the teacher's last ({t_layers}); got {mapping}")

@@ -46,29 +46,9 @@ def scatter_svg(points: list[Point], front: list[Point], x_label: str, y_label: 
     """An SVG scatter of `points` with `front` joined by a line and drawn filled."""
     if not points:
         return ""
-    xs, ys = nice_ticks(min(p.x for p in points), max(p.x for p in points)), \
-        nice_ticks(min(p.y for p in points), max(p.y for p in points))
-    x0, x1, y0, y1 = xs[0], xs[-1], ys[0], ys[-1]
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-
-    def sx(x: float) -> float:
-        return LEFT + (x - x0) / (x1 - x0) * plot_w
-
-    def sy(y: float) -> float:
-        return TOP + plot_h - (y - y0) / (y1 - y0) * plot_h
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{WIDTH}" height="{HEIGHT}" '
-             f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}">',
-             f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#999"/>']
-    for x in xs:
-        parts.append(f'<line x1="{sx(x):.1f}" y1="{TOP}" x2="{sx(x):.1f}" y2="{TOP + plot_h}" stroke="#e4e4e4"/>'
-                     f'<text x="{sx(x):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{_tick(x)}</text>')
-    for y in ys:
-        parts.append(f'<line x1="{LEFT}" y1="{sy(y):.1f}" x2="{LEFT + plot_w}" y2="{sy(y):.1f}" stroke="#e4e4e4"/>'
-                     f'<text x="{LEFT - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{_tick(y)}</text>')
-    parts.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 8}" text-anchor="middle">{escape(x_label)}</text>'
-                  f'<text transform="translate(14 {TOP + plot_h / 2}) rotate(-90)" text-anchor="middle">'
-                  f'{escape(y_label)}</text>')
+    frame = _Frame([p.x for p in points], [p.y for p in points])
+    sx, sy = frame.sx, frame.sy
+    parts = frame.open(x_label, y_label, title)
     if len(front) > 1:
         path = " ".join(f"{sx(p.x):.1f},{sy(p.y):.1f}" for p in front)
         parts.append(f'<polyline points="{path}" fill="none" stroke="#d9480f" stroke-width="2" '
@@ -90,6 +70,39 @@ def scatter_svg(points: list[Point], front: list[Point], x_label: str, y_label: 
     return "".join(parts)
 
 
+class _Frame:
+    """The axes of a plot: round ticks covering the values, data-to-pixel maps, and the SVG that opens it."""
+
+    def __init__(self, xs: list[float], ys: list[float]):
+        self.xs, self.ys = nice_ticks(min(xs), max(xs)), nice_ticks(min(ys), max(ys))
+        self.width, self.height = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+
+    def sx(self, x: float) -> float:
+        return LEFT + (x - self.xs[0]) / (self.xs[-1] - self.xs[0]) * self.width
+
+    def sy(self, y: float) -> float:
+        return TOP + self.height - (y - self.ys[0]) / (self.ys[-1] - self.ys[0]) * self.height
+
+    def open(self, x_label: str, y_label: str, title: str) -> list[str]:
+        """The SVG element, the plot area, the grid with its tick labels and the axis labels."""
+        plot_w, plot_h = self.width, self.height
+        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{WIDTH}" height="{HEIGHT}" '
+                 f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}">',
+                 f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#999"/>']
+        for x in self.xs:
+            parts.append(f'<line x1="{self.sx(x):.1f}" y1="{TOP}" x2="{self.sx(x):.1f}" y2="{TOP + plot_h}" '
+                         f'stroke="#e4e4e4"/><text x="{self.sx(x):.1f}" y="{TOP + plot_h + 16}" '
+                         f'text-anchor="middle">{_tick(x)}</text>')
+        for y in self.ys:
+            parts.append(f'<line x1="{LEFT}" y1="{self.sy(y):.1f}" x2="{LEFT + plot_w}" y2="{self.sy(y):.1f}" '
+                         f'stroke="#e4e4e4"/><text x="{LEFT - 6}" y="{self.sy(y) + 4:.1f}" '
+                         f'text-anchor="end">{_tick(y)}</text>')
+        parts.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 8}" text-anchor="middle">{escape(x_label)}</text>'
+                     f'<text transform="translate(14 {TOP + plot_h / 2}) rotate(-90)" text-anchor="middle">'
+                     f'{escape(y_label)}</text>')
+        return parts
+
+
 def _tick(value: float) -> str:
     return f"{value:g}" if abs(value) < 1e5 else f"{value:.2g}"
 
@@ -102,29 +115,9 @@ def line_svg(series: dict[str, list[tuple[float, float]]], x_label: str, y_label
     points = [p for values in series.values() for p in values]
     if not points:
         return ""
-    xs = nice_ticks(min(x for x, _ in points), max(x for x, _ in points))
-    ys = nice_ticks(min(y for _, y in points), max(y for _, y in points))
-    x0, x1, y0, y1 = xs[0], xs[-1], ys[0], ys[-1]
-    plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-
-    def sx(x: float) -> float:
-        return LEFT + (x - x0) / (x1 - x0) * plot_w
-
-    def sy(y: float) -> float:
-        return TOP + plot_h - (y - y0) / (y1 - y0) * plot_h
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{WIDTH}" height="{HEIGHT}" '
-             f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(title)}">',
-             f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="#fafafa" stroke="#999"/>']
-    for x in xs:
-        parts.append(f'<line x1="{sx(x):.1f}" y1="{TOP}" x2="{sx(x):.1f}" y2="{TOP + plot_h}" stroke="#e4e4e4"/>'
-                     f'<text x="{sx(x):.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{_tick(x)}</text>')
-    for y in ys:
-        parts.append(f'<line x1="{LEFT}" y1="{sy(y):.1f}" x2="{LEFT + plot_w}" y2="{sy(y):.1f}" stroke="#e4e4e4"/>'
-                     f'<text x="{LEFT - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{_tick(y)}</text>')
-    parts.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 8}" text-anchor="middle">{escape(x_label)}</text>'
-                 f'<text transform="translate(14 {TOP + plot_h / 2}) rotate(-90)" text-anchor="middle">'
-                 f'{escape(y_label)}</text>')
+    frame = _Frame([x for x, _ in points], [y for _, y in points])
+    sx, sy = frame.sx, frame.sy
+    parts = frame.open(x_label, y_label, title)
     for index, (name, values) in enumerate(series.items()):
         colour = COLOURS[index % len(COLOURS)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in values)
