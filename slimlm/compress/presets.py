@@ -99,6 +99,12 @@ PRESETS["sparsegpt-2of4-joint-w4g64"] = {"stages": [
 for _count in (2, 4, 6):
     PRESETS[f"drop-layers-{_count}"] = {"stages": [{"method": "drop_layers", "count": _count}]}
     PRESETS[f"drop-layers-{_count}-ppl"] = {"stages": [{"method": "drop_layers", "count": _count, "criterion": "perplexity"}]}
+# Compression then recovery by knowledge distillation from the model before it (slimlm.distill): 200 steps of
+# 4 x 256 tokens on the calibration segments (128 x 512 C4 tokens, each read about three times).
+_KD = {"method": "kd", "seqlen": 256, "training": {"steps": 200, "batch_size": 4, "lr": 1e-4, "warmup_steps": 10}}
+for _count in (2, 4, 6):
+    PRESETS[f"drop-layers-{_count}-kd"] = {"stages": [{"method": "drop_layers", "count": _count}, _KD]}
+PRESETS["sparsegpt-2of4-kd"] = {"stages": [{"method": "sparsegpt", "pattern": "2:4"}, _KD]}
 # Width pruning: LLM-Pruner, without and with LoRA recovery.
 for _percent in (10, 20, 30):
     PRESETS[f"llm-pruner-{_percent}"] = {"stages": [{"method": "llm_pruner", "ratio": _percent / 100}]}
