@@ -542,3 +542,20 @@ def test_left_padded_sampling_matches_one_prompt_at_a_time(family):
         single = sample_batch([model], alone, 6, greedy, torch.Generator(), None, 0)
         n = int(lengths[row]) + 6
         assert torch.equal(together.ids[row, :n], single.ids[0, :n])
+
+
+def test_compress_command_runs_a_recipe_that_ends_in_distillation(tmp_path, capsys):
+    from slimlm.cli import main
+    from slimlm.models.tiny import save_tiny
+
+    model = save_tiny(tmp_path / "model", blocks=4)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("stages:\n  - {method: drop_layers, count: 2, criterion: uniform}\n"
+                      "  - {method: kd, seqlen: 32, training: {steps: 3, lr: 1.0e-3}}\n")
+    out = tmp_path / "out"
+    assert main(["compress", "--model", str(model), "--recipe", str(recipe), "--out", str(out), "--calib-corpus",
+                 "pydoc", "--calib-samples", "4", "--calib-seqlen", "64"]) == 0, capsys.readouterr().err
+    saved = json.loads((out / "slimlm.json").read_text())
+    assert [stage["method"] for stage in saved["recipe"]["stages"]] == ["drop_layers", "kd"]
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
+    assert not (tmp_path / ".out.resume").exists()  # the checkpoint (with the training's) is gone once saved
