@@ -267,6 +267,33 @@ def main() -> None:
     write_results(out, done, args, config)
 
 
+def acceptance_lines(done: dict, teacher: dict) -> list[str]:
+    """Per student: the best distillation row against the gap and plain CE; on-policy rows against forward KL."""
+    lines = []
+    for student in dict.fromkeys(row["student"] for row in done.values() if row["student"] != "teacher"):
+        rows = {row["method"]: row for row in done.values() if row["student"] == student}
+        before, ce = rows.get("before recovery"), rows.get("ce")
+        distilled = {m: r for m, r in rows.items() if m not in ("before recovery", "ce")}
+        if before is None or ce is None or not distilled:
+            continue
+        best_method, best = min(distilled.items(), key=lambda item: item[1]["wikitext2_ppl"])
+        gap = before["wikitext2_ppl"] - teacher["wikitext2_ppl"]
+        closed = (before["wikitext2_ppl"] - best["wikitext2_ppl"]) / gap
+        ce_closed = (before["wikitext2_ppl"] - ce["wikitext2_ppl"]) / gap
+        lines.append(f"- {student}: the best distillation row by WikiText-2 ppl is {best_method}, "
+                     f"{best['wikitext2_ppl']:.2f}: {closed:.0%} of the gap to the teacher closed (needed: 50%); "
+                     f"plain CE at the same tokens: {ce['wikitext2_ppl']:.2f} ({ce_closed:.0%}): "
+                     f"{'beaten' if best['wikitext2_ppl'] < ce['wikitext2_ppl'] else 'NOT beaten'}.")
+        forward = rows.get("kd")
+        for method in ("gkd", "minillm"):
+            if method in rows and forward is not None:
+                better = rows[method]["sample_teacher_nll"] < forward["sample_teacher_nll"]
+                lines.append(f"- {student}: {method} sample NLL {rows[method]['sample_teacher_nll']:.3f} against "
+                             f"forward KL's {forward['sample_teacher_nll']:.3f}: "
+                             f"{'better' if better else 'NOT better'} (lower is better).")
+    return lines
+
+
 def write_results(out: Path, done: dict, args: argparse.Namespace, config: TrainingConfig) -> None:
     rows = list(done.values())
     meta = {"command": "python " + " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -293,7 +320,8 @@ def write_results(out: Path, done: dict, args: argparse.Namespace, config: Train
              "the first 128 tokens of a segment as the prompt and replace the rest by 64 tokens the student "
              "samples, so it trains on fewer target tokens than the others. TED's stage 1 (16 steps for each "
              "model's filters) comes before its budget. Seconds: the training's wall time on a shared 2-core "
-             "machine (other jobs ran beside some rows): not a speed comparison. Rows were measured by one or "
+             "machine (other jobs ran beside some rows; before recovery: the "
+             "compression's): not a speed comparison. Rows were measured by one or "
              "more invocations of this script with the same settings (its progress file keeps finished rows); "
              "the command shown is the one that wrote this file.",
              "", "| student | method | Wiki2 ppl | gap closed | C4 ppl | KL Wiki2 | KL C4 | PIQA | ARC-e | HellaSwag "
@@ -309,6 +337,7 @@ def write_results(out: Path, done: dict, args: argparse.Namespace, config: Train
                      f"| {row['wikitext2_kl']:.4f} | {row['c4_kl']:.4f} | {row['piqa']:.3f} | {row['arc_easy']:.3f} "
                      f"| {row['hellaswag']:.3f} | {row['sample_teacher_nll']:.3f} | {row.get('tokens', 0):,} "
                      f"| {row.get('seconds', 0):.0f} |")
+    lines += ["", "## Against the acceptance points", ""] + acceptance_lines(done, teacher)
     series = {f"{row['student']} {row['method']}": [(p["tokens"], p["held_out_kl"]) for p in row["curve"]]
               for row in rows if "curve" in row}
     atomic_write_text(out.parent / f"{out.name}-kl.svg",
