@@ -41,12 +41,12 @@ from slimlm.core.blocks import CompressionReport  # noqa: E402
 from slimlm.data.calibration import calibration_samples, tokenize_corpus  # noqa: E402
 from slimlm.data.corpora import load_corpus  # noqa: E402
 from slimlm.distill.ce import CrossEntropy  # noqa: E402
-from slimlm.distill.data import Batch, token_segments  # noqa: E402
+from slimlm.distill.data import token_segments  # noqa: E402
 from slimlm.distill.gkd import GeneralizedKD  # noqa: E402
 from slimlm.distill.hidden import HiddenStateDistillation, layer_map_after_removal, uniform_layer_map  # noqa: E402
 from slimlm.distill.kd import KnowledgeDistillation  # noqa: E402
 from slimlm.distill.minillm import MiniLLM  # noqa: E402
-from slimlm.distill.sampling import sample_continuations  # noqa: E402
+from slimlm.distill.sampling import prompt_batch, sample_continuations  # noqa: E402
 from slimlm.distill.ted import TEDStage  # noqa: E402
 from slimlm.distill.trainer import TrainingConfig, train  # noqa: E402
 from slimlm.eval.kl import kl_divergence, token_kl  # noqa: E402
@@ -135,9 +135,7 @@ class Evaluator:
     def sample_nll(self, model, new_tokens: int = 48) -> float:
         """Mean per-token NLL under the teacher of the model's sampled continuations of the prompts (the same
         seed for every model; no end-of-sequence stop, so every continuation has `new_tokens` tokens)."""
-        count, length = self.prompts.shape
-        prompts = Batch(self.prompts, torch.ones_like(self.prompts), torch.ones(count, length - 1, dtype=torch.bool),
-                        torch.full((count,), length))
+        prompts = prompt_batch(self.prompts.tolist())
         sampled = sample_continuations(model, prompts, new_tokens, 1.0, torch.Generator().manual_seed(0), None, 0)
         logprobs = torch.log_softmax(self.teacher(sampled.ids).logits[:, :-1].float(), dim=-1)
         token_nll = -logprobs.gather(-1, sampled.ids[:, 1:, None])[..., 0]

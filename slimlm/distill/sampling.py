@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slimlm.distill.data import Batch
+from slimlm.infer.sampling import SamplingSettings, next_token_probs
 
 
 def returned_cache(output):
@@ -103,8 +104,20 @@ def padded_batch(rows: list[tuple[list[int], list[int]]], pad_id: int, like: Bat
     return Batch(ids.to(device), mask.to(device), targets.to(device), like.prompt_lengths)
 
 
+def prompt_batch(prompts: list[list[int]], device: torch.device | str = "cpu") -> Batch:
+    """Token-id prompts as a Batch to continue (right-padded; every prompt token kept as the prompt)."""
+    width = max(len(ids) for ids in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, tokens in enumerate(prompts):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    lengths = torch.tensor([len(tokens) for tokens in prompts])
+    return Batch(ids.to(device), torch.ones_like(ids).to(device),
+                 torch.zeros(len(prompts), width - 1, dtype=torch.bool, device=device), lengths)
+
+
 def sample_continuations(model: nn.Module, batch: Batch, max_new_tokens: int, temperature: float,
                          generator: torch.Generator, eos_id: int | None, pad_id: int) -> Batch:
-    """The prompts continued by `model` at `temperature` (GKD's on-policy samples)."""
-    return sample_batch([model], batch, max_new_tokens, lambda logits: torch.softmax(logits[0] / temperature, -1),
+    """The prompts continued by `model` at `temperature` (0: greedy; GKD's on-policy samples)."""
+    settings = SamplingSettings(temperature=temperature)
+    return sample_batch([model], batch, max_new_tokens, lambda logits: next_token_probs(logits[0], settings),
                         generator, eos_id, pad_id)

@@ -21,8 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from slimlm.distill.data import Batch
-from slimlm.distill.sampling import sample_batch
+from slimlm.distill.sampling import prompt_batch, sample_continuations
 from slimlm.errors import SlimlmError
 
 
@@ -43,22 +42,10 @@ class LocalTeacher:
         texts = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]
-            encoded = [self.tokenizer(prompt, add_special_tokens=True).input_ids for prompt in chunk]
-            width = max(len(ids) for ids in encoded)
-            ids = torch.zeros((len(encoded), width), dtype=torch.long)
-            for row, tokens in enumerate(encoded):
-                ids[row, : len(tokens)] = torch.tensor(tokens)
-            lengths = torch.tensor([len(tokens) for tokens in encoded])
-            batch = Batch(ids.to(generator.device), torch.ones_like(ids), torch.zeros(ids.shape[0], width - 1,
-                                                                                       dtype=torch.bool), lengths)
-
-            def choose(logits: list[torch.Tensor]) -> torch.Tensor:
-                if temperature == 0:  # greedy: all the mass on the argmax (the draw is then certain)
-                    return torch.nn.functional.one_hot(logits[0].argmax(-1), logits[0].shape[-1]).float()
-                return torch.softmax(logits[0] / temperature, dim=-1)
-
-            sampled = sample_batch([self.model], batch, max_new_tokens, choose, generator, eos, 0)
-            for row, length in enumerate(lengths.tolist()):
+            batch = prompt_batch([self.tokenizer(prompt, add_special_tokens=True).input_ids for prompt in chunk],
+                                 generator.device)
+            sampled = sample_continuations(self.model, batch, max_new_tokens, temperature, generator, eos, 0)
+            for row, length in enumerate(batch.prompt_lengths.tolist()):
                 generated = sampled.ids[row, length:][sampled.attention_mask[row, length:].bool()].tolist()
                 texts.append(self.tokenizer.decode(generated, skip_special_tokens=True))
         return texts

@@ -111,9 +111,9 @@ def freeze_teacher(teacher: nn.Module) -> nn.Module:
     return teacher
 
 
-def autocast(device: torch.device, precision: str):
-    """The autocast context of `precision` on `device` (a no-op for float32)."""
-    if resolve_precision(device, precision) == torch.bfloat16:
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The autocast context of a resolved precision on `device` (a no-op for float32)."""
+    if dtype == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
 
@@ -209,6 +209,7 @@ def train(
     if resume and out is None:
         raise SlimlmError("resume needs the output folder (out_dir) of the interrupted run")
     device = next(student.parameters()).device
+    precision = resolve_precision(device, config.precision)  # once: on CPUs it reads /proc/cpuinfo
     flags = {name: param.requires_grad for name, param in student.named_parameters()}  # put back at the end
     torch.manual_seed(config.seed)  # LoRA's initial A matrices
     parameters = select_trainable(student, config)
@@ -240,7 +241,8 @@ def train(
     bar = progress_bar(range(start_step, config.steps), desc=description, total=config.steps - start_step)
     try:
         for step in bar:
-            metrics = _step(student, objective, data, config, optimizer, parameters, masks, generator, step, device)
+            metrics = _step(student, objective, data, config, optimizer, parameters, masks, generator, step, device,
+                            precision)
             schedule.step()
             tokens += metrics.pop("tokens")
             seconds = time.perf_counter() - started
@@ -269,18 +271,18 @@ def train(
     count = sum(p.numel() for p in parameters.values())
     first, last = (history[0]["loss"], history[-1]["loss"]) if history else (math.nan, math.nan)
     return TrainingResult(config.steps, tokens, time.perf_counter() - started, first, last, count,
-                          str(resolve_precision(device, config.precision)).removeprefix("torch."), start_step, history)
+                          str(precision).removeprefix("torch."), start_step, history)
 
 
 def _step(student: nn.Module, objective: Objective, data: TrainingData, config: TrainingConfig,
           optimizer: torch.optim.Optimizer, parameters: dict[str, nn.Parameter], masks: dict[str, torch.Tensor],
-          generator: torch.Generator, step: int, device: torch.device) -> dict:
+          generator: torch.Generator, step: int, device: torch.device, precision: torch.dtype) -> dict:
     """One optimizer step over `grad_accumulation` micro-batches; returns the mean loss and the tokens seen."""
     optimizer.zero_grad(set_to_none=True)
     total, tokens, extras = 0.0, 0, {}
     for micro in range(config.grad_accumulation):
         batch = data.batch(step * config.grad_accumulation + micro, config.batch_size).to(device)
-        with autocast(device, config.precision):
+        with autocast(device, precision):
             loss, shown = objective.loss(student, batch, generator)
         if not torch.isfinite(loss):
             raise SlimlmError(f"the training loss became {float(loss)} at step {step + 1}: lower the learning "
