@@ -24,13 +24,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from slimlm.core.stage import register
 from slimlm.distill.data import Batch
-from slimlm.distill.losses import forward_kl, masked_mean
+from slimlm.distill.losses import forward_kl, masked_mean, relative_mse
 from slimlm.distill.objective import TeacherObjective, predictions
 from slimlm.distill.stage import DistillStage
 from slimlm.distill.trainer import Objective
@@ -106,8 +105,7 @@ class HiddenStateDistillation(TeacherObjective):
             h_s, h_t = output.hidden_states[i + 1].float(), reference.hidden_states[j].float()
             if self.projections is not None:
                 h_s = self.projections[i](h_s)
-            error = F.mse_loss(h_s, h_t, reduction="none").mean(-1)
-            hidden = hidden + masked_mean(error, mask) / masked_mean(h_t.pow(2).mean(-1), mask).clamp_min(1e-12)
+            hidden = hidden + relative_mse(h_s, h_t, mask)
         hidden = hidden / len(self.layer_map)
         kl = masked_mean(forward_kl(output.logits[:, :-1], reference.logits[:, :-1], self.temperature), batch.targets)
         loss = self.hidden_weight * hidden + self.kd_weight * self.temperature**2 * kl

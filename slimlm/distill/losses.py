@@ -56,6 +56,13 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return beta * kl_p_m + (1.0 - beta) * kl_q_m
 
 
+def relative_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked positions divided by the target's mean square there (a layer's
+    matching loss that does not grow with the residual stream's scale: `hidden` and `ted`)."""
+    error = F.mse_loss(prediction, target, reduction="none").mean(-1)
+    return masked_mean(error, mask) / masked_mean(target.pow(2).mean(-1), mask).clamp_min(1e-12)
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of `values` over the positions where `mask` is true (all positions without a mask)."""
     if mask is None:

@@ -33,7 +33,7 @@ from torch import nn
 from slimlm.core.stage import register
 from slimlm.distill.data import Batch, TrainingData
 from slimlm.distill.hidden import resolve_layer_map
-from slimlm.distill.losses import forward_kl, masked_mean
+from slimlm.distill.losses import forward_kl, masked_mean, relative_mse
 from slimlm.distill.objective import TeacherObjective, predictions
 from slimlm.distill.stage import DistillStage
 from slimlm.distill.trainer import Objective, TrainingConfig, train
@@ -113,8 +113,7 @@ class TaskAwareDistillation(TeacherObjective):
         mask = batch.attention_mask.bool()
         matched = 0.0
         for filtered, target in zip(self.student_filters(output.hidden_states), targets):
-            error = F.mse_loss(filtered, target, reduction="none").mean(-1)
-            matched = matched + masked_mean(error, mask) / masked_mean(target.pow(2).mean(-1), mask).clamp_min(1e-12)
+            matched = matched + relative_mse(filtered, target, mask)
         matched = matched / len(targets)
         kl = masked_mean(forward_kl(output.logits[:, :-1], reference.logits[:, :-1], self.temperature), batch.targets)
         loss = self.kd_weight * self.temperature**2 * kl + self.filter_weight * matched
